@@ -1,0 +1,32 @@
+# vmmig developer entry points. Every target creates .venv and installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-test
+
+.PHONY: demo test test-full lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(STAMP)  ## generate a 256 MiB guest image and migrate it over 127.0.0.1 with live progress
+	$(BIN)/python examples/demo.py --size 256MiB
+
+test: $(STAMP)  ## lint, then the test suite (under 10 minutes)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-full: $(STAMP)  ## every test, the slow ones too
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || true
+
+bench: $(STAMP)  ## throughput/RSS benchmark against zstd|socat baselines (not part of make test)
+	$(BIN)/python benchmarks/bench_transfer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

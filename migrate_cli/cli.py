@@ -1,0 +1,309 @@
+"""The `vmmig` command line: parse options, build a frozen options object, call the library, map errors to exits.
+
+This layer is thin on purpose: no migration logic lives here. Every error becomes one line on stderr
+(``vmmig send: <reason>``) and the exit code its class carries (errors.py); --debug adds the traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+from . import codec as codecs
+from .errors import ExitCode, Interrupted, MigrateError
+from .image import DEFAULT_PAGE_SIZE, check_page_size
+from .protocol import PROTOCOL_VERSION
+from .units import parse_duration, parse_rate, parse_size
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class RateType(click.ParamType):
+    name = "RATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        try:
+            return parse_rate(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE, RATE, DURATION = SizeType(), RateType(), DurationType()
+
+
+def _page_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    try:
+        check_page_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Interrupted(signum, signal.Signals(signum).name)
+
+
+def _execute(command: str, debug: bool, call: Callable[[], Any]) -> NoReturn:
+    """Run a command body; turn its outcome into one stderr line and an exit code."""
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        call()
+    except MigrateError as exc:
+        if debug:
+            traceback.print_exc()
+            detail = getattr(exc, "detail", None)
+            if detail:
+                print(detail, file=sys.stderr)
+        print(f"vmmig {command}: {exc}", file=sys.stderr)
+        sys.exit(int(exc.exit_code))
+    except Exception as exc:  # a bug: say so, in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"vmmig {command}: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        sys.exit(int(ExitCode.INTERNAL))
+    sys.exit(0)
+
+
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
+    f"  {int(c):>3}  {c.name.lower().replace('_', '-')}" for c in ExitCode
+)
+
+common_options = [
+    click.option(
+        "--io-timeout", type=DURATION, default="30s", show_default=True, help="Fail when the peer is silent this long."
+    ),
+    click.option("--json", "json_output", is_flag=True, help="Print one final JSON report on stdout."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary line (errors still print)."),
+    click.option("--debug", is_flag=True, help="Show tracebacks with errors."),
+]
+
+
+def with_common(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(common_options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="vmmig", message=f"%(prog)s %(version)s (protocol {PROTOCOL_VERSION})")
+def main() -> None:
+    """Move a virtual machine's memory image to another host: compressed, capped and verified end to end.
+
+    \b
+    On the destination:  vmmig recv --listen 0.0.0.0:4444 --insecure /dev/shm/vm.ram
+    On the source:       vmmig send /dev/shm/vm.ram desthost:4444 --max-bandwidth 350M
+
+    Both exit 0 only when the destination holds a byte-identical image, checked by a 128-bit digest on both
+    ends. Sizes take K/M/G/T (powers of 10) or KiB/MiB/GiB/TiB (powers of 2); durations need a unit (300ms, 2s).
+    """
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("source", metavar="IMAGE")
+@click.argument("destination", metavar="HOST:PORT")
+@click.option(
+    "--compress",
+    "codec",
+    type=click.Choice(codecs.names()),
+    default=codecs.DEFAULT_CODEC,
+    show_default=True,
+    help="Codec for page batches; a batch that does not shrink is sent raw whatever the codec.",
+)
+@click.option("--level", type=int, default=None, help="Compression level (zlib 1-9, zstd 1-19; default 1).")
+@click.option(
+    "--compress-threads",
+    "threads",
+    type=click.IntRange(min=1, max=256),
+    default=None,
+    help="Worker threads for zero-page scanning and compression [default: CPUs available].",
+)
+@click.option(
+    "--max-bandwidth",
+    type=RATE,
+    default="0",
+    show_default=True,
+    help="Cap on wire bytes per second, e.g. 350M or 100MiB; 0 or 'unlimited' for none.",
+)
+@click.option(
+    "--page-size",
+    type=SIZE,
+    default=str(DEFAULT_PAGE_SIZE),
+    show_default=True,
+    callback=_page_size,
+    help="Page size: a power of two; the image must be a whole number of pages.",
+)
+@click.option(
+    "--batch-size",
+    type=SIZE,
+    default="256KiB",
+    show_default=True,
+    help="Bytes of pages per batch: the unit of compression, framing and CRC.",
+)
+@click.option(
+    "--connect-timeout",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="Keep retrying the connection this long (the receiver may start later).",
+)
+@with_common
+def send(
+    source: str,
+    destination: str,
+    codec: str,
+    level: int | None,
+    threads: int | None,
+    max_bandwidth: int | None,
+    page_size: int,
+    batch_size: int,
+    connect_timeout: float,
+    io_timeout: float,
+    json_output: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Send the memory image IMAGE to a `vmmig recv` listening at HOST:PORT.
+
+    IMAGE is a regular file (e.g. /dev/shm/vm.ram behind QEMU's memory-backend-file), a hugetlbfs file, a memfd
+    as /proc/PID/fd/N, or a block device. It is mapped read-only, never read whole into memory. Zero pages are
+    skipped; other pages are copied out, compressed in worker threads and streamed in self-contained batches.
+
+    \b
+    Examples:
+      vmmig send /dev/shm/vm.ram desthost:4444
+      vmmig send /proc/4242/fd/7 [fd00::2]:4444 --compress zstd --max-bandwidth 350M
+      vmmig send vm.img 127.0.0.1:4444 --json --quiet > report.json
+    """
+    selected = codecs.by_name(codec)
+    if level is not None and level not in selected.levels:
+        raise click.BadParameter(
+            f"{codec} takes levels {selected.levels.start}-{selected.levels.stop - 1}, not {level}",
+            param_hint="--level",
+        )
+    if batch_size < page_size or batch_size > 16 * 1024 * 1024:
+        raise click.BadParameter("must be between the page size and 16MiB", param_hint="--batch-size")
+    from .send import SendOptions, run
+
+    opts = SendOptions(
+        source=source,
+        destination=destination,
+        codec=codec,
+        level=level,
+        threads=threads or 0,
+        max_bandwidth=max_bandwidth,
+        page_size=page_size,
+        batch_size=batch_size,
+        connect_timeout=connect_timeout,
+        io_timeout=io_timeout,
+        json=json_output,
+        quiet=quiet,
+    )
+    _execute("send", debug, lambda: run(opts))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("destination", metavar="DEST")
+@click.option(
+    "--listen",
+    "listen_address",
+    default="127.0.0.1:4444",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to listen on; port 0 picks a free one; IPv6 as [::1]:4444.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a non-loopback listen address: guest memory then crosses the network unencrypted.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing DEST and remove a leftover DEST.partial.")
+@click.option("--keep-partial", is_flag=True, help="On failure keep DEST.partial for inspection.")
+@click.option("--sparse", is_flag=True, help="Do not preallocate: zero pages stay holes on disk file systems.")
+@click.option(
+    "--decompress-threads",
+    "threads",
+    type=click.IntRange(min=1, max=256),
+    default=None,
+    help="Worker threads for decompression [default: CPUs available].",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the bound HOST:PORT here once accepting connections (for scripts using port 0).",
+)
+@with_common
+def recv(
+    destination: str,
+    listen_address: str,
+    insecure: bool,
+    force: bool,
+    keep_partial: bool,
+    sparse: bool,
+    threads: int | None,
+    ready_file: str | None,
+    io_timeout: float,
+    json_output: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Receive one migration into DEST, then exit.
+
+    Pages are written into DEST.partial (created beside DEST, allocated at full size before the sender starts),
+    which is renamed to DEST only after its digest matches the sender's. On failure DEST.partial is removed
+    (unless --keep-partial) and DEST is never created. A ready line with the bound address goes to stderr.
+
+    \b
+    Examples:
+      vmmig recv /dev/shm/vm.ram                                   # 127.0.0.1:4444
+      vmmig recv --listen 0.0.0.0:4444 --insecure /dev/shm/vm.ram
+      vmmig recv --listen 127.0.0.1:0 --ready-file port.txt out.img
+    """
+    from .recv import RecvOptions, run
+
+    opts = RecvOptions(
+        destination=destination,
+        listen=listen_address,
+        insecure=insecure,
+        force=force,
+        keep_partial=keep_partial,
+        sparse=sparse,
+        threads=threads or 0,
+        ready_file=ready_file,
+        io_timeout=io_timeout,
+        json=json_output,
+        quiet=quiet,
+    )
+    _execute("recv", debug, lambda: run(opts))

@@ -1,0 +1,92 @@
+"""Every way vmmig can fail, and the exit code each one maps to.
+
+This module is the only place exit codes are defined. Each error class carries its code; the CLI's one handler
+prints ``vmmig <command>: <message>`` on stderr and exits with it. Codes are grouped by cause; later features add
+rows and never reuse a number. The table is repeated in README.md ("Exit codes").
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1  # a bug: unexpected exception
+    USAGE = 2  # bad options or arguments (click uses 2 as well)
+    SOURCE = 3  # source image missing, unreadable, wrong size
+    DESTINATION = 4  # destination exists, leftover .partial, no space, not writable
+    NETWORK = 5  # refused / timed-out connection, address in use, connection lost, stream truncated, silence
+    PROTOCOL = 6  # malformed frame, version mismatch, unknown codec, unexpected frame
+    INTEGRITY = 7  # CRC mismatch, decompression error, digest mismatch
+    PEER = 8  # the other end failed and told us why (message prefixed "peer:")
+    CANCELLED = 9  # cancelled by the operator (reserved for `vmmig ctl cancel`)
+    NO_CONVERGENCE = 10  # reserved: live migration did not converge
+    OUTCOME_UNKNOWN = 11  # reserved: the end state could not be established
+    QEMU_STEP = 12  # reserved: a QEMU/QMP step failed
+    DEST_MODIFIED = 13  # reserved: --in-place destination modified but unverified
+    SIGINT = 130  # interrupted (Ctrl-C), after cleanup
+    SIGTERM = 143  # terminated, after cleanup
+
+
+class MigrateError(Exception):
+    """Base of every error vmmig reports to the user as one line."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(MigrateError):
+    exit_code = ExitCode.USAGE
+
+
+class SourceError(MigrateError):
+    exit_code = ExitCode.SOURCE
+
+
+class DestinationError(MigrateError):
+    exit_code = ExitCode.DESTINATION
+
+
+class NetworkError(MigrateError):
+    exit_code = ExitCode.NETWORK
+
+
+class ProtocolError(MigrateError):
+    """The bytes on the wire do not follow docs/PROTOCOL.md."""
+
+    exit_code = ExitCode.PROTOCOL
+
+
+class IntegrityError(MigrateError):
+    """Data arrived but is wrong: CRC, decompression or digest failure."""
+
+    exit_code = ExitCode.INTEGRITY
+
+
+class PeerError(MigrateError):
+    """The peer aborted and sent its reason; we relay it with a ``peer:`` prefix."""
+
+    exit_code = ExitCode.PEER
+
+    def __init__(self, message: str, peer_code: int = 0) -> None:
+        super().__init__(f"peer: {message}")
+        self.peer_code = peer_code
+
+
+class CancelledError(MigrateError):
+    exit_code = ExitCode.CANCELLED
+
+
+class Interrupted(MigrateError):
+    """A signal asked us to stop; raised in the main thread so cleanup runs."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(f"interrupted by {name}")
+        self.exit_code = ExitCode.SIGINT if signum == 2 else ExitCode.SIGTERM

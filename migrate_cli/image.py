@@ -1,0 +1,209 @@
+"""Guest memory images on disk: the source mapped read-only, the destination created, filled and published.
+
+Source: a regular file, a file on /dev/shm or hugetlbfs, a memfd as /proc/PID/fd/N, or a block device, mapped
+MAP_SHARED read-only: never read whole into memory, so a running guest's writes show through (live migration
+relies on that).
+
+Destination: ``DEST.partial`` is created beside DEST (O_EXCL | O_NOFOLLOW, mode 0600), allocated at full size
+before the sender is welcomed (a full disk fails here, not half-way), mapped with MAP_POPULATE (receiving into
+untouched memory runs at half speed), filled batch by batch, flushed, and renamed to DEST only after the digest
+matched. Nothing else ever creates DEST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import mmap
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DestinationError, SourceError
+
+DEFAULT_PAGE_SIZE = 4096
+
+
+def check_page_size(page_size: int) -> None:
+    from .protocol import MAX_PAGE_SIZE, MIN_PAGE_SIZE
+
+    if page_size < MIN_PAGE_SIZE or page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise ValueError(f"page size {page_size} is not a power of two between {MIN_PAGE_SIZE} and {MAX_PAGE_SIZE}")
+
+
+class SourceImage:
+    """A read-only shared mapping of the source image. ``array`` is a uint8 numpy view of the mapping."""
+
+    def __init__(self, path: str, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+        self.path = path
+        self.page_size = page_size
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"source {path}: no such file") from None
+        except PermissionError:
+            raise SourceError(f"source {path}: permission denied") from None
+        except OSError as exc:
+            raise SourceError(f"source {path}: cannot open: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                size = st.st_size
+            elif stat.S_ISBLK(st.st_mode):
+                size = os.lseek(fd, 0, os.SEEK_END)
+            else:
+                raise SourceError(f"source {path}: not a regular file, memfd or block device")
+            if size == 0 or size % page_size:
+                raise SourceError(
+                    f"source {path}: size {size} bytes is not a whole number of {page_size}-byte pages"
+                    + (" (empty)" if size == 0 else f" ({size % page_size} bytes left over)")
+                )
+            try:
+                self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            except OSError as exc:
+                raise SourceError(f"source {path}: cannot map: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        self.size = size
+        self.pages = size // page_size
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def close(self) -> None:
+        del self.array
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes when the process exits
+
+    def __enter__(self) -> SourceImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def partial_path(dest: str) -> str:
+    return dest + ".partial"
+
+
+def check_destination(dest: str, force: bool) -> None:
+    """Refuse an existing DEST (without --force) and a leftover DEST.partial (naming --force). Before listening."""
+    partial = partial_path(dest)
+    parent = Path(dest).parent
+    if not parent.is_dir():
+        raise DestinationError(f"destination {dest}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DestinationError(f"destination {dest}: directory {parent} is not writable")
+    if os.path.lexists(dest) and not force:
+        raise DestinationError(f"destination {dest} already exists (use --force to overwrite it)")
+    if os.path.isdir(dest):
+        raise DestinationError(f"destination {dest} is a directory")
+    if os.path.lexists(partial):
+        if not force:
+            raise DestinationError(
+                f"leftover {partial} from an earlier migration (use --force to remove it and start over)"
+            )
+        os.unlink(partial)  # unlink never follows a symlink
+
+
+class DestinationImage:
+    """DEST.partial, allocated and mapped read-write. Workers write disjoint page ranges without a lock."""
+
+    def __init__(self, dest: str, size: int, page_size: int, sparse: bool = False) -> None:
+        self.dest = dest
+        self.partial = partial_path(dest)
+        self.size = size
+        self.page_size = page_size
+        self.pages = size // page_size
+        self._mmap: mmap.mmap | None = None
+        try:
+            self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise DestinationError(f"{self.partial} appeared while preparing (another vmmig recv?)") from None
+        except OSError as exc:
+            raise DestinationError(f"destination {self.partial}: cannot create: {exc.strerror}") from None
+        try:
+            if sparse:
+                os.ftruncate(self._fd, size)
+            else:
+                os.posix_fallocate(self._fd, 0, size)
+            flags = mmap.MAP_SHARED | (0 if sparse else mmap.MAP_POPULATE)
+            self._mmap = mmap.mmap(self._fd, size, flags=flags)
+        except OSError as exc:
+            self._cleanup_fd()
+            os.unlink(self.partial)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DestinationError(
+                    f"destination {self.partial}: no space left on device for {size} bytes"
+                ) from None
+            raise DestinationError(
+                f"destination {self.partial}: cannot allocate {size} bytes: {exc.strerror}"
+            ) from None
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def write_batch(self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview) -> None:
+        """Place a decoded batch: ``data`` holds the non-zero pages in order; zero pages become zeros."""
+        ps = self.page_size
+        base = start * ps
+        if not any(zero_bitmap):
+            self.array[base : base + count * ps] = np.frombuffer(data, dtype=np.uint8)
+            return
+        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+        src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
+        pos = 0
+        # Walk runs of equal kind: one slice copy per run, not per page.
+        edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
+        bounds = [0, *edges.tolist(), count]
+        for lo, hi in itertools.pairwise(bounds):
+            dst = self.array[base + lo * ps : base + hi * ps]
+            if zero[lo]:
+                if dst.any():  # a fresh file is zero already; only write where something was
+                    dst[:] = 0
+            else:
+                n = (hi - lo) * ps
+                assert src is not None
+                dst[:] = src[pos : pos + n]
+                pos += n
+
+    def flush(self) -> None:
+        assert self._mmap is not None
+        try:
+            self._mmap.flush()
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise DestinationError(f"destination {self.partial}: flush failed: {exc.strerror}") from None
+
+    def publish(self) -> None:
+        """Rename DEST.partial to DEST (after verification) and make the rename durable."""
+        self.close()
+        try:
+            os.rename(self.partial, self.dest)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(self.dest)), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise DestinationError(f"destination {self.dest}: cannot publish: {exc.strerror}") from None
+
+    def discard(self, keep_partial: bool = False) -> None:
+        self.close()
+        if not keep_partial:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial)
+
+    def _cleanup_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self.array = np.empty(0, dtype=np.uint8)
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+            self._mmap = None
+        self._cleanup_fd()

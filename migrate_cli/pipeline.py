@@ -1,0 +1,97 @@
+"""Thread plumbing shared by both ends: the first-error latch, worker threads, stop-aware queue operations.
+
+The first failure anywhere is latched (QEMU's sticky ``last_error``); every thread polls the latch while it
+blocks, so one error stops all of them within a fraction of a second and the user sees that first cause only.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+from .errors import MigrateError
+
+T = TypeVar("T")
+POLL = 0.2  # seconds between checks of the latch while blocked
+
+
+class InternalError(MigrateError):
+    """An unexpected exception in a thread, with its traceback kept for --debug."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"internal error: {type(exc).__name__}: {exc}")
+        self.detail = "".join(traceback.format_exception(exc))
+
+
+class Failure:
+    """First error wins and is sticky; ``event`` wakes everyone who waits on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.error: MigrateError | None = None
+        self.event = threading.Event()
+
+    def set(self, exc: BaseException) -> bool:
+        err = exc if isinstance(exc, MigrateError) else InternalError(exc)
+        with self._lock:
+            if self.error is not None:
+                return False
+            self.error = err
+        self.event.set()
+        return True
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def raise_if_set(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class Stopped(Exception):
+    """Raised inside a thread when the latch is set: unwind quietly, the first error is already recorded."""
+
+
+def put(q: queue.Queue[T], item: T, failure: Failure) -> None:
+    while True:
+        if failure.is_set():
+            raise Stopped
+        try:
+            q.put(item, timeout=POLL)
+            return
+        except queue.Full:
+            continue
+
+
+def get(q: queue.Queue[T], failure: Failure) -> T:
+    while True:
+        if failure.is_set():
+            raise Stopped
+        try:
+            return q.get(timeout=POLL)
+        except queue.Empty:
+            continue
+
+
+def spawn(name: str, target: Callable[[], None], failure: Failure) -> threading.Thread:
+    """Start a daemon thread whose exceptions go to the latch instead of vanishing."""
+
+    def run() -> None:
+        try:
+            target()
+        except Stopped:
+            pass
+        except BaseException as exc:
+            failure.set(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def join_all(threads: list[threading.Thread], timeout: float = 5.0) -> None:
+    for thread in threads:
+        thread.join(timeout)

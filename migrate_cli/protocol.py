@@ -1,0 +1,453 @@
+"""The vmmig wire protocol, sans-IO: frames to bytes and bytes to frames, and which frame may come when.
+
+Nothing here touches a socket or a thread. The transport reads a 12-byte header, asks ``parse_header`` how long
+the payload is, reads it into a buffer of its own and calls ``decode_payload``; tests and fuzzers use ``Decoder``,
+which does the same on a byte stream. ``Conversation`` holds the one table of which frame may follow which.
+docs/PROTOCOL.md describes every byte; keep the two in step.
+
+Every number from the wire is checked against local limits here, before any caller can use it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+from zlib_ng import zlib_ng
+
+from .errors import IntegrityError, ProtocolError
+
+PROTOCOL_VERSION = 1
+FRAME_MAGIC = 0x564D  # "VM"
+
+HEADER = struct.Struct("!HBBII")  # magic, type, flags, payload length, crc32(header[:8] + payload)
+HEADER_SIZE = HEADER.size  # 12
+
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 2 * 1024 * 1024
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # page bytes one PAGES frame may describe
+MAX_BATCH_PAGES = 65536
+MAX_ABORT_MESSAGE = 1024
+MAX_PAYLOAD = 16 + MAX_BATCH_PAGES // 8 + MAX_BATCH_BYTES
+MAX_IMAGE_SIZE = 1 << 50
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    WELCOME = 0x02
+    KEEPALIVE = 0x03
+    PAGES = 0x10
+    END = 0x20
+    RESULT = 0x21
+    ABORT = 0x7F
+
+
+class Encoding(IntEnum):
+    """How the data of one PAGES frame is encoded; the codec registry maps these ids to codecs."""
+
+    RAW = 0
+    ZLIB = 1
+    ZSTD = 2
+
+
+class VersionMismatch(ProtocolError):
+    def __init__(self, ours: int, theirs: int) -> None:
+        super().__init__(f"protocol version mismatch: peer speaks version {theirs}, this vmmig speaks {ours}")
+        self.ours = ours
+        self.theirs = theirs
+
+
+# --- frames -------------------------------------------------------------------------------------------------------
+
+_HELLO = struct.Struct("!HIQBBI16sHHI")
+_WELCOME = struct.Struct("!HI")
+_PAGES = struct.Struct("!QIBBH")
+_END = struct.Struct("!QQ16s")
+_RESULT = struct.Struct("!B3x16s")
+_ABORT = struct.Struct("!H")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Sender -> receiver, first frame on a channel: who we are and what the image is."""
+
+    page_size: int
+    image_size: int
+    codec: int  # Encoding id of the codec the sender will use (batches may still go RAW)
+    level: int
+    session_id: bytes  # 16 random bytes naming this migration
+    batch_pages: int  # most pages any PAGES frame will carry
+    channels: int = 1
+    channel_index: int = 0
+    features: int = 0
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Receiver -> sender: destination prepared (space allocated), send pages."""
+
+    features: int = 0
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """Either way: I am alive, during silent phases (preallocation, digest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pages:
+    """Sender -> receiver: a batch of ``count`` pages from ``start``; decodable on its own, in any order.
+
+    ``zero_bitmap`` has bit i (LSB first within each byte) set when page start+i is all zeros; ``data`` holds the
+    other pages, in order, encoded with ``encoding``.
+    """
+
+    start: int
+    count: int
+    encoding: int
+    zero_bitmap: bytes
+    data: bytes | bytearray | memoryview
+
+    @property
+    def zero_count(self) -> int:
+        return int.from_bytes(self.zero_bitmap, "little").bit_count()
+
+    @property
+    def normal_count(self) -> int:
+        return self.count - self.zero_count
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """Sender -> receiver: every page is sent; ``digest`` is what DEST must hash to (see digest.py)."""
+
+    total_pages: int
+    batches: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Receiver -> sender: the digest the receiver computed over DEST; status 0 means verified and published."""
+
+    status: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Either way: I am stopping; ``code`` is my exit code, ``message`` the one-line reason."""
+
+    code: int
+    message: str
+
+
+Frame = Hello | Welcome | Keepalive | Pages | End | Result | Abort
+
+RESULT_VERIFIED = 0
+RESULT_DIGEST_MISMATCH = 1
+
+
+# --- encoding -----------------------------------------------------------------------------------------------------
+
+
+def _header(frame_type: FrameType, payload_parts: list[bytes | bytearray | memoryview]) -> bytes:
+    length = sum(len(p) for p in payload_parts)
+    head = struct.pack("!HBBI", FRAME_MAGIC, frame_type, 0, length)
+    crc = zlib_ng.crc32(head)
+    for part in payload_parts:
+        crc = zlib_ng.crc32(part, crc)
+    return head + struct.pack("!I", crc)
+
+
+def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
+    """Encode a frame as a list of buffers to hand to ``sendmsg`` without joining (PAGES data is not copied)."""
+    parts: list[bytes | bytearray | memoryview]
+    match frame:
+        case Hello():
+            parts = [
+                _HELLO.pack(
+                    frame.version,
+                    frame.page_size,
+                    frame.image_size,
+                    frame.codec,
+                    frame.level,
+                    frame.features,
+                    frame.session_id,
+                    frame.channels,
+                    frame.channel_index,
+                    frame.batch_pages,
+                )
+            ]
+            frame_type = FrameType.HELLO
+        case Welcome():
+            parts = [_WELCOME.pack(frame.version, frame.features)]
+            frame_type = FrameType.WELCOME
+        case Keepalive():
+            parts = []
+            frame_type = FrameType.KEEPALIVE
+        case Pages():
+            parts = [_PAGES.pack(frame.start, frame.count, frame.encoding, 0, 0) + frame.zero_bitmap, frame.data]
+            frame_type = FrameType.PAGES
+        case End():
+            parts = [_END.pack(frame.total_pages, frame.batches, frame.digest)]
+            frame_type = FrameType.END
+        case Result():
+            parts = [_RESULT.pack(frame.status, frame.digest)]
+            frame_type = FrameType.RESULT
+        case Abort():
+            parts = [_ABORT.pack(frame.code) + frame.message.encode("utf-8", "replace")[:MAX_ABORT_MESSAGE]]
+            frame_type = FrameType.ABORT
+        case _:
+            raise TypeError(f"not a frame: {frame!r}")
+    return [_header(frame_type, parts), *parts]
+
+
+def encode(frame: Frame) -> bytes:
+    return b"".join(encode_parts(frame))
+
+
+# --- decoding -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    frame_type: FrameType
+    length: int
+    crc: int
+    raw: bytes
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> Header:
+    """Validate a 12-byte frame header; the caller then reads ``length`` payload bytes."""
+    if len(data) != HEADER_SIZE:
+        raise ProtocolError(f"frame header must be {HEADER_SIZE} bytes, got {len(data)}")
+    magic, frame_type, flags, length, crc = HEADER.unpack(data)
+    if magic != FRAME_MAGIC:
+        raise ProtocolError(f"bad frame magic 0x{magic:04x} (not a vmmig stream, or out of step)")
+    try:
+        kind = FrameType(frame_type)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type 0x{frame_type:02x}") from None
+    if flags != 0:
+        raise ProtocolError(f"{kind.name} frame has unknown flags 0x{flags:02x}")
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"{kind.name} frame announces {length} payload bytes, more than the limit {MAX_PAYLOAD}")
+    return Header(kind, length, crc, bytes(data[:8]))
+
+
+def check_crc(header: Header, payload: bytes | bytearray | memoryview) -> None:
+    crc = zlib_ng.crc32(payload, zlib_ng.crc32(header.raw))
+    if crc != header.crc:
+        raise IntegrityError(f"CRC mismatch in {header.frame_type.name} frame ({len(payload)} bytes): stream corrupted")
+
+
+def _need(kind: FrameType, payload: bytes | bytearray | memoryview, size: int, exact: bool = True) -> None:
+    if (len(payload) != size) if exact else (len(payload) < size):
+        raise ProtocolError(f"{kind.name} frame payload is {len(payload)} bytes, expected {size}")
+
+
+def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> Frame:
+    """Turn a CRC-checked payload into a frame, validating every field that does not need session context."""
+    kind = header.frame_type
+    if kind is FrameType.HELLO:
+        _need(kind, payload, 2, exact=False)
+        (version,) = struct.unpack_from("!H", payload)
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatch(PROTOCOL_VERSION, version)
+        _need(kind, payload, _HELLO.size)
+        fields = _HELLO.unpack(payload)
+        (_, page_size, image_size, codec, level, features, session_id, channels, channel_index, batch_pages) = fields
+        hello = Hello(
+            page_size=page_size,
+            image_size=image_size,
+            codec=codec,
+            level=level,
+            session_id=session_id,
+            batch_pages=batch_pages,
+            channels=channels,
+            channel_index=channel_index,
+            features=features,
+            version=version,
+        )
+        validate_hello(hello)
+        return hello
+    if kind is FrameType.WELCOME:
+        _need(kind, payload, 2, exact=False)
+        (version,) = struct.unpack_from("!H", payload)
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatch(PROTOCOL_VERSION, version)
+        _need(kind, payload, _WELCOME.size)
+        version, features = _WELCOME.unpack(payload)
+        return Welcome(features=features, version=version)
+    if kind is FrameType.KEEPALIVE:
+        _need(kind, payload, 0)
+        return Keepalive()
+    if kind is FrameType.PAGES:
+        _need(kind, payload, _PAGES.size, exact=False)
+        start, count, encoding, reserved1, reserved2 = _PAGES.unpack_from(payload)
+        if reserved1 or reserved2:
+            raise ProtocolError("PAGES frame has non-zero reserved bytes")
+        if not 1 <= count <= MAX_BATCH_PAGES:
+            raise ProtocolError(f"PAGES frame has page count {count}, outside 1..{MAX_BATCH_PAGES}")
+        bitmap_len = (count + 7) // 8
+        _need(kind, payload, _PAGES.size + bitmap_len, exact=False)
+        bitmap = bytes(payload[_PAGES.size : _PAGES.size + bitmap_len])
+        if count % 8 and bitmap[-1] >> (count % 8):
+            raise ProtocolError("PAGES frame zero bitmap has bits set past its page count")
+        data = memoryview(payload)[_PAGES.size + bitmap_len :]
+        return Pages(start=start, count=count, encoding=encoding, zero_bitmap=bitmap, data=data)
+    if kind is FrameType.END:
+        _need(kind, payload, _END.size)
+        total_pages, batches, digest = _END.unpack(payload)
+        return End(total_pages=total_pages, batches=batches, digest=digest)
+    if kind is FrameType.RESULT:
+        _need(kind, payload, _RESULT.size)
+        status, digest = _RESULT.unpack(payload)
+        return Result(status=status, digest=digest)
+    if kind is FrameType.ABORT:
+        _need(kind, payload, _ABORT.size, exact=False)
+        if len(payload) > _ABORT.size + MAX_ABORT_MESSAGE:
+            raise ProtocolError(f"ABORT message longer than {MAX_ABORT_MESSAGE} bytes")
+        (code,) = _ABORT.unpack_from(payload)
+        message = bytes(payload[_ABORT.size :]).decode("utf-8", "replace")
+        # The peer's text reaches a terminal: keep it to one printable line.
+        message = "".join(ch if ch.isprintable() else "?" for ch in message)
+        return Abort(code=code, message=message)
+    raise AssertionError(f"unhandled frame type {kind!r}")
+
+
+def validate_hello(hello: Hello) -> None:
+    ps = hello.page_size
+    if ps < MIN_PAGE_SIZE or ps > MAX_PAGE_SIZE or ps & (ps - 1):
+        raise ProtocolError(f"HELLO page size {ps} is not a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}")
+    if hello.image_size == 0 or hello.image_size % ps or hello.image_size > MAX_IMAGE_SIZE:
+        raise ProtocolError(f"HELLO image size {hello.image_size} is not a positive multiple of the page size {ps}")
+    if not 1 <= hello.batch_pages <= MAX_BATCH_PAGES or hello.batch_pages * ps > MAX_BATCH_BYTES:
+        raise ProtocolError(f"HELLO batch of {hello.batch_pages} pages exceeds the limits")
+    if not 1 <= hello.channels <= 256 or hello.channel_index >= hello.channels:
+        raise ProtocolError(f"HELLO channel {hello.channel_index} of {hello.channels} is invalid")
+
+
+def validate_pages(frame: Pages, page_size: int, total_pages: int, batch_pages: int) -> None:
+    """Check a PAGES frame against the session before any memory is touched."""
+    if frame.count > batch_pages:
+        raise ProtocolError(f"PAGES frame carries {frame.count} pages, more than the announced batch of {batch_pages}")
+    if frame.start >= total_pages or frame.count > total_pages - frame.start:
+        raise ProtocolError(
+            f"PAGES frame covers pages {frame.start}..{frame.start + frame.count - 1}, "
+            f"past the image end ({total_pages} pages)"
+        )
+    normal_bytes = frame.normal_count * page_size
+    if frame.encoding == Encoding.RAW:
+        if len(frame.data) != normal_bytes:
+            raise ProtocolError(f"raw PAGES frame holds {len(frame.data)} bytes, expected {normal_bytes}")
+    elif len(frame.data) > normal_bytes or (normal_bytes == 0 and len(frame.data)):
+        raise ProtocolError(f"compressed PAGES frame holds {len(frame.data)} bytes for {normal_bytes} of pages")
+
+
+# --- which frame may come when ------------------------------------------------------------------------------------
+
+
+class Role(Enum):
+    SENDER = "sender"
+    RECEIVER = "receiver"
+
+
+class State(Enum):
+    HANDSHAKE = "handshake"
+    STREAMING = "streaming"
+    FINISHING = "finishing"
+    DONE = "done"
+    CLOSED = "closed"
+
+
+# Rule: every frame-order decision lives in this table. Key: the role *receiving* the frame, then its state.
+# KEEPALIVE keeps the state; ABORT closes it from any state.
+TRANSITIONS: dict[Role, dict[State, dict[FrameType, State]]] = {
+    Role.RECEIVER: {  # frames that arrive from the sender
+        State.HANDSHAKE: {FrameType.HELLO: State.STREAMING},
+        State.STREAMING: {FrameType.PAGES: State.STREAMING, FrameType.END: State.DONE},
+        State.DONE: {},
+    },
+    Role.SENDER: {  # frames that arrive from the receiver
+        State.HANDSHAKE: {FrameType.WELCOME: State.STREAMING},
+        State.STREAMING: {FrameType.RESULT: State.DONE},
+        State.DONE: {},
+    },
+}
+
+
+class Conversation:
+    """Tracks one side's view of the incoming frame order and refuses anything out of place."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.state = State.HANDSHAKE
+
+    def on_frame(self, frame_type: FrameType) -> None:
+        if self.state is State.CLOSED:
+            raise ProtocolError(f"{frame_type.name} frame after the peer aborted")
+        if frame_type is FrameType.ABORT:
+            self.state = State.CLOSED
+            return
+        if frame_type is FrameType.KEEPALIVE and self.state is not State.DONE:
+            return
+        allowed = TRANSITIONS[self.role].get(self.state, {})
+        if frame_type not in allowed:
+            raise ProtocolError(f"unexpected {frame_type.name} frame during {self.state.value}")
+        self.state = allowed[frame_type]
+
+
+class NeedData(Enum):
+    NEED_DATA = "need-data"
+
+
+NEED_DATA = NeedData.NEED_DATA
+
+
+class Decoder:
+    """Feed bytes, get frames: the byte-stream face of this module (tests, fuzzing, simple peers).
+
+    ``receive_data`` only buffers; ``next_frame`` returns a frame or NEED_DATA and raises ProtocolError or
+    IntegrityError on anything malformed, after which the decoder stays failed.
+    """
+
+    def __init__(self, role: Role) -> None:
+        self.conversation = Conversation(role)
+        self._buffer = bytearray()
+        self._error: Exception | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_frame(self) -> Frame | NeedData:
+        if self._error is not None:
+            raise self._error
+        try:
+            if len(self._buffer) < HEADER_SIZE:
+                return NEED_DATA
+            header = parse_header(bytes(self._buffer[:HEADER_SIZE]))
+            if len(self._buffer) < HEADER_SIZE + header.length:
+                return NEED_DATA
+            payload = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + header.length])
+            check_crc(header, payload)
+            frame = decode_payload(header, payload)
+            self.conversation.on_frame(header.frame_type)
+            del self._buffer[: HEADER_SIZE + header.length]
+            return frame
+        except (ProtocolError, IntegrityError) as exc:
+            self._error = exc
+            raise
+
+    def frames(self) -> Iterator[Frame]:
+        while True:
+            frame = self.next_frame()
+            if frame is NEED_DATA:
+                return
+            assert not isinstance(frame, NeedData)
+            yield frame

@@ -1,0 +1,66 @@
+"""A token bucket on wire bytes, shared by every thread that puts bytes on the wire.
+
+QEMU keeps one budget for all channels (migration-stats.c); so do we. ``consume(n)`` blocks until ``n`` bytes
+may go out. The clock and sleep are injectable so tests run on a fake clock. ``set_rate`` applies at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class TokenBucket:
+    """Rate in bytes per second (None = unlimited); ``burst`` is the most that can go out at once after idling."""
+
+    def __init__(
+        self,
+        rate: float | None,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._sleep = sleep
+        self._rate: float | None = None
+        self._burst = 0.0
+        self._explicit_burst = burst
+        self._tokens = 0.0
+        self._last = clock()
+        self.set_rate(rate)
+
+    @property
+    def rate(self) -> float | None:
+        return self._rate
+
+    def set_rate(self, rate: float | None) -> None:
+        with self._lock:
+            self._refill()
+            self._rate = rate if rate else None
+            # 50 ms worth of bytes: smooth enough for a 5 s window, big enough for one batch frame.
+            self._burst = self._explicit_burst or (max(self._rate * 0.05, 256 * 1024) if self._rate else 0.0)
+            self._tokens = min(self._tokens, self._burst)
+
+    def _refill(self) -> None:
+        now = self._clock()
+        if self._rate is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+
+    def consume(self, nbytes: int, stop: threading.Event | None = None) -> None:
+        """Take ``nbytes`` tokens, sleeping while the bucket is in debt. Returns early if ``stop`` is set."""
+        with self._lock:
+            if self._rate is None:
+                return
+            self._refill()
+            # Going into debt lets a frame larger than the burst pass; the debt is paid by sleeping.
+            self._tokens -= nbytes
+            wait = -self._tokens / self._rate if self._tokens < 0 else 0.0
+        while wait > 0:
+            if stop is not None and stop.is_set():
+                return
+            step = min(wait, 0.1)
+            self._sleep(step)
+            wait -= step

@@ -1,0 +1,133 @@
+"""The receiver's data path: payload buffers from a fixed pool, N decompression workers writing into DEST.
+
+    network thread --recv_into(pool buffer)--> work queue --> worker 1..N --> DEST mapping
+                         ^                                        |
+                         +------------- buffer back to pool ------+
+
+The pool is allocated once, sized to the batch the sender announced: no allocation per batch, and when every
+buffer is in use the network thread stops reading, which is the backpressure on the sender (bounded memory).
+Each worker owns one decompressor for the session's codec for its whole life. Frames are validated against the
+session (page range, sizes) by the network thread before they reach a worker.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from . import codec as codecs
+from .errors import ProtocolError
+from .image import DestinationImage
+from .pipeline import Failure, Stopped, get, put, spawn
+from .protocol import MAX_BATCH_PAGES, Encoding, Header, Pages
+from .stats import Stats
+
+_DONE = None
+
+
+class BufferPool:
+    def __init__(self, count: int, size: int, failure: Failure) -> None:
+        self.size = size
+        self.failure = failure
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def take(self) -> bytearray:
+        while True:
+            if self.failure.is_set():
+                raise Stopped
+            try:
+                return self._free.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def give(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
+class RecvPipeline:
+    def __init__(
+        self,
+        dest: DestinationImage,
+        codec: codecs.Codec,
+        threads: int,
+        batch_pages: int,
+        stats: Stats,
+        failure: Failure,
+    ) -> None:
+        self.dest = dest
+        self.codec = codec
+        self.threads = threads
+        self.stats = stats
+        self.failure = failure
+        self.batch_pages = batch_pages
+        payload_max = 16 + (MAX_BATCH_PAGES + 7) // 8 + batch_pages * dest.page_size
+        self.pool = BufferPool(threads * 2 + 2, payload_max, failure)
+        self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=threads * 2)
+        self._threads: list[threading.Thread] = []
+        self._current: bytearray | None = None
+        self.batches = 0
+
+    def start(self) -> None:
+        for i in range(self.threads):
+            self._threads.append(spawn(f"decompress-{i}", self._worker, self.failure))
+
+    def alloc(self, header: Header) -> memoryview:
+        """Payload buffer for the PAGES frame the network thread is about to read (see Channel.read_frame)."""
+        if header.length > self.pool.size:
+            raise ProtocolError(
+                f"PAGES frame of {header.length} bytes exceeds the announced batch of {self.batch_pages} pages"
+            )
+        self._current = self.pool.take()
+        return memoryview(self._current)[: header.length]
+
+    def submit(self, frame: Pages, wire_bytes: int) -> None:
+        """Queue a validated frame whose payload lives in the buffer from the last ``alloc``."""
+        buf, self._current = self._current, None
+        assert buf is not None
+        if frame.encoding not in (Encoding.RAW, self.codec.wire_id):
+            self.pool.give(buf)
+            known = ", ".join(f"{c}={int(codecs.by_name(c).wire_id)}" for c in codecs.names())
+            raise ProtocolError(
+                f"PAGES frame uses codec id {frame.encoding}, but the session announced "
+                f"{self.codec.name}={int(self.codec.wire_id)} (known: {known})"
+            )
+        self.stats.add_wire(wire_bytes)
+        self.batches += 1
+        put(self._work, (frame, buf), self.failure)
+
+    def release_current(self) -> None:
+        """Give back the buffer of a frame that failed validation."""
+        if self._current is not None:
+            self.pool.give(self._current)
+            self._current = None
+
+    def finish(self) -> None:
+        """Wait until every queued batch is written; raises the first worker error."""
+        for _ in self._threads:
+            put(self._work, _DONE, self.failure)
+        for thread in self._threads:
+            while thread.is_alive():
+                thread.join(0.2)
+        self.failure.raise_if_set()
+
+    def abandon(self) -> None:
+        for thread in self._threads:
+            thread.join(2.0)
+
+    def _worker(self) -> None:
+        decompressor = self.codec.decompressor()
+        ps = self.dest.page_size
+        while (item := get(self._work, self.failure)) is not _DONE:
+            frame, buf = item
+            try:
+                size = frame.normal_count * ps
+                data = frame.data if frame.encoding == Encoding.RAW else decompressor.decompress(frame.data, size)
+                self.dest.write_batch(frame.start, frame.count, frame.zero_bitmap, data)
+                self.stats.add_batch(
+                    frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW
+                )
+            finally:
+                del frame
+                self.pool.give(buf)

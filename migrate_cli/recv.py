@@ -1,0 +1,220 @@
+"""`vmmig recv`: the receiver's orchestration.
+
+Order matters and is the safety argument:
+1. refuse an existing DEST / leftover DEST.partial and a non-loopback address without --insecure, then listen and
+   print the ready line (and --ready-file);
+2. accept one sender, read its HELLO, check version and codec;
+3. create and allocate DEST.partial (keepalives flow meanwhile), then WELCOME the sender;
+4. the calling (main) thread reads frames into pool buffers and hands PAGES to the decompression workers
+   (receiver.py); a ``keepalive`` thread sends KEEPALIVE every second so the sender's silence timer never trips;
+5. at END: wait for the workers, flush DEST.partial, recompute the digest from DEST.partial itself, and only if it
+   matches the sender's, rename it to DEST and send RESULT. Any failure before that removes DEST.partial
+   (unless --keep-partial) and tells the sender why with ABORT.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import codec as codecs
+from .digest import digest_of_image
+from .errors import IntegrityError, MigrateError, PeerError, ProtocolError, UsageError
+from .image import DestinationImage, check_destination
+from .pipeline import Failure, spawn
+from .progress import display_wanted, live_display, print_json, report, summary_line
+from .protocol import (
+    RESULT_DIGEST_MISMATCH,
+    RESULT_VERIFIED,
+    Abort,
+    End,
+    Hello,
+    Keepalive,
+    Pages,
+    Result,
+    Role,
+    Welcome,
+    validate_pages,
+)
+from .receiver import RecvPipeline
+from .send import usable_cpus
+from .stats import Stats
+from .transport import Channel, accept, format_address, is_loopback, listen, parse_address
+
+KEEPALIVE_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class RecvOptions:
+    destination: str
+    listen: str = "127.0.0.1:4444"
+    insecure: bool = False
+    force: bool = False
+    keep_partial: bool = False
+    sparse: bool = False
+    threads: int = 0
+    ready_file: str | None = None
+    io_timeout: float = 30.0
+    json: bool = False
+    quiet: bool = False
+
+
+class Receiver:
+    def __init__(self, opts: RecvOptions) -> None:
+        self.opts = opts
+        self.threads = opts.threads or usable_cpus()
+        self.failure = Failure()
+        self.dest: DestinationImage | None = None
+        self._stop_keepalive = threading.Event()
+
+    def run(self) -> dict[str, Any]:
+        opts = self.opts
+        host, port = parse_address(opts.listen)
+        if not opts.insecure and not is_loopback(host):
+            raise UsageError(
+                f"refusing to listen on non-loopback address {host} without --insecure: "
+                "guest memory would cross the network unencrypted"
+            )
+        check_destination(opts.destination, opts.force)
+        listener = listen(host, port)
+        bound = format_address(*listener.getsockname()[:2])
+        self._announce(bound)
+        try:
+            conn = accept(listener)
+        finally:
+            listener.close()
+        channel = Channel(conn, Role.RECEIVER, opts.io_timeout)
+        stats = Stats()
+        try:
+            hello, wire = channel.read_frame()
+            if not isinstance(hello, Hello):
+                raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+            stats.add_wire(wire)
+            codec = codecs.by_wire_id(hello.codec)
+            if codec is None:
+                known = ", ".join(f"{n}={int(codecs.by_name(n).wire_id)}" for n in codecs.names())
+                raise ProtocolError(f"sender asked for unknown codec id {hello.codec} (this receiver knows {known})")
+            stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
+            spawn("keepalive", lambda: self._keepalive(channel), self.failure)
+            info = f"{bound} → {opts.destination}  codec {codec.name}  threads {self.threads}"
+            with live_display(stats, "recv", info, display_wanted(opts.quiet)) as view:
+                if view:
+                    view.phase = "allocating"
+                self.dest = DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
+                channel.send_frame(Welcome())
+                if view:
+                    view.phase = "transfer"
+                stats.restart_clock()
+                end = self._transfer(channel, hello, codec, stats)
+                if view:
+                    view.phase = "verifying"
+                digest = self._verify_and_publish(channel, end)
+                stats.finish()
+        except BaseException as exc:
+            self.failure.set(exc)
+            self._abort_peer(channel)
+            if self.dest is not None:
+                self.dest.discard(keep_partial=opts.keep_partial)
+            raise self.failure.error or exc from None
+        finally:
+            self._stop_keepalive.set()
+            channel.close()
+        snap = stats.snapshot()
+        if not opts.quiet:
+            print("vmmig recv: " + summary_line("received", snap, digest.hex()), file=sys.stderr)
+        result = report(
+            snap,
+            {
+                "role": "recv",
+                "codec": codec.name,
+                "threads": self.threads,
+                "digest": digest.hex(),
+                "destination": opts.destination,
+            },
+        )
+        if opts.json:
+            print_json(result)
+        return result
+
+    def _announce(self, bound: str) -> None:
+        line = f"vmmig recv: listening on {bound}"
+        print(line, file=sys.stderr, flush=True)
+        if self.opts.ready_file:
+            tmp = self.opts.ready_file + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(bound + "\n")
+            os.replace(tmp, self.opts.ready_file)  # readers never see a half-written file
+
+    def _keepalive(self, channel: Channel) -> None:
+        while not self._stop_keepalive.wait(KEEPALIVE_INTERVAL / 4):
+            if self.failure.is_set():
+                return
+            if channel.last_send + KEEPALIVE_INTERVAL <= time.monotonic():
+                channel.send_frame(Keepalive())
+
+    def _transfer(self, channel: Channel, hello: Hello, codec: codecs.Codec, stats: Stats) -> End:
+        assert self.dest is not None
+        pipeline = RecvPipeline(self.dest, codec, self.threads, hello.batch_pages, stats, self.failure)
+        pipeline.start()
+        total_pages = self.dest.pages
+        try:
+            while True:
+                self.failure.raise_if_set()
+                frame, wire = channel.read_frame(pipeline.alloc)
+                if isinstance(frame, Pages):
+                    try:
+                        validate_pages(frame, hello.page_size, total_pages, hello.batch_pages)
+                    except ProtocolError:
+                        pipeline.release_current()
+                        raise
+                    pipeline.submit(frame, wire)
+                elif isinstance(frame, End):
+                    stats.add_wire(wire)
+                    break
+                elif isinstance(frame, Abort):
+                    raise PeerError(frame.message, frame.code)
+                else:
+                    stats.add_wire(wire)
+            pipeline.finish()
+        except BaseException as exc:
+            self.failure.set(exc)  # first error wins: if a worker failed first, that one is kept
+            pipeline.abandon()
+            raise
+        if frame.total_pages != total_pages or frame.batches != pipeline.batches:
+            raise ProtocolError(
+                f"END frame reports {frame.total_pages} pages in {frame.batches} batches, "
+                f"but {total_pages} pages in {pipeline.batches} batches were expected/received"
+            )
+        return frame
+
+    def _verify_and_publish(self, channel: Channel, end: End) -> bytes:
+        assert self.dest is not None
+        self.dest.flush()
+        digest = digest_of_image(self.dest.array, self.dest.page_size, self.threads)
+        if digest != end.digest:
+            channel.send_frame(Result(RESULT_DIGEST_MISMATCH, digest))
+            raise IntegrityError(
+                f"digest mismatch: sender's image digest {end.digest.hex()}, destination hashes to {digest.hex()}"
+            )
+        self.dest.publish()
+        self._stop_keepalive.set()
+        channel.send_frame(Result(RESULT_VERIFIED, digest))
+        return digest
+
+    def _abort_peer(self, channel: Channel) -> None:
+        err = self.failure.error
+        if err is None or isinstance(err, PeerError) or channel.closed:
+            return
+        try:
+            channel.sock.settimeout(1.0)
+            channel.send_frame(Abort(int(err.exit_code), str(err)))
+        except (MigrateError, OSError):
+            pass
+
+
+def run(opts: RecvOptions) -> dict[str, Any]:
+    return Receiver(opts).run()

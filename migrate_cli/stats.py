@@ -1,0 +1,105 @@
+"""The one statistics object: workers bump counters per batch, every renderer reads a snapshot.
+
+Updates are per batch (hundreds of pages), so one lock costs nothing measurable. Field names follow QEMU's
+``query-migrate`` where a counterpart exists (see ``Snapshot.report``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    elapsed: float
+    image_bytes: int  # size of the whole image
+    done_bytes: int  # image bytes handled so far (zero pages included)
+    wire_bytes: int  # bytes put on (or taken off) the wire, frame headers included
+    zero_pages: int
+    normal_pages: int
+    page_size: int
+    raw_batches: int
+    compressed_batches: int
+    payload_bytes: int  # encoded page data of normal pages (for the compression ratio)
+
+    @property
+    def normal_bytes(self) -> int:
+        return self.normal_pages * self.page_size
+
+    @property
+    def image_rate(self) -> float:
+        return self.done_bytes / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def wire_rate(self) -> float:
+        return self.wire_bytes / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio over normal (non-zero) pages: raw bytes / encoded bytes."""
+        return self.normal_bytes / self.payload_bytes if self.payload_bytes else 1.0
+
+    @property
+    def remaining_bytes(self) -> int:
+        return max(0, self.image_bytes - self.done_bytes)
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.image_rate
+        return self.remaining_bytes / rate if rate > 0 else None
+
+
+@dataclass
+class Stats:
+    image_bytes: int = 0
+    page_size: int = 4096
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _done_bytes: int = 0
+    _wire_bytes: int = 0
+    _zero_pages: int = 0
+    _normal_pages: int = 0
+    _raw_batches: int = 0
+    _compressed_batches: int = 0
+    _payload_bytes: int = 0
+    _finished: float | None = None
+
+    def add_batch(self, zero_pages: int, normal_pages: int, payload_bytes: int, raw: bool) -> None:
+        with self._lock:
+            self._zero_pages += zero_pages
+            self._normal_pages += normal_pages
+            self._done_bytes += (zero_pages + normal_pages) * self.page_size
+            self._payload_bytes += payload_bytes
+            if raw:
+                self._raw_batches += 1
+            else:
+                self._compressed_batches += 1
+
+    def add_wire(self, nbytes: int) -> None:
+        with self._lock:
+            self._wire_bytes += nbytes
+
+    def restart_clock(self) -> None:
+        """Start timing at the first page, so setup (connect, preallocation) does not dilute the rates."""
+        self.started = time.monotonic()
+
+    def finish(self) -> None:
+        self._finished = time.monotonic()
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            end = self._finished if self._finished is not None else time.monotonic()
+            return Snapshot(
+                elapsed=end - self.started,
+                image_bytes=self.image_bytes,
+                done_bytes=self._done_bytes,
+                wire_bytes=self._wire_bytes,
+                zero_pages=self._zero_pages,
+                normal_pages=self._normal_pages,
+                page_size=self.page_size,
+                raw_batches=self._raw_batches,
+                compressed_batches=self._compressed_batches,
+                payload_bytes=self._payload_bytes,
+            )

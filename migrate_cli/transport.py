@@ -1,0 +1,193 @@
+"""TCP channels: listen, connect with retries, and move whole frames. The only module that imports socket.
+
+A ``Channel`` wraps one connected socket. One thread may send while another receives; sends are serialised by a
+lock so keepalives from a ticker thread never interleave with a data frame. Every socket error becomes a
+NetworkError with one line that says what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from .errors import NetworkError, UsageError
+from .protocol import (
+    HEADER_SIZE,
+    Conversation,
+    Frame,
+    FrameType,
+    Header,
+    Role,
+    check_crc,
+    decode_payload,
+    encode_parts,
+    parse_header,
+)
+
+Buffer = bytes | bytearray | memoryview
+
+
+def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``v6`` with brackets; the port may be 0 (any free port) for listening."""
+    host, sep, port = text.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        if default_port is None:
+            raise UsageError(f"address {text!r} needs a port: HOST:PORT or [IPv6]:PORT")
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    if not host:
+        raise UsageError(f"address {text!r} has no host")
+    if not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"address {text!r}: port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise NetworkError(f"cannot listen on {format_address(host, port)}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(4)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == 98 else exc.strerror
+        raise NetworkError(f"cannot listen on {format_address(host, port)}: {reason}") from None
+    return sock
+
+
+def accept(listener: socket.socket, timeout: float | None = None) -> socket.socket:
+    listener.settimeout(timeout)
+    try:
+        conn, _ = listener.accept()
+    except TimeoutError:
+        raise NetworkError("no sender connected in time") from None
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+def connect(host: str, port: int, timeout: float) -> socket.socket:
+    """Connect, retrying refused or unreachable attempts until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    last = "timed out"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NetworkError(
+                f"cannot connect to {format_address(host, port)}: {last} "
+                f"(gave up after {timeout:g}s, --connect-timeout)"
+            )
+        try:
+            sock = socket.create_connection((host, port), timeout=min(remaining, 5.0))
+        except (ConnectionRefusedError, TimeoutError, OSError) as exc:
+            last = "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
+            if isinstance(exc, socket.gaierror):
+                raise NetworkError(f"cannot connect to {format_address(host, port)}: {exc.strerror}") from None
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+class Channel:
+    """One framed connection. ``read_frame`` enforces the frame order of ``Conversation``."""
+
+    def __init__(self, sock: socket.socket, role: Role, io_timeout: float) -> None:
+        self.sock = sock
+        self.io_timeout = io_timeout
+        sock.settimeout(io_timeout)
+        self.conversation = Conversation(role)
+        self._send_lock = threading.Lock()
+        self._header = bytearray(HEADER_SIZE)
+        self.last_send = time.monotonic()
+        self.closed = False
+
+    # -- sending -------------------------------------------------------------------------------------------------
+
+    def send_frame(self, frame: Frame) -> int:
+        """Send one whole frame; returns the bytes put on the wire."""
+        parts = [memoryview(p).cast("B") for p in encode_parts(frame)]
+        total = sum(len(p) for p in parts)
+        with self._send_lock:
+            try:
+                while parts:
+                    sent = self.sock.sendmsg(parts)
+                    while parts and sent >= len(parts[0]):
+                        sent -= len(parts[0])
+                        parts.pop(0)
+                    if parts and sent:
+                        parts[0] = parts[0][sent:]
+            except TimeoutError:
+                raise NetworkError(
+                    f"peer accepted no data for {self.io_timeout:g}s (--io-timeout): it is stalled or gone"
+                ) from None
+            except (BrokenPipeError, ConnectionResetError):
+                raise NetworkError("connection lost: the peer closed it while we were sending") from None
+            except OSError as exc:
+                raise NetworkError(f"connection lost while sending: {exc.strerror}") from None
+            self.last_send = time.monotonic()
+        return total
+
+    # -- receiving -----------------------------------------------------------------------------------------------
+
+    def _recv_exactly(self, view: memoryview, what: str) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = self.sock.recv_into(view[got:])
+            except TimeoutError:
+                raise NetworkError(f"no data from peer for {self.io_timeout:g}s (--io-timeout)") from None
+            except ConnectionResetError:
+                raise NetworkError("connection reset by peer") from None
+            except OSError as exc:
+                raise NetworkError(f"connection lost: {exc.strerror}") from None
+            if n == 0:
+                if got == 0 and what == "header":
+                    raise NetworkError("connection closed by peer before the migration finished")
+                raise NetworkError(f"stream truncated: connection closed in the middle of a {what}")
+            got += n
+
+    def read_frame(self, alloc: Callable[[Header], memoryview] | None = None) -> tuple[Frame, int]:
+        """Read, CRC-check, decode and order-check one frame. ``alloc`` may supply the payload buffer.
+
+        Returns the frame and its size on the wire.
+        """
+        self._recv_exactly(memoryview(self._header), "header")
+        header = parse_header(self._header)
+        if header.frame_type is FrameType.PAGES and alloc is not None:
+            payload = alloc(header)
+        else:
+            payload = memoryview(bytearray(header.length))
+        self._recv_exactly(payload, f"{header.frame_type.name} frame")
+        check_crc(header, payload)
+        frame = decode_payload(header, payload)
+        self.conversation.on_frame(header.frame_type)
+        return frame, HEADER_SIZE + header.length
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()

@@ -1,0 +1,66 @@
+"""The token bucket: one budget of wire bytes per second, on a fake clock."""
+
+import threading
+
+from migrate_cli.ratelimit import TokenBucket
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.slept += seconds
+
+
+def test_unlimited_bucket_never_sleeps() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(None, clock=clock, sleep=clock.sleep)
+    for _ in range(1000):
+        bucket.consume(1 << 20)
+    assert clock.slept == 0
+
+
+def test_sustained_rate_matches_the_cap() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10_000_000, clock=clock, sleep=clock.sleep)
+    total = 0
+    for _ in range(400):
+        bucket.consume(256 * 1024)
+        total += 256 * 1024
+    rate = total / clock.now
+    assert 0.97 * 10_000_000 <= rate <= 1.03 * 10_000_000
+
+
+def test_a_frame_larger_than_the_burst_still_passes_by_going_into_debt() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(1_000_000, burst=1000, clock=clock, sleep=clock.sleep)
+    bucket.consume(2_000_000)
+    assert clock.now >= 1.99
+
+
+def test_rate_changes_apply_to_the_next_consume() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(1_000_000, clock=clock, sleep=clock.sleep)
+    for _ in range(10):
+        bucket.consume(100_000)
+    slow = clock.now
+    bucket.set_rate(10_000_000)
+    start = clock.now
+    for _ in range(100):
+        bucket.consume(100_000)
+    assert (clock.now - start) < slow * 1.2
+
+
+def test_stop_event_interrupts_a_long_wait() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(1000, burst=1, clock=clock, sleep=clock.sleep)
+    stop = threading.Event()
+    stop.set()
+    bucket.consume(10**9, stop)
+    assert clock.slept < 1.0

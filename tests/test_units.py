@@ -1,0 +1,57 @@
+"""Units: one parser for every size, rate and duration option."""
+
+import pytest
+
+from migrate_cli.units import format_bytes, parse_duration, parse_rate, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4096", 4096),
+        ("4KiB", 4096),
+        ("350M", 350_000_000),
+        ("1GiB", 1 << 30),
+        ("1G", 10**9),
+        ("2T", 2 * 10**12),
+        ("1TiB", 1 << 40),
+        ("1.5M", 1_500_000),
+        ("64 MiB", 64 << 20),
+        ("8k", 8000),
+        ("10B", 10),
+    ],
+)
+def test_sizes_use_decimal_letters_and_binary_iec_suffixes(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12XB", "-5M", "1.5B", "M"])
+def test_malformed_sizes_are_refused_with_the_text_named(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+def test_rates_accept_per_second_and_zero_means_unlimited() -> None:
+    assert parse_rate("350M") == 350_000_000
+    assert parse_rate("100MiB/s") == 100 << 20
+    assert parse_rate("0") is None
+    assert parse_rate("unlimited") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("300ms", 0.3), ("2s", 2.0), ("1m", 60.0), ("1h", 3600.0), ("1.5s", 1.5)]
+)
+def test_durations_need_a_unit(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["300", "2", "s", "2 days", ""])
+def test_durations_without_unit_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="unit is required"):
+        parse_duration(text)
+
+
+def test_human_sizes_use_binary_units() -> None:
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 << 30) == "3.0 GiB"
