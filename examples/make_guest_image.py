@@ -72,7 +72,7 @@ MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 2 * 1024 * 1024
 MAX_RUN_PAGES = 512  # runs are 1..MAX_RUN_PAGES pages long
 POOL_PAGES = 256  # distinct text pages and code pages per image (fewer for very large pages)
-POOL_BYTES_MAX = 8 * 1024 * 1024  # cap on the size of each pool
+POOL_BYTES_MAX = 4 * 1024 * 1024  # cap on the size of each pool
 CHUNK_BYTES = 64 * 1024 * 1024  # largest single write (and the size of the one output buffer)
 RANDOM_BYTES = 4 * 1024 * 1024  # random bytes are drawn this many at a time
 FIELD_BYTES = 16  # per-page unique field
@@ -698,7 +698,7 @@ def generate(
     budgets = _class_budgets(pages, PROFILES[profile])
     run_class, run_pages = _plan_runs(streams["layout"], budgets)
 
-    pool_pages = max(4, min(POOL_PAGES, POOL_BYTES_MAX // page_size))
+    pool_pages = max(2, min(POOL_PAGES, POOL_BYTES_MAX // page_size))
     pools: dict[str, np.ndarray] = {}
     salts: dict[str, np.uint64] = {}
     if budgets["text"]:
@@ -745,7 +745,8 @@ def generate(
                         part[...] = streams["random"].bytes(part.size).reshape(part.shape)
                 else:
                     pool = pools[name]
-                    np.take(pool, streams[f"{name}_pick"].below(len(pool), count), axis=0, out=rows)
+                    picks = streams[f"{name}_pick"].below(len(pool), count)
+                    np.take(pool, picks, axis=0, out=rows, mode="clip")  # "clip" writes to rows without a temporary
                     _stamp(rows, page, salts[name], streams[f"{name}_field"], ascii_field=name == "text")
                 filled += count
                 page += count

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import MigrateError
+from .errors import MigrateError, NetworkError, PeerError
 
 T = TypeVar("T")
 POLL = 0.2  # seconds between checks of the latch while blocked
@@ -33,14 +33,28 @@ class Failure:
         self._lock = threading.Lock()
         self.error: MigrateError | None = None
         self.event = threading.Event()
+        self._wakers: list[Callable[[], None]] = []
+
+    def add_waker(self, waker: Callable[[], None]) -> None:
+        """Call ``waker`` on the first failure: it unblocks a thread stuck in I/O (e.g. shuts a socket's read side)."""
+        self._wakers.append(waker)
 
     def set(self, exc: BaseException) -> bool:
         err = exc if isinstance(exc, MigrateError) else InternalError(exc)
         with self._lock:
             if self.error is not None:
+                # The peer's stated reason outranks our view of the connection it then closed.
+                if isinstance(err, PeerError) and isinstance(self.error, NetworkError):
+                    self.error = err
+                    return True
                 return False
             self.error = err
         self.event.set()
+        for waker in self._wakers:
+            try:
+                waker()
+            except OSError:
+                pass
         return True
 
     def is_set(self) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import codec as codecs
 from .digest import digest_of_image
-from .errors import IntegrityError, MigrateError, PeerError, ProtocolError, UsageError
+from .errors import IntegrityError, MigrateError, NetworkError, PeerError, ProtocolError, UsageError
 from .image import DestinationImage, check_destination
 from .pipeline import Failure, spawn
 from .progress import display_wanted, live_display, print_json, report, summary_line
@@ -88,6 +88,7 @@ class Receiver:
         finally:
             listener.close()
         channel = Channel(conn, Role.RECEIVER, opts.io_timeout)
+        self.failure.add_waker(channel.wake_reader)  # a worker's error must not wait for the next frame
         stats = Stats()
         try:
             hello, wire = channel.read_frame()
@@ -164,7 +165,11 @@ class Receiver:
         try:
             while True:
                 self.failure.raise_if_set()
-                frame, wire = channel.read_frame(pipeline.alloc)
+                try:
+                    frame, wire = channel.read_frame(pipeline.alloc)
+                except NetworkError:
+                    self.failure.raise_if_set()  # woken by a worker's failure: report that, not the wake-up
+                    raise
                 if isinstance(frame, Pages):
                     try:
                         validate_pages(frame, hello.page_size, total_pages, hello.batch_pages)
@@ -213,7 +218,8 @@ class Receiver:
             channel.sock.settimeout(1.0)
             channel.send_frame(Abort(int(err.exit_code), str(err)))
         except (MigrateError, OSError):
-            pass
+            return
+        channel.close_after_abort()
 
 
 def run(opts: RecvOptions) -> dict[str, Any]:

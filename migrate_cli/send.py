@@ -65,6 +65,7 @@ class Sender:
         self.failure = Failure()
         self.result: Result | None = None
         self.result_event = threading.Event()
+        self._control: threading.Thread | None = None
 
     def run(self) -> dict[str, Any]:
         opts = self.opts
@@ -99,6 +100,8 @@ class Sender:
                 stats.finish()
         except BaseException as exc:
             self.failure.set(exc)
+            if isinstance(self.failure.error, NetworkError) and self._control is not None:
+                self._control.join(1.0)  # an ABORT with the peer's reason may be in flight: let it win
             self._abort_peer(channel)
             raise self.failure.error or exc from None
         finally:
@@ -138,7 +141,7 @@ class Sender:
     def _transfer(self, channel: Channel, source: SourceImage, batch_pages: int, stats: Stats) -> bytes:
         pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, stats, self.failure)
         bucket = TokenBucket(self.opts.max_bandwidth)
-        spawn("control", lambda: self._control(channel), self.failure)
+        self._control = spawn("control", lambda: self._read_control(channel), self.failure)
         pipeline.start()
         workers_left = self.threads
         sent = 0
@@ -170,9 +173,12 @@ class Sender:
             pipeline.join(2.0)
             raise
 
-    def _control(self, channel: Channel) -> None:
-        """Read the receiver's frames until its RESULT; an ABORT or a lost connection fails the migration."""
-        while not self.failure.is_set():
+    def _read_control(self, channel: Channel) -> None:
+        """Read the receiver's frames until its RESULT; an ABORT or a lost connection fails the migration.
+
+        Keeps reading after a local network error too: the peer's ABORT explaining it may still be in flight.
+        """
+        while not (self.failure.is_set() and not isinstance(self.failure.error, NetworkError)):
             try:
                 frame, _ = channel.read_frame()
             except NetworkError:
@@ -204,7 +210,8 @@ class Sender:
             channel.sock.settimeout(1.0)
             channel.send_frame(Abort(int(err.exit_code), str(err)))
         except (MigrateError, OSError):
-            pass
+            return
+        channel.close_after_abort()
 
 
 def run(opts: SendOptions) -> dict[str, Any]:

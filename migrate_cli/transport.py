@@ -184,6 +184,25 @@ class Channel:
         self.conversation.on_frame(header.frame_type)
         return frame, HEADER_SIZE + header.length
 
+    def wake_reader(self) -> None:
+        """Make a thread blocked in ``read_frame`` return at once (it then sees the latched failure)."""
+        self.sock.shutdown(socket.SHUT_RD)
+
+    def close_after_abort(self, linger: float = 0.5) -> None:
+        """Close so that an ABORT just sent is read by the peer: half-close, drain briefly, then close.
+
+        Closing with unread data would send a reset, which can destroy the ABORT before the peer reads it.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(0.05)
+            deadline = time.monotonic() + linger
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        self.close()
+
     def close(self) -> None:
         if self.closed:
             return

@@ -1,0 +1,107 @@
+"""Shared fixtures: generated guest images, real `vmmig` processes on 127.0.0.1, cleaned up by PID."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_guest_image", ROOT / "examples" / "make_guest_image.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_guest_image", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATOR = load_generator()
+
+
+def make_image(path: Path, size: int, profile: str = "mixed", seed: int = 1, page_size: int = 4096) -> Path:
+    GENERATOR.generate(str(path), size, seed=seed, profile=profile, page_size=page_size)
+    return path
+
+
+def vmmig_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "migrate_cli", *args]
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[str]
+    address: str = ""
+
+    def wait(self, timeout: float = 60) -> tuple[int, str, str]:
+        out, err = self.popen.communicate(timeout=timeout)
+        return self.popen.returncode, out, err
+
+
+class Processes:
+    """Starts vmmig processes and kills whatever is still running at the end of the test, by PID."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, *args: str) -> Proc:
+        popen = subprocess.Popen(
+            vmmig_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        self.started.append(popen)
+        return Proc(popen)
+
+    def recv(self, dest: Path, *args: str, listen: str = "127.0.0.1:0") -> Proc:
+        ready = self.tmp / f"ready-{len(self.started)}"
+        proc = self.start("recv", "--listen", listen, "--ready-file", str(ready), *args, str(dest))
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                code, _out, err = proc.wait()
+                raise AssertionError(f"recv did not become ready (exit {code}): {err}")
+            time.sleep(0.02)
+        proc.address = ready.read_text().strip()
+        ready.unlink()
+        return proc
+
+    def send(self, source: Path, address: str, *args: str) -> Proc:
+        return self.start("send", str(source), address, *args)
+
+    def run(self, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+        return self.start(*args).wait(timeout)
+
+    def cleanup(self) -> None:
+        for popen in self.started:
+            if popen.poll() is None:
+                os.kill(popen.pid, signal.SIGKILL)
+                popen.wait(5)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(tmp_path)
+    yield processes
+    processes.cleanup()
+
+
+@pytest.fixture(scope="session")
+def image_8m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mixed 8 MiB guest image (zero, text, code and random runs), shared read-only by the tests."""
+    return make_image(tmp_path_factory.mktemp("images") / "mixed-8m.img", 8 << 20)
+
+
+def assert_no_destination(dest: Path) -> None:
+    assert not dest.exists(), f"{dest} must not exist after a failed migration"
+    assert not Path(str(dest) + ".partial").exists(), f"{dest}.partial must be removed after a failure"

@@ -1,0 +1,364 @@
+"""Every failure cause ends with one clear line, its documented exit code, and no DEST (nor DEST.partial).
+
+Exit codes (migrate_cli/errors.py): 2 usage, 3 source, 4 destination, 5 network, 6 protocol, 7 integrity,
+8 peer (relayed with a "peer:" prefix), 130/143 signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from zlib_ng import zlib_ng
+
+from migrate_cli.digest import fingerprint_pages, image_digest
+from migrate_cli.protocol import (
+    RESULT_DIGEST_MISMATCH,
+    Abort,
+    Encoding,
+    End,
+    Hello,
+    Pages,
+    Result,
+    Role,
+    Welcome,
+    encode,
+)
+
+from .conftest import Processes, assert_no_destination, make_image
+from .fakepeer import FakePeer
+from .faultproxy import FaultProxy
+
+PS = 4096
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and "listening on" not in line]
+    assert len(lines) == 1, f"expected exactly one error line, got: {err!r}"
+    return lines[0]
+
+
+def hello(pages: int = 2, codec: int = Encoding.ZLIB, version: int = 1) -> Hello:
+    return Hello(PS, pages * PS, codec, 1, b"t" * 16, batch_pages=pages, version=version)
+
+
+# --- integrity --------------------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_compressed_batch_is_a_decompression_error(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    peer = FakePeer.connect(recv.address)
+    peer.send(hello())
+    peer.read_until(Welcome)
+    peer.send(Pages(0, 2, Encoding.ZLIB, b"\x00", b"this is not deflate data at all"))
+    abort = peer.read_until(Abort)
+    code, _, err = recv.wait()
+    assert code == 7
+    assert "decompression failed" in one_line(err)
+    assert abort.code == 7 and "decompression failed" in abort.message
+    assert_no_destination(dest)
+
+
+def test_a_wrong_end_digest_is_a_digest_mismatch_and_dest_is_not_published(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    peer = FakePeer.connect(recv.address)
+    peer.send(hello())
+    peer.read_until(Welcome)
+    peer.send(Pages(0, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS), End(2, 1, b"\x00" * 16))
+    result = peer.read_until(Result)
+    code, _, err = recv.wait()
+    assert code == 7
+    assert "digest mismatch" in one_line(err)
+    assert result.status == RESULT_DIGEST_MISMATCH
+    assert_no_destination(dest)
+
+
+def test_a_matching_digest_from_a_scripted_sender_is_published(procs: Processes, tmp_path: Path) -> None:
+    """Control for the test above: the same stream with the right digest succeeds, so the digest is what failed."""
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    data = b"\x01" * PS + bytes(PS)
+    fps = __import__("numpy").empty(2, dtype="uint64")
+    fingerprint_pages(data, PS, fps)
+    peer = FakePeer.connect(recv.address)
+    peer.send(hello())
+    peer.read_until(Welcome)
+    peer.send(Pages(0, 2, Encoding.RAW, b"\x02", b"\x01" * PS), End(2, 1, image_digest(fps)))
+    assert peer.read_until(Result).status == 0
+    assert recv.wait()[0] == 0
+    assert dest.read_bytes() == data
+
+
+def test_sender_refuses_a_receiver_reporting_a_different_digest(
+    procs: Processes, tmp_path: Path, image_8m: Path
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    send = procs.send(image_8m, f"127.0.0.1:{listener.getsockname()[1]}")
+    conn, _ = listener.accept()
+    peer = FakePeer(conn, Role.RECEIVER)
+    peer.read_until(Hello)
+    peer.send(Welcome())
+    peer.read_until(End)
+    peer.send(Result(0, b"\x42" * 16))
+    code, _, err = send.wait()
+    assert code == 7 and "digest mismatch" in one_line(err)
+    listener.close()
+
+
+def test_a_flipped_bit_on_the_wire_is_a_crc_mismatch(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    proxy = FaultProxy(recv.address, "flip", at=300_000)
+    try:
+        send_code, _, send_err = procs.send(image_8m, proxy.address, "--compress", "none").wait()
+        recv_code, _, recv_err = recv.wait()
+    finally:
+        proxy.close()
+    assert recv_code == 7 and "CRC mismatch" in one_line(recv_err)
+    assert send_code == 8 and one_line(send_err).startswith("vmmig send: peer: CRC mismatch")
+    assert_no_destination(dest)
+
+
+# --- network ----------------------------------------------------------------------------------------------------
+
+
+def test_a_truncated_stream_fails_both_ends(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    proxy = FaultProxy(recv.address, "cut", at=200_000)
+    try:
+        send_code, _, send_err = procs.send(image_8m, proxy.address).wait()
+        recv_code, _, recv_err = recv.wait()
+    finally:
+        proxy.close()
+    assert recv_code == 5 and ("truncated" in one_line(recv_err) or "closed by peer" in recv_err)
+    assert send_code == 5, send_err
+    one_line(send_err)
+    assert_no_destination(dest)
+
+
+@pytest.mark.parametrize("victim", ["send", "recv"])
+def test_a_peer_killed_mid_transfer_is_a_network_error(procs: Processes, tmp_path: Path, victim: str) -> None:
+    source = make_image(tmp_path / "random.img", 8 << 20, profile="random")
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    send = procs.send(source, recv.address, "--max-bandwidth", "2M")
+    time.sleep(1.0)
+    killed, survivor = (send, recv) if victim == "send" else (recv, send)
+    os.kill(killed.popen.pid, signal.SIGKILL)
+    code, _, err = survivor.wait()
+    assert code == 5, err
+    assert any(word in one_line(err) for word in ("closed", "truncated", "lost", "reset"))
+    if victim == "send":
+        assert_no_destination(dest)
+    assert not dest.exists()
+
+
+def test_connection_refused_gives_up_after_the_connect_timeout(
+    procs: Processes, tmp_path: Path, image_8m: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    code, _, err = procs.send(image_8m, f"127.0.0.1:{port}", "--connect-timeout", "1s").wait()
+    assert code == 5
+    assert "connection refused" in one_line(err) and "--connect-timeout" in err
+    assert time.monotonic() - started < 8
+
+
+def test_a_silent_receiver_trips_the_io_timeout(procs: Processes, image_8m: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts in the kernel, never answers
+    try:
+        code, _, err = procs.send(image_8m, f"127.0.0.1:{listener.getsockname()[1]}", "--io-timeout", "1s").wait()
+    finally:
+        listener.close()
+    assert code == 5 and "no data from peer for 1s" in one_line(err)
+
+
+def test_a_silent_sender_trips_the_receivers_io_timeout(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, "--io-timeout", "1s")
+    peer = FakePeer.connect(recv.address)
+    code, _, err = recv.wait()
+    peer.close()
+    assert code == 5 and "no data from peer for 1s" in one_line(err)
+    assert_no_destination(dest)
+
+
+def test_address_in_use(procs: Processes, tmp_path: Path) -> None:
+    first = procs.recv(tmp_path / "a.img")
+    code, _, err = procs.run("recv", "--listen", first.address, str(tmp_path / "b.img"))
+    assert code == 5 and "address already in use" in one_line(err)
+
+
+def test_non_loopback_listen_needs_insecure(procs: Processes, tmp_path: Path) -> None:
+    code, _, err = procs.run("recv", "--listen", "0.0.0.0:0", str(tmp_path / "dest.img"))
+    assert code == 2 and "--insecure" in one_line(err)
+
+
+# --- protocol ---------------------------------------------------------------------------------------------------
+
+
+def test_a_sender_of_another_protocol_version_is_refused_naming_both(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    payload = bytearray(encode(hello())[12:])
+    payload[0:2] = struct.pack("!H", 2)
+    head = struct.pack("!HBBI", 0x564D, 0x01, 0, len(payload))
+    frame = head + struct.pack("!I", zlib_ng.crc32(payload, zlib_ng.crc32(head))) + payload
+    peer = FakePeer.connect(recv.address)
+    peer.send(bytes(frame))
+    abort = peer.read_until(Abort)
+    code, _, err = recv.wait()
+    assert code == 6
+    assert "peer speaks version 2, this vmmig speaks 1" in one_line(err)
+    assert "version 2" in abort.message and abort.code == 6
+    assert_no_destination(dest)
+
+
+def test_a_receiver_of_another_protocol_version_is_refused(procs: Processes, image_8m: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    send = procs.send(image_8m, f"127.0.0.1:{listener.getsockname()[1]}")
+    conn, _ = listener.accept()
+    peer = FakePeer(conn, Role.RECEIVER)
+    peer.read_until(Hello)
+    peer.send(encode(Welcome(version=7)))
+    code, _, err = send.wait()
+    listener.close()
+    assert code == 6 and "peer speaks version 7, this vmmig speaks 1" in one_line(err)
+
+
+def test_an_unknown_codec_id_is_refused(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    peer = FakePeer.connect(recv.address)
+    peer.send(hello(codec=77))
+    abort = peer.read_until(Abort)
+    code, _, err = recv.wait()
+    assert code == 6 and "unknown codec id 77" in one_line(err)
+    assert "zlib=1" in abort.message
+    assert_no_destination(dest)
+
+
+def test_pages_past_the_image_end_are_refused_before_writing(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    peer = FakePeer.connect(recv.address)
+    peer.send(hello())
+    peer.read_until(Welcome)
+    peer.send(Pages(1, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS))
+    peer.read_until(Abort)
+    code, _, err = recv.wait()
+    assert code == 6 and "past the image end" in one_line(err)
+    assert_no_destination(dest)
+
+
+# --- source and destination -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "no such file"), (b"x" * 4097, "size 4097 bytes is not a whole number of 4096-byte pages"), (b"", "empty")],
+)
+def test_bad_sources_are_refused_naming_the_problem(
+    procs: Processes, tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    source = tmp_path / "source.img"
+    if content is not None:
+        source.write_bytes(content)
+    code, _, err = procs.send(source, "127.0.0.1:9").wait()
+    assert code == 3 and message in one_line(err)
+
+
+def test_a_directory_is_not_a_source(procs: Processes, tmp_path: Path) -> None:
+    code, _, err = procs.send(tmp_path, "127.0.0.1:9").wait()
+    assert code == 3 and "not a regular file" in one_line(err)
+
+
+def test_an_existing_destination_is_refused_without_force(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    dest.write_bytes(b"precious")
+    code, _, err = procs.run("recv", "--listen", "127.0.0.1:0", str(dest))
+    assert code == 4 and "already exists" in one_line(err) and "--force" in err
+    assert dest.read_bytes() == b"precious"
+
+
+def test_a_leftover_partial_is_refused_naming_force(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    Path(str(dest) + ".partial").write_bytes(b"half")
+    code, _, err = procs.run("recv", "--listen", "127.0.0.1:0", str(dest))
+    assert code == 4 and "leftover" in one_line(err) and "--force" in err
+
+
+def test_a_missing_destination_directory_is_refused(procs: Processes, tmp_path: Path) -> None:
+    code, _, err = procs.run("recv", "--listen", "127.0.0.1:0", str(tmp_path / "nope" / "dest.img"))
+    assert code == 4 and "does not exist" in one_line(err)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_at_allocation_before_any_page_is_sent(
+    procs: Processes, small_tmpfs: Path, image_8m: Path
+) -> None:
+    dest = small_tmpfs / "dest.img"
+    recv = procs.recv(dest)
+    send_code, _, send_err = procs.send(image_8m, recv.address, "--json").wait()
+    recv_code, _, recv_err = recv.wait()
+    assert recv_code == 4 and "no space left on device" in one_line(recv_err)
+    assert send_code == 8 and "peer: destination" in one_line(send_err) and "no space" in send_err
+    assert_no_destination(dest)
+    assert list(small_tmpfs.iterdir()) == []
+
+
+# --- signals and usage ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("victim", "signum", "expected"), [("recv", signal.SIGTERM, 143), ("send", signal.SIGINT, 130)]
+)
+def test_signals_cancel_cleanly(procs: Processes, tmp_path: Path, victim: str, signum: int, expected: int) -> None:
+    source = make_image(tmp_path / "random.img", 8 << 20, profile="random")
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    send = procs.send(source, recv.address, "--max-bandwidth", "2M")
+    time.sleep(1.0)
+    target, other = (recv, send) if victim == "recv" else (send, recv)
+    os.kill(target.popen.pid, signum)
+    code, _, err = target.wait()
+    other_code, _, other_err = other.wait()
+    assert code == expected and "interrupted by" in one_line(err)
+    assert other_code == 8 and "peer: interrupted by" in one_line(other_err)
+    assert_no_destination(dest)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-bandwidth", "fast"], "invalid size 'fast'"),
+        (["--compress", "lz77"], "lz77"),
+        (["--level", "12"], "zlib takes levels 1-9"),
+        (["--page-size", "3000"], "not a power of two"),
+        (["--connect-timeout", "5"], "unit is required"),
+    ],
+)
+def test_usage_errors_exit_2_naming_the_option(procs: Processes, image_8m: Path, args: list[str], message: str) -> None:
+    code, _, err = procs.send(image_8m, "127.0.0.1:9", *args).wait()
+    assert code == 2 and message in err
