@@ -115,6 +115,9 @@ class Receiver:
                     view.phase = "verifying"
                 digest = self._verify_and_publish(channel, end)
                 stats.finish()
+                if view:
+                    view.phase = "verified"
+
         except BaseException as exc:
             self.failure.set(exc)
             self._abort_peer(channel)

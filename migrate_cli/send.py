@@ -23,7 +23,7 @@ from .errors import IntegrityError, MigrateError, NetworkError, PeerError, Proto
 from .image import SourceImage
 from .pipeline import Failure, Stopped, spawn
 from .progress import display_wanted, live_display, print_json, report, summary_line
-from .protocol import RESULT_VERIFIED, Abort, End, Hello, Keepalive, Result, Role, Welcome
+from .protocol import RESULT_VERIFIED, Abort, Encoding, End, Hello, Keepalive, Result, Role, Welcome
 from .ratelimit import TokenBucket
 from .sender import SendPipeline
 from .stats import Stats
@@ -98,6 +98,9 @@ class Sender:
                     view.phase = "verifying"
                 self._await_result(channel, digest)
                 stats.finish()
+                if view:
+                    view.phase = "verified"
+
         except BaseException as exc:
             self.failure.set(exc)
             if isinstance(self.failure.error, NetworkError) and self._control is not None:
@@ -158,7 +161,10 @@ class Sender:
                     continue
                 wire = len(batch.frame.data) + len(batch.frame.zero_bitmap) + 28
                 bucket.consume(wire, self.failure.event)
-                stats.add_wire(channel.send_frame(batch.frame))
+                frame = batch.frame
+                stats.add_wire(channel.send_frame(frame))
+                # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
+                stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
                 if batch.release:
                     batch.release()
                 sent += 1

@@ -105,7 +105,6 @@ class SendPipeline:
                 if normal == 0:
                     fps[:] = self._zero_fp
                     frame = Pages(start, count, Encoding.RAW, bitmap, b"")
-                    self.stats.add_batch(count, 0, 0, raw=True)
                     put(self.out, EncodedBatch(frame, None), self.failure)
                     continue
                 buf = get_free(free, self.failure)
@@ -129,7 +128,6 @@ class SendPipeline:
                 else:
                     frame = Pages(start, count, Encoding.RAW, bitmap, memoryview(copy))
                     batch = EncodedBatch(frame, lambda b=buf: free.put(b))
-                self.stats.add_batch(count - normal, normal, len(frame.data), raw=frame.encoding == Encoding.RAW)
                 put(self.out, batch, self.failure)
         finally:
             # Tell the network thread this worker is done (also on failure, so it never waits forever).

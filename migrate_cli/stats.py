@@ -72,10 +72,10 @@ class Stats:
             self._normal_pages += normal_pages
             self._done_bytes += (zero_pages + normal_pages) * self.page_size
             self._payload_bytes += payload_bytes
-            if raw:
+            if normal_pages and raw:
                 self._raw_batches += 1
-            else:
-                self._compressed_batches += 1
+            elif normal_pages:
+                self._compressed_batches += 1  # all-zero batches carry no data and count as neither
 
     def add_wire(self, nbytes: int) -> None:
         with self._lock:
