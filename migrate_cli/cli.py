@@ -178,6 +178,71 @@ def main() -> None:
     show_default=True,
     help="Keep retrying the connection this long (the receiver may start later).",
 )
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Live migration: copy while the guest runs, re-send changed pages pass after pass, then pause it "
+    "for the last pages. Needs --pause-pid, --qmp or --pause-cmd.",
+)
+@click.option(
+    "--pause-pid",
+    type=int,
+    default=None,
+    metavar="PID",
+    help="Pause the guest process with SIGSTOP/SIGCONT. Without --live: stop-and-copy.",
+)
+@click.option(
+    "--qmp",
+    type=click.Path(),
+    default=None,
+    metavar="SOCKET",
+    help="Pause a QEMU guest with QMP stop/cont on this monitor socket (preferred for QEMU).",
+)
+@click.option("--pause-cmd", default=None, metavar="CMD", help="Shell command that pauses the guest.")
+@click.option("--unpause-cmd", default=None, metavar="CMD", help="Shell command that resumes the guest.")
+@click.option(
+    "--hook-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="Bound on --pause-cmd/--unpause-cmd and on QMP replies.",
+)
+@click.option(
+    "--dirty-tracking",
+    type=click.Choice(["fingerprint", "soft-dirty"]),
+    default="fingerprint",
+    show_default=True,
+    help="How changed pages are found: 'fingerprint' hashes every page each pass (any mapping); 'soft-dirty' is "
+    "EXPERIMENTAL (needs --pause-pid and kernel support; falls back to fingerprint with a notice).",
+)
+@click.option(
+    "--downtime-limit",
+    type=DURATION,
+    default="300ms",
+    show_default=True,
+    help="Switch over once the expected downtime fits this.",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Passes before --on-no-converge applies.",
+)
+@click.option("--max-time", type=DURATION, default=None, help="Time before --on-no-converge applies [default: none].")
+@click.option(
+    "--on-no-converge",
+    type=click.Choice(["abort", "switchover"]),
+    default="abort",
+    show_default=True,
+    help="abort: the guest keeps running and DEST is not published (exit 10); switchover: pause anyway.",
+)
+@click.option(
+    "--auto-converge",
+    is_flag=True,
+    help="Throttle the guest (SIGSTOP/SIGCONT duty cycle: 20%, +10% a pass, max 99%) while its dirty rate "
+    "outruns the link. Needs --pause-pid.",
+)
 @with_common
 def send(
     source: str,
@@ -189,6 +254,18 @@ def send(
     page_size: int,
     batch_size: int,
     connect_timeout: float,
+    live: bool,
+    pause_pid: int | None,
+    qmp: str | None,
+    pause_cmd: str | None,
+    unpause_cmd: str | None,
+    hook_timeout: float,
+    dirty_tracking: str,
+    downtime_limit: float,
+    max_passes: int,
+    max_time: float | None,
+    on_no_converge: str,
+    auto_converge: bool,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
@@ -200,11 +277,19 @@ def send(
     as /proc/PID/fd/N, or a block device. It is mapped read-only, never read whole into memory. Zero pages are
     skipped; other pages are copied out, compressed in worker threads and streamed in self-contained batches.
 
+    Without --live the image must not change while it is sent: a final re-scan fails the run otherwise. With a
+    pause option and no --live, the guest is paused first (stop-and-copy). With --live it keeps running until the
+    rest fits --downtime-limit. After success a paused guest stays paused (the destination holds its memory);
+    after a failure it is resumed, except when the verdict was lost in transit (exit 11).
+
     \b
     Examples:
       vmmig send /dev/shm/vm.ram desthost:4444
       vmmig send /proc/4242/fd/7 [fd00::2]:4444 --compress zstd --max-bandwidth 350M
       vmmig send vm.img 127.0.0.1:4444 --json --quiet > report.json
+      vmmig send --live /dev/shm/vm.ram desthost:4444 --pause-pid 4242 --downtime-limit 300ms
+      vmmig send --live /proc/4242/fd/7 desthost:4444 --qmp /run/vm1.qmp
+      vmmig send --live vm.ram desthost:4444 --pause-cmd 'virsh suspend vm1' --unpause-cmd 'virsh resume vm1'
     """
     selected = codecs.by_name(codec)
     if level is not None and level not in selected.levels:
@@ -229,6 +314,18 @@ def send(
         io_timeout=io_timeout,
         json=json_output,
         quiet=quiet,
+        live=live,
+        pause_pid=pause_pid,
+        qmp=qmp,
+        pause_cmd=pause_cmd,
+        unpause_cmd=unpause_cmd,
+        hook_timeout=hook_timeout,
+        dirty_tracking=dirty_tracking,
+        downtime_limit=downtime_limit,
+        max_passes=max_passes,
+        max_time=max_time,
+        on_no_converge=on_no_converge,
+        auto_converge=auto_converge,
     )
     _execute("send", debug, lambda: run(opts))
 

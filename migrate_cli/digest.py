@@ -23,29 +23,20 @@ def zero_fingerprint(page_size: int) -> int:
 def fingerprint_pages(data: np.ndarray | memoryview | bytes, page_size: int, out: np.ndarray) -> None:
     """Write the fingerprint of each page of ``data`` into ``out`` (uint64, one slot per page).
 
-    All-zero pages are found with one vectorised scan and get the constant zero fingerprint without hashing.
+    One hash call per page over the rows of a 2-D view: no slicing objects, no copies (~0.08 s per GiB here).
+    Zero pages are hashed like any other: a separate zero scan would cost more than it saves.
     """
-    arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    arr = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
     count = arr.size // page_size
-    nonzero = arr.view(np.uint64).reshape(count, page_size // 8).any(axis=1)
-    out[:count] = zero_fingerprint(page_size)
-    idx = np.flatnonzero(nonzero)
-    if idx.size == 0:
-        return
-    mv = memoryview(arr)
-    out[idx] = np.fromiter(
-        map(xxhash.xxh3_64_intdigest, [mv[i * page_size : (i + 1) * page_size] for i in idx.tolist()]),
-        dtype=np.uint64,
-        count=idx.size,
-    )
+    out[:count] = np.fromiter(map(xxhash.xxh3_64_intdigest, arr.reshape(count, page_size)), np.uint64, count)
 
 
 def image_digest(fingerprints: np.ndarray) -> bytes:
     return xxhash.xxh3_128_digest(fingerprints.astype("<u8", copy=False).tobytes())
 
 
-def digest_of_image(array: np.ndarray, page_size: int, threads: int = 1, chunk_pages: int = 8192) -> bytes:
-    """Fingerprint a whole mapped image (split over ``threads``) and return its digest."""
+def fingerprint_image(array: np.ndarray, page_size: int, threads: int = 1, chunk_pages: int = 16384) -> np.ndarray:
+    """Fingerprint every page of a mapped image, chunks split over ``threads``."""
     pages = array.size // page_size
     fps = np.empty(pages, dtype=np.uint64)
 
@@ -53,6 +44,14 @@ def digest_of_image(array: np.ndarray, page_size: int, threads: int = 1, chunk_p
         last = min(pages, first + chunk_pages)
         fingerprint_pages(array[first * page_size : last * page_size], page_size, fps[first:last])
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    if threads <= 1 or pages <= chunk_pages:
+        for first in range(0, pages, chunk_pages):
+            work(first)
+        return fps
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(work, range(0, pages, chunk_pages)))  # list(): re-raise worker exceptions here
-    return image_digest(fps)
+    return fps
+
+
+def digest_of_image(array: np.ndarray, page_size: int, threads: int = 1) -> bytes:
+    return image_digest(fingerprint_image(array, page_size, threads))

@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     OUTCOME_UNKNOWN = 11  # reserved: the end state could not be established
     QEMU_STEP = 12  # reserved: a QEMU/QMP step failed
     DEST_MODIFIED = 13  # reserved: --in-place destination modified but unverified
+    PAUSE = 14  # pausing, resuming or throttling the source guest failed
     SIGINT = 130  # interrupted (Ctrl-C), after cleanup
     SIGTERM = 143  # terminated, after cleanup
 
@@ -82,6 +83,24 @@ class PeerError(MigrateError):
 
 class CancelledError(MigrateError):
     exit_code = ExitCode.CANCELLED
+
+
+class NoConvergence(MigrateError):
+    """A live migration did not converge and --on-no-converge is abort: the guest keeps running on the source."""
+
+    exit_code = ExitCode.NO_CONVERGENCE
+
+
+class OutcomeUnknown(MigrateError):
+    """The end frame went out but no verdict came back: the guest stays paused so that two copies never run."""
+
+    exit_code = ExitCode.OUTCOME_UNKNOWN
+
+
+class PauseError(MigrateError):
+    """Pausing, resuming or throttling the source guest failed."""
+
+    exit_code = ExitCode.PAUSE
 
 
 class Interrupted(MigrateError):

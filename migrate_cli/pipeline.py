@@ -39,9 +39,13 @@ class Failure:
         """Call ``waker`` on the first failure: it unblocks a thread stuck in I/O (e.g. shuts a socket's read side)."""
         self._wakers.append(waker)
 
-    def set(self, exc: BaseException) -> bool:
+    def set(self, exc: BaseException, replace: bool = False) -> bool:
+        """Latch ``exc`` unless an error is already latched; ``replace`` is for a conclusion drawn from that error."""
         err = exc if isinstance(exc, MigrateError) else InternalError(exc)
         with self._lock:
+            if self.error is not None and replace:
+                self.error = err
+                return True
             if self.error is not None:
                 # The peer's stated reason outranks our view of the connection it then closed.
                 if isinstance(err, PeerError) and isinstance(self.error, NetworkError):

@@ -39,6 +39,7 @@ class FrameType(IntEnum):
     WELCOME = 0x02
     KEEPALIVE = 0x03
     PAGES = 0x10
+    PASS_END = 0x11
     END = 0x20
     RESULT = 0x21
     ABORT = 0x7F
@@ -64,6 +65,7 @@ class VersionMismatch(ProtocolError):
 _HELLO = struct.Struct("!HIQBBI16sHHI")
 _WELCOME = struct.Struct("!HI")
 _PAGES = struct.Struct("!QIBBH")
+_PASS_END = struct.Struct("!II")
 _END = struct.Struct("!QQ16s")
 _RESULT = struct.Struct("!B3x16s")
 _ABORT = struct.Struct("!H")
@@ -122,6 +124,18 @@ class Pages:
 
 
 @dataclass(frozen=True, slots=True)
+class PassEnd:
+    """Sender -> receiver: pass ``number`` is complete after ``batches`` PAGES frames.
+
+    The receiver applies every batch of a pass before any batch of the next one, so when a page is sent again in a
+    later pass, the later copy wins.
+    """
+
+    number: int
+    batches: int
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """Sender -> receiver: every page is sent; ``digest`` is what DEST must hash to (see digest.py)."""
 
@@ -146,7 +160,7 @@ class Abort:
     message: str
 
 
-Frame = Hello | Welcome | Keepalive | Pages | End | Result | Abort
+Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort
 
 RESULT_VERIFIED = 0
 RESULT_DIGEST_MISMATCH = 1
@@ -193,6 +207,9 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
         case Pages():
             parts = [_PAGES.pack(frame.start, frame.count, frame.encoding, 0, 0) + frame.zero_bitmap, frame.data]
             frame_type = FrameType.PAGES
+        case PassEnd():
+            parts = [_PASS_END.pack(frame.number, frame.batches)]
+            frame_type = FrameType.PASS_END
         case End():
             parts = [_END.pack(frame.total_pages, frame.batches, frame.digest)]
             frame_type = FrameType.END
@@ -301,6 +318,10 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
             raise ProtocolError("PAGES frame zero bitmap has bits set past its page count")
         data = memoryview(payload)[_PAGES.size + bitmap_len :]
         return Pages(start=start, count=count, encoding=encoding, zero_bitmap=bitmap, data=data)
+    if kind is FrameType.PASS_END:
+        _need(kind, payload, _PASS_END.size)
+        number, batches = _PASS_END.unpack(payload)
+        return PassEnd(number=number, batches=batches)
     if kind is FrameType.END:
         _need(kind, payload, _END.size)
         total_pages, batches, digest = _END.unpack(payload)
@@ -371,7 +392,11 @@ class State(Enum):
 TRANSITIONS: dict[Role, dict[State, dict[FrameType, State]]] = {
     Role.RECEIVER: {  # frames that arrive from the sender
         State.HANDSHAKE: {FrameType.HELLO: State.STREAMING},
-        State.STREAMING: {FrameType.PAGES: State.STREAMING, FrameType.END: State.DONE},
+        State.STREAMING: {
+            FrameType.PAGES: State.STREAMING,
+            FrameType.PASS_END: State.STREAMING,
+            FrameType.END: State.DONE,
+        },
         State.DONE: {},
     },
     Role.SENDER: {  # frames that arrive from the receiver

@@ -67,7 +67,9 @@ class RecvPipeline:
         self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=threads * 2)
         self._threads: list[threading.Thread] = []
         self._current: bytearray | None = None
-        self.batches = 0
+        self.batches = 0  # submitted, over all passes
+        self._applied = 0
+        self._applied_cond = threading.Condition()
 
     def start(self) -> None:
         for i in range(self.threads):
@@ -96,6 +98,14 @@ class RecvPipeline:
         self.stats.add_wire(wire_bytes)
         self.batches += 1
         put(self._work, (frame, buf), self.failure)
+
+    def drain(self) -> None:
+        """Block until every submitted batch is written: the pass barrier that makes 'last one wins' hold."""
+        with self._applied_cond:
+            while self._applied < self.batches:
+                self.failure.raise_if_set()
+                self._applied_cond.wait(0.2)
+        self.failure.raise_if_set()
 
     def release_current(self) -> None:
         """Give back the buffer of a frame that failed validation."""
@@ -131,3 +141,6 @@ class RecvPipeline:
             finally:
                 del frame
                 self.pool.give(buf)
+            with self._applied_cond:
+                self._applied += 1
+                self._applied_cond.notify_all()

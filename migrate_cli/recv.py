@@ -35,6 +35,7 @@ from .protocol import (
     Hello,
     Keepalive,
     Pages,
+    PassEnd,
     Result,
     Role,
     Welcome,
@@ -165,6 +166,7 @@ class Receiver:
         pipeline = RecvPipeline(self.dest, codec, self.threads, hello.batch_pages, stats, self.failure)
         pipeline.start()
         total_pages = self.dest.pages
+        passes = pass_first_batch = 0
         try:
             while True:
                 self.failure.raise_if_set()
@@ -180,6 +182,16 @@ class Receiver:
                         pipeline.release_current()
                         raise
                     pipeline.submit(frame, wire)
+                elif isinstance(frame, PassEnd):
+                    stats.add_wire(wire)
+                    if frame.number != passes + 1 or frame.batches != pipeline.batches - pass_first_batch:
+                        raise ProtocolError(
+                            f"PASS_END {frame.number} reports {frame.batches} batches, but pass {passes + 1} "
+                            f"carried {pipeline.batches - pass_first_batch}"
+                        )
+                    pipeline.drain()
+                    passes, pass_first_batch = frame.number, pipeline.batches
+                    stats.end_pass(passes)
                 elif isinstance(frame, End):
                     stats.add_wire(wire)
                     break

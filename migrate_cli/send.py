@@ -1,10 +1,18 @@
 """`vmmig send`: the sender's orchestration.
 
-Threads: the calling (main) thread is the network thread: it sends HELLO, waits for WELCOME, then takes encoded
-batches from the pipeline's out queue and writes them to the socket under the token bucket. A ``control`` thread
-reads what the receiver sends during the run (keepalives, an ABORT, the final RESULT). The pipeline's reader and
-compression workers are described in sender.py. The first error anywhere is latched; the main thread then sends
-ABORT to the peer, closes the socket and joins every thread before raising it.
+Threads: the calling (main) thread is the network thread. It sends HELLO, waits for WELCOME, then runs passes:
+each pass feeds batch ranges to the pipeline (sender.py) and writes the encoded batches to the socket under the
+token bucket, then sends PASS_END. A ``control`` thread reads what the receiver sends during the run (keepalives,
+an ABORT, the final RESULT). The first error anywhere is latched; the main thread then sends ABORT to the peer,
+closes the socket and joins every thread before raising it.
+
+Three modes, chosen by options:
+- plain (no --live, no pause option): one pass, then a re-scan; if any page changed meanwhile the run fails
+  (the image was not quiescent) and DEST is not published;
+- stop-and-copy (a pause option without --live): pause, one pass, verify nothing changed;
+- live (--live): iterative pre-copy (precopy.py), then pause and a last pass.
+In the last two, the guest is resumed if anything fails before the receiver confirmed; if the link breaks after
+END went out and before the verdict arrives, the outcome is unknown and the guest stays paused (exit 11).
 """
 
 from __future__ import annotations
@@ -14,18 +22,34 @@ import queue
 import secrets
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import codec as codecs
 from .digest import image_digest
-from .errors import IntegrityError, MigrateError, NetworkError, PeerError, ProtocolError
+from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
+from .errors import (
+    IntegrityError,
+    MigrateError,
+    NetworkError,
+    OutcomeUnknown,
+    PauseError,
+    PeerError,
+    ProtocolError,
+    SourceError,
+    UsageError,
+)
 from .image import SourceImage
+from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
+from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
 from .progress import display_wanted, live_display, print_json, report, summary_line
-from .protocol import RESULT_VERIFIED, Abort, Encoding, End, Hello, Keepalive, Result, Role, Welcome
+from .protocol import RESULT_VERIFIED, Abort, Encoding, End, Hello, Keepalive, PassEnd, Result, Role, Welcome
 from .ratelimit import TokenBucket
-from .sender import SendPipeline
+from .sender import SendPipeline, all_ranges, batch_ranges
 from .stats import Stats
 from .transport import Channel, connect, parse_address
 from .units import format_rate
@@ -47,6 +71,35 @@ class SendOptions:
     io_timeout: float = 30.0
     json: bool = False
     quiet: bool = False
+    # live migration
+    live: bool = False
+    pause_pid: int | None = None
+    qmp: str | None = None
+    pause_cmd: str | None = None
+    unpause_cmd: str | None = None
+    hook_timeout: float = 30.0
+    dirty_tracking: str = "fingerprint"
+    downtime_limit: float = 0.3
+    max_passes: int = 30
+    max_time: float | None = None
+    on_no_converge: str = "abort"
+    auto_converge: bool = False
+
+    def check(self) -> None:
+        """Reject option combinations once, up front (QEMU's migrate_caps_check)."""
+        pausers = [x for x in (self.pause_pid, self.qmp, self.pause_cmd) if x is not None]
+        if len(pausers) > 1:
+            raise UsageError("choose one of --pause-pid, --qmp and --pause-cmd")
+        if (self.pause_cmd is None) != (self.unpause_cmd is None):
+            raise UsageError("--pause-cmd and --unpause-cmd go together")
+        if self.live and not pausers:
+            raise UsageError("--live needs a way to pause the guest: --pause-pid, --qmp or --pause-cmd")
+        if self.auto_converge and self.pause_pid is None:
+            raise UsageError("--auto-converge needs --pause-pid (it throttles the guest with SIGSTOP/SIGCONT)")
+        if self.dirty_tracking == "soft-dirty" and self.pause_pid is None:
+            raise UsageError("--dirty-tracking soft-dirty needs --pause-pid (the process whose writes are tracked)")
+        if self.max_passes < 1:
+            raise UsageError("--max-passes must be at least 1")
 
 
 def usable_cpus() -> int:
@@ -56,8 +109,13 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def notice(message: str) -> None:
+    print(f"vmmig send: {message}", file=sys.stderr, flush=True)
+
+
 class Sender:
     def __init__(self, opts: SendOptions) -> None:
+        opts.check()
         self.opts = opts
         self.codec = codecs.by_name(opts.codec)
         self.level = opts.level if opts.level is not None else self.codec.default_level
@@ -66,18 +124,28 @@ class Sender:
         self.result: Result | None = None
         self.result_event = threading.Event()
         self._control: threading.Thread | None = None
+        self.pauser: Pauser | None = None
+        self.throttle: Throttle | None = None
+        self.paused = False
+        self.end_sent = False
+        self.live: LiveResult | None = None
+        self.downtime: float | None = None
+        self.batches_sent = 0
 
     def run(self) -> dict[str, Any]:
         opts = self.opts
         host, port = parse_address(opts.destination)
         source = SourceImage(opts.source, opts.page_size)
+        self.pauser = self._make_pauser()
         batch_pages = max(1, min(opts.batch_size // opts.page_size, 65536))
         stats = Stats(image_bytes=source.size, page_size=opts.page_size)
         info = (
             f"{opts.source} → {opts.destination}  codec {self.codec.name}:{self.level}  threads {self.threads}  "
             f"cap {format_rate(opts.max_bandwidth) if opts.max_bandwidth else 'none'}"
+            + (f"  live, downtime limit {opts.downtime_limit * 1000:.0f}ms" if opts.live else "")
         )
         channel = Channel(connect(host, port, opts.connect_timeout), Role.SENDER, opts.io_timeout)
+        pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, self.failure)
         try:
             with live_display(stats, "send", info, display_wanted(opts.quiet)) as view:
                 hello = Hello(
@@ -93,43 +161,175 @@ class Sender:
                 if view:
                     view.phase = "transfer"
                 stats.restart_clock()
-                digest = self._transfer(channel, source, batch_pages, stats)
+                self._control = spawn("control", lambda: self._read_control(channel), self.failure)
+                pipeline.start()
+                bucket = TokenBucket(opts.max_bandwidth)
+                digest = self._copy(channel, pipeline, source, bucket, stats)
+                stats.add_wire(channel.send_frame(End(source.pages, self.batches_sent, digest)))
+                self.end_sent = True
                 if view:
                     view.phase = "verifying"
-                self._await_result(channel, digest)
+                self._await_result(digest)
+                if self.paused and self.live is not None:
+                    self.downtime = time.monotonic() - self.live.paused_at
                 stats.finish()
                 if view:
                     view.phase = "verified"
-
         except BaseException as exc:
-            self.failure.set(exc)
+            self.failure.set(exc, replace=isinstance(exc, OutcomeUnknown))
             if isinstance(self.failure.error, NetworkError) and self._control is not None:
                 self._control.join(1.0)  # an ABORT with the peer's reason may be in flight: let it win
             self._abort_peer(channel)
+            pipeline.stop(2.0)
+            self._settle_guest_after_failure()
             raise self.failure.error or exc from None
         finally:
             channel.close()
             source.close()
-        snap = stats.snapshot()
-        digest_hex = digest.hex()
-        if not opts.quiet:
-            print("vmmig send: " + summary_line("sent", snap, digest_hex), file=sys.stderr)
-        result = report(
-            snap,
-            {
-                "role": "send",
-                "codec": self.codec.name,
-                "level": self.level,
-                "threads": self.threads,
-                "max-bandwidth": opts.max_bandwidth or 0,
-                "digest": digest_hex,
-            },
-        )
-        if opts.json:
-            print_json(result)
-        return result
+        pipeline.stop()
+        return self._report(stats, digest)
 
-    # -- phases --------------------------------------------------------------------------------------------------
+    # -- the copy, by mode -----------------------------------------------------------------------------------------
+
+    def _copy(
+        self, channel: Channel, pipeline: SendPipeline, source: SourceImage, bucket: TokenBucket, stats: Stats
+    ) -> bytes:
+        def send_pass(number: int, pages: np.ndarray | None, paused: bool) -> PassRecord:
+            return self._send_pass(channel, pipeline, source, bucket, stats, number, pages, paused)
+
+        tracker = self._make_tracker(source, pipeline.fingerprints)
+        if self.opts.live:
+            assert self.pauser is not None
+            if self.opts.auto_converge:
+                assert self.opts.pause_pid is not None
+                self.throttle = Throttle(self.opts.pause_pid)
+            policy = ConvergencePolicy(self.opts.downtime_limit, self.opts.max_passes, self.opts.max_time)
+            precopy = Precopy(
+                policy, tracker, send_pass, self.pauser, source.page_size, stats,
+                abort_on_no_converge=self.opts.on_no_converge == "abort", throttle=self.throttle, notice=notice,
+            )  # fmt: skip
+            self.live = precopy.result
+            try:
+                precopy.run()
+            finally:
+                self.paused = precopy.paused
+        else:
+            if self.pauser is not None:
+                self.pauser.pause()
+                self.paused = True
+            tracker.start()
+            send_pass(1, None, self.paused)
+        # Final check, guest paused or image expected to be quiescent: live == sent, page for page.
+        changed = tracker.scan()
+        if changed.size:
+            if self.paused:
+                raise PauseError(
+                    f"{changed.size} pages changed while the guest was paused: the pause did not stop its writes"
+                    + (" (QEMU: use --qmp, a SIGSTOP does not stop in-kernel devices)" if self.opts.pause_pid else "")
+                )
+            raise SourceError(
+                f"source {self.opts.source} changed while it was sent ({changed.size} pages differ): "
+                "use --live or a pause option (--pause-pid, --qmp, --pause-cmd) for a running guest"
+            )
+        return image_digest(pipeline.fingerprints)
+
+    def _send_pass(
+        self,
+        channel: Channel,
+        pipeline: SendPipeline,
+        source: SourceImage,
+        bucket: TokenBucket,
+        stats: Stats,
+        number: int,
+        pages: np.ndarray | None,
+        paused: bool,
+    ) -> PassRecord:
+        ranges = (
+            all_ranges(source.pages, pipeline.batch_pages)
+            if pages is None
+            else batch_ranges(pages, pipeline.batch_pages)
+        )
+        page_count = source.pages if pages is None else int(pages.size)
+        stats.begin_pass(number, page_count * source.page_size)
+        started = time.monotonic()
+        wire = 0
+        pipeline.feed(ranges)
+        remaining = len(ranges)
+        while remaining:
+            self.failure.raise_if_set()
+            try:
+                batch = pipeline.out.get(timeout=KEEPALIVE_INTERVAL)
+            except queue.Empty:
+                stats.add_wire(channel.send_frame(Keepalive()))
+                continue
+            frame = batch.frame
+            bucket.consume(len(frame.data) + len(frame.zero_bitmap) + 28, self.failure.event)
+            sent = channel.send_frame(frame)
+            wire += sent
+            stats.add_wire(sent)
+            # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
+            stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
+            if batch.release:
+                batch.release()
+            remaining -= 1
+        self.failure.raise_if_set()
+        sent = channel.send_frame(PassEnd(number, len(ranges)))
+        wire += sent
+        stats.add_wire(sent)
+        self.batches_sent += len(ranges)
+        return PassRecord(
+            number=number,
+            pages=page_count,
+            image_bytes=page_count * source.page_size,
+            wire_bytes=wire,
+            duration=time.monotonic() - started,
+            dirty_pages=page_count,
+            dirty_rate=0.0,
+            expected_downtime=None,
+            throttle=self.throttle.percentage if self.throttle else 0,
+            paused=paused,
+        )
+
+    # -- guest control -------------------------------------------------------------------------------------------
+
+    def _make_pauser(self) -> Pauser | None:
+        opts = self.opts
+        if opts.pause_pid is not None:
+            return PidPauser(opts.pause_pid)
+        if opts.qmp is not None:
+            return QmpPauser(opts.qmp, timeout=opts.hook_timeout)
+        if opts.pause_cmd is not None and opts.unpause_cmd is not None:
+            return CommandPauser(opts.pause_cmd, opts.unpause_cmd, opts.hook_timeout)
+        return None
+
+    def _make_tracker(self, source: SourceImage, sent: np.ndarray) -> DirtyTracker:
+        if self.opts.dirty_tracking == "soft-dirty":
+            assert self.opts.pause_pid is not None
+            if soft_dirty_supported():
+                try:
+                    return SoftDirtyTracker(self.opts.pause_pid, self.opts.source, source.array, source.page_size, sent)
+                except (LookupError, ValueError, OSError) as exc:
+                    notice(f"soft-dirty tracking unavailable ({exc}): using fingerprint tracking")
+            else:
+                notice("this kernel does not track soft-dirty pages: using fingerprint tracking")
+        return FingerprintTracker(source.array, source.page_size, sent, self.threads)
+
+    def _settle_guest_after_failure(self) -> None:
+        """Resume the guest if it is paused and the destination never confirmed; never when the outcome is unknown."""
+        if self.throttle is not None:
+            self.throttle.release()
+        if not self.paused or self.pauser is None:
+            return
+        if isinstance(self.failure.error, OutcomeUnknown):
+            return
+        try:
+            self.pauser.resume()
+            self.paused = False
+            notice(f"guest resumed on the source ({self.pauser.description})")
+        except PauseError as exc:
+            notice(f"could not resume the guest: {exc}")
+
+    # -- protocol phases -----------------------------------------------------------------------------------------
 
     def _await_welcome(self, channel: Channel) -> None:
         while True:
@@ -140,44 +340,6 @@ class Sender:
                 raise PeerError(frame.message, frame.code)
             if not isinstance(frame, Keepalive):
                 raise ProtocolError(f"expected WELCOME, got {type(frame).__name__}")
-
-    def _transfer(self, channel: Channel, source: SourceImage, batch_pages: int, stats: Stats) -> bytes:
-        pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, stats, self.failure)
-        bucket = TokenBucket(self.opts.max_bandwidth)
-        self._control = spawn("control", lambda: self._read_control(channel), self.failure)
-        pipeline.start()
-        workers_left = self.threads
-        sent = 0
-        try:
-            while workers_left:
-                self.failure.raise_if_set()
-                try:
-                    batch = pipeline.out.get(timeout=KEEPALIVE_INTERVAL)
-                except queue.Empty:
-                    stats.add_wire(channel.send_frame(Keepalive()))
-                    continue
-                if batch is None:
-                    workers_left -= 1
-                    continue
-                wire = len(batch.frame.data) + len(batch.frame.zero_bitmap) + 28
-                bucket.consume(wire, self.failure.event)
-                frame = batch.frame
-                stats.add_wire(channel.send_frame(frame))
-                # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
-                stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
-                if batch.release:
-                    batch.release()
-                sent += 1
-            self.failure.raise_if_set()
-            if sent != pipeline.batches:
-                raise MigrateError(f"internal error: sent {sent} of {pipeline.batches} batches")
-            digest = image_digest(pipeline.fingerprints)
-            stats.add_wire(channel.send_frame(End(source.pages, sent, digest)))
-            return digest
-        except BaseException as exc:
-            self.failure.set(exc)  # first error wins: if a worker failed first, that one is kept
-            pipeline.join(2.0)
-            raise
 
     def _read_control(self, channel: Channel) -> None:
         """Read the receiver's frames until its RESULT; an ABORT or a lost connection fails the migration.
@@ -198,8 +360,14 @@ class Sender:
                 self.result_event.set()
                 return
 
-    def _await_result(self, channel: Channel, digest: bytes) -> None:
+    def _await_result(self, digest: bytes) -> None:
         while not self.result_event.wait(0.2):
+            error = self.failure.error
+            if error is not None and isinstance(error, NetworkError) and self.paused:
+                raise OutcomeUnknown(
+                    f"connection lost after the last pages were sent and before the receiver's verdict ({error}); "
+                    "the guest stays paused: check the destination before resuming either copy"
+                )
             self.failure.raise_if_set()
         result = self.result
         assert result is not None
@@ -218,6 +386,46 @@ class Sender:
         except (MigrateError, OSError):
             return
         channel.close_after_abort()
+
+    # -- reporting -----------------------------------------------------------------------------------------------
+
+    def _report(self, stats: Stats, digest: bytes) -> dict[str, Any]:
+        opts = self.opts
+        snap = stats.snapshot()
+        digest_hex = digest.hex()
+        if not opts.quiet:
+            notice(summary_line("sent", snap, digest_hex))
+            if self.paused and self.pauser is not None:
+                downtime = f" after {self.downtime * 1000:.0f}ms of downtime" if self.downtime is not None else ""
+                notice(f"guest left paused on the source{downtime}: the destination holds its memory")
+        extra: dict[str, Any] = {
+            "role": "send",
+            "codec": self.codec.name,
+            "level": self.level,
+            "threads": self.threads,
+            "max-bandwidth": opts.max_bandwidth or 0,
+            "digest": digest_hex,
+            "mode": "live" if opts.live else ("stop-and-copy" if self.pauser else "plain"),
+        }
+        if self.live is not None:
+            passes = self.live.passes
+            extra.update(
+                {
+                    "downtime": None if self.downtime is None else round(self.downtime * 1000, 3),
+                    "dirty-sync-count": self.live.dirty_syncs,
+                    "dirty-pages-rate": round(snap.dirty_rate / snap.page_size),
+                    "expected-downtime": None
+                    if snap.expected_downtime is None
+                    else round(snap.expected_downtime * 1000, 3),
+                    "cpu-throttle-percentage": max((p.throttle for p in passes), default=0),
+                    "converged": self.live.converged,
+                    "passes": [p.as_json() for p in passes],
+                }
+            )
+        result = report(snap, extra)
+        if opts.json:
+            print_json(result)
+        return result
 
 
 def run(opts: SendOptions) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
     reader --(batch ranges)--> work queue --> worker 1..N --(EncodedBatch)--> out queue --> network thread
 
-The reader only enumerates batch ranges: it never touches page data and never compresses. Each worker owns, for
-its whole life, one compressor and a small ring of gather buffers; per batch it
+Workers live for the whole migration; each pass (one for a plain copy, several for a live migration) starts a
+reader for its list of ranges. The reader only enumerates batch ranges: it never touches page data and never
+compresses. Each worker owns, for its whole life, one compressor and a small ring of gather buffers; per batch it
 1. scans the live mapping for zero pages (one vectorised pass),
 2. copies the non-zero pages out of the mapping into its own buffer (a guest may write them meanwhile; from here
    on only the copy is used),
@@ -14,11 +15,11 @@ A raw batch's buffer travels with it to the network thread, which hands it back 
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -27,7 +28,6 @@ from .digest import fingerprint_pages, zero_fingerprint
 from .image import SourceImage
 from .pipeline import Failure, Stopped, get, put, spawn
 from .protocol import Encoding, Pages
-from .stats import Stats
 
 RING = 3  # gather buffers per worker: one being filled, up to two raw batches waiting for the network thread
 
@@ -42,6 +42,8 @@ _DONE = None
 
 
 class SendPipeline:
+    """Long-lived workers; each pass feeds them a list of batch ranges and takes back as many encoded batches."""
+
     def __init__(
         self,
         source: SourceImage,
@@ -49,7 +51,6 @@ class SendPipeline:
         level: int,
         threads: int,
         batch_pages: int,
-        stats: Stats,
         failure: Failure,
     ) -> None:
         self.source = source
@@ -57,35 +58,38 @@ class SendPipeline:
         self.level = level
         self.threads = threads
         self.batch_pages = batch_pages
-        self.stats = stats
         self.failure = failure
+        # What was sent: the fingerprint of the copy of each page that went on the wire (digest.py).
         self.fingerprints = np.empty(source.pages, dtype=np.uint64)
-        self.batches = 0
         self._work: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize=threads * 4)
-        self.out: queue.Queue[EncodedBatch | None] = queue.Queue(maxsize=threads * 2)
-        self._threads: list[threading.Thread] = []
+        self.out: queue.Queue[EncodedBatch] = queue.Queue(maxsize=threads * 2)
+        self._workers: list[threading.Thread] = []
+        self._reader: threading.Thread | None = None
         self._zero_fp = zero_fingerprint(source.page_size)
 
     def start(self) -> None:
-        ranges = [
-            (s, min(self.batch_pages, self.source.pages - s)) for s in range(0, self.source.pages, self.batch_pages)
-        ]
-        self.batches = len(ranges)
-        self._threads.append(spawn("reader", lambda: self._reader(ranges), self.failure))
         for i in range(self.threads):
-            self._threads.append(spawn(f"compress-{i}", self._worker, self.failure))
+            self._workers.append(spawn(f"compress-{i}", self._worker, self.failure))
 
-    def join(self, timeout: float = 5.0) -> None:
-        for thread in self._threads:
+    def feed(self, ranges: list[tuple[int, int]]) -> None:
+        """Start a reader thread that hands ``ranges`` to the workers; the caller takes len(ranges) batches."""
+        if self._reader is not None:
+            self._reader.join()
+        self._reader = spawn("reader", lambda: self._read(ranges), self.failure)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let the workers exit (after the last pass, or on failure) and wait for them."""
+        if not self.failure.is_set():
+            for _ in self._workers:
+                put(self._work, _DONE, self.failure)
+        for thread in [*self._workers, *([self._reader] if self._reader else [])]:
             thread.join(timeout)
 
     # -- threads -------------------------------------------------------------------------------------------------
 
-    def _reader(self, ranges: list[tuple[int, int]]) -> None:
+    def _read(self, ranges: list[tuple[int, int]]) -> None:
         for item in ranges:
             put(self._work, item, self.failure)
-        for _ in range(self.threads):
-            put(self._work, _DONE, self.failure)
 
     def _worker(self) -> None:
         ps = self.source.page_size
@@ -94,45 +98,54 @@ class SendPipeline:
         for _ in range(RING):
             free.put(np.empty(self.batch_pages * ps, dtype=np.uint8))
         image = self.source.array
-        try:
-            while (item := get(self._work, self.failure)) is not _DONE:
-                start, count = item
-                region = image[start * ps : (start + count) * ps]
-                nonzero = region.view(np.uint64).reshape(count, ps // 8).any(axis=1)
-                normal = int(np.count_nonzero(nonzero))
-                bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
-                fps = self.fingerprints[start : start + count]
-                if normal == 0:
-                    fps[:] = self._zero_fp
-                    frame = Pages(start, count, Encoding.RAW, bitmap, b"")
-                    put(self.out, EncodedBatch(frame, None), self.failure)
-                    continue
-                buf = get_free(free, self.failure)
-                copy = buf[: normal * ps]
-                if normal == count:
-                    np.copyto(copy, region)
-                else:
-                    np.compress(nonzero, region.reshape(count, ps), axis=0, out=copy.reshape(normal, ps))
-                    fps[~nonzero] = self._zero_fp
-                if normal == count:
-                    fingerprint_pages(copy, ps, fps)
-                else:
-                    normal_fps = np.empty(normal, dtype=np.uint64)
-                    fingerprint_pages(copy, ps, normal_fps)
-                    fps[nonzero] = normal_fps
-                packed = compressor.compress(copy) if compressor is not None else None
-                if packed is not None and len(packed) < copy.size:
-                    free.put(buf)
-                    frame = Pages(start, count, self.codec.wire_id, bitmap, packed)
-                    batch = EncodedBatch(frame, None)
-                else:
-                    frame = Pages(start, count, Encoding.RAW, bitmap, memoryview(copy))
-                    batch = EncodedBatch(frame, lambda b=buf: free.put(b))
-                put(self.out, batch, self.failure)
-        finally:
-            # Tell the network thread this worker is done (also on failure, so it never waits forever).
-            with contextlib.suppress(queue.Full):
-                self.out.put(_DONE, timeout=1.0)
+        while (item := get(self._work, self.failure)) is not _DONE:
+            start, count = item
+            region = image[start * ps : (start + count) * ps]
+            nonzero = region.view(np.uint64).reshape(count, ps // 8).any(axis=1)
+            normal = int(np.count_nonzero(nonzero))
+            bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
+            fps = self.fingerprints[start : start + count]
+            if normal == 0:
+                fps[:] = self._zero_fp
+                put(self.out, EncodedBatch(Pages(start, count, Encoding.RAW, bitmap, b""), None), self.failure)
+                continue
+            buf = get_free(free, self.failure)
+            copy = buf[: normal * ps]
+            if normal == count:
+                np.copyto(copy, region)
+                fingerprint_pages(copy, ps, fps)
+            else:
+                np.compress(nonzero, region.reshape(count, ps), axis=0, out=copy.reshape(normal, ps))
+                normal_fps = np.empty(normal, dtype=np.uint64)
+                fingerprint_pages(copy, ps, normal_fps)
+                fps[nonzero] = normal_fps
+                fps[~nonzero] = self._zero_fp
+            packed = compressor.compress(copy) if compressor is not None else None
+            if packed is not None and len(packed) < copy.size:
+                free.put(buf)
+                batch = EncodedBatch(Pages(start, count, self.codec.wire_id, bitmap, packed), None)
+            else:
+                batch = EncodedBatch(
+                    Pages(start, count, Encoding.RAW, bitmap, memoryview(copy)), partial(free.put, buf)
+                )
+            put(self.out, batch, self.failure)
+
+
+def batch_ranges(pages: np.ndarray, batch_pages: int) -> list[tuple[int, int]]:
+    """Cover sorted page indices with (start, count) ranges of consecutive pages, at most ``batch_pages`` each."""
+    if pages.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))] + 1
+    ranges: list[tuple[int, int]] = []
+    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+        ranges.extend((s, min(batch_pages, hi - s)) for s in range(lo, hi, batch_pages))
+    return ranges
+
+
+def all_ranges(total_pages: int, batch_pages: int) -> list[tuple[int, int]]:
+    return [(s, min(batch_pages, total_pages - s)) for s in range(0, total_pages, batch_pages)]
 
 
 def get_free(free: queue.SimpleQueue[np.ndarray], failure: Failure) -> np.ndarray:

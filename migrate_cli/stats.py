@@ -23,6 +23,12 @@ class Snapshot:
     raw_batches: int
     compressed_batches: int
     payload_bytes: int  # encoded page data of normal pages (for the compression ratio)
+    pass_number: int = 1  # the pass in progress (1 = the full first pass)
+    pass_total_bytes: int = 0  # image bytes this pass will send (0 = unknown, e.g. on the receiver)
+    pass_done_bytes: int = 0
+    dirty_rate: float = 0.0  # live: image bytes dirtied per second, last measured
+    expected_downtime: float | None = None  # live: seconds, last estimate
+    throttle: int = 0  # live: auto-converge percentage in force
 
     @property
     def normal_bytes(self) -> int:
@@ -43,6 +49,8 @@ class Snapshot:
 
     @property
     def remaining_bytes(self) -> int:
+        if self.pass_total_bytes:
+            return max(0, self.pass_total_bytes - self.pass_done_bytes)
         return max(0, self.image_bytes - self.done_bytes)
 
     @property
@@ -65,17 +73,32 @@ class Stats:
     _compressed_batches: int = 0
     _payload_bytes: int = 0
     _finished: float | None = None
+    _pass_number: int = 1
+    _pass_total: int = 0
+    _pass_done: int = 0
+    dirty_rate: float = 0.0
+    expected_downtime: float | None = None
+    throttle: int = 0
 
     def add_batch(self, zero_pages: int, normal_pages: int, payload_bytes: int, raw: bool) -> None:
         with self._lock:
             self._zero_pages += zero_pages
             self._normal_pages += normal_pages
             self._done_bytes += (zero_pages + normal_pages) * self.page_size
+            self._pass_done += (zero_pages + normal_pages) * self.page_size
             self._payload_bytes += payload_bytes
             if normal_pages and raw:
                 self._raw_batches += 1
             elif normal_pages:
                 self._compressed_batches += 1  # all-zero batches carry no data and count as neither
+
+    def begin_pass(self, number: int, total_bytes: int) -> None:
+        with self._lock:
+            self._pass_number, self._pass_total, self._pass_done = number, total_bytes, 0
+
+    def end_pass(self, number: int) -> None:
+        """Receiver side: pass ``number`` is complete; the next one's size is not known in advance."""
+        self.begin_pass(number + 1, 0)
 
     def add_wire(self, nbytes: int) -> None:
         with self._lock:
@@ -102,4 +125,10 @@ class Stats:
                 raw_batches=self._raw_batches,
                 compressed_batches=self._compressed_batches,
                 payload_bytes=self._payload_bytes,
+                pass_number=self._pass_number,
+                pass_total_bytes=self._pass_total,
+                pass_done_bytes=self._pass_done,
+                dirty_rate=self.dirty_rate,
+                expected_downtime=self.expected_downtime,
+                throttle=self.throttle,
             )

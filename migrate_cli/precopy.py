@@ -1,0 +1,190 @@
+"""Iterative pre-copy: the pass loop of a live migration and its convergence decision.
+
+Pass 1 sends every page. Each later pass starts with a scan (dirty.py) for pages whose live content differs from
+what was sent, and sends only those. After each scan:
+
+    expected downtime = switchover cost + dirty bytes / achieved rate
+
+where the achieved rate is image bytes sent per second of sending, over all passes so far, and the switchover
+cost is what happens while the guest is paused besides sending: the post-pause scan on this side, the receiver's
+verification of DEST (about one more scan) and the final round trip, estimated as 2 × the last scan time + 20 ms.
+When the estimate fits ``--downtime-limit`` the guest is paused and the last pass goes out. When it does not fit
+after ``--max-passes`` passes or ``--max-time``, ``--on-no-converge`` decides: switch over anyway (a long downtime,
+reported), or abort with the guest still running.
+
+Auto-converge: while a pass ends with the dirty rate at or above half the achieved rate (QEMU's
+throttle-trigger-threshold of 50%), the guest is throttled 20% more the first time, then +10% a pass, at most 99%.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from .dirty import DirtyTracker
+from .errors import NoConvergence
+from .pause import Pauser, Throttle
+from .stats import Stats
+from .units import format_bytes, format_rate
+
+SWITCHOVER_OVERHEAD = 0.02  # seconds: the final frames' round trip and the rename, on top of the scans
+
+
+@dataclass
+class PassRecord:
+    number: int
+    pages: int  # pages sent in this pass
+    image_bytes: int
+    wire_bytes: int
+    duration: float  # seconds spent sending this pass
+    dirty_pages: int  # pages the scan before this pass found changed (pass 1: every page)
+    dirty_rate: float  # image bytes dirtied per second, measured by that scan
+    expected_downtime: float | None  # seconds, estimated after that scan
+    throttle: int  # auto-converge percentage in force during the pass
+    paused: bool = False  # the final pass, sent with the guest paused
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pass": self.number,
+            "pages": self.pages,
+            "image-bytes": self.image_bytes,
+            "wire-bytes": self.wire_bytes,
+            "duration": round(self.duration * 1000, 3),
+            "dirty-pages": self.dirty_pages,
+            "dirty-rate": round(self.dirty_rate),
+            "expected-downtime": None if self.expected_downtime is None else round(self.expected_downtime * 1000, 3),
+            "cpu-throttle-percentage": self.throttle,
+            "paused": self.paused,
+        }
+
+
+class Decision(Enum):
+    CONTINUE = "continue"
+    SWITCHOVER = "switchover"
+    GIVE_UP = "give-up"
+
+
+@dataclass
+class ConvergencePolicy:
+    downtime_limit: float = 0.3
+    max_passes: int = 30
+    max_time: float | None = None
+
+    @staticmethod
+    def expected_downtime(dirty_bytes: int, achieved_rate: float, scan_time: float) -> float:
+        cost = 2 * scan_time + SWITCHOVER_OVERHEAD
+        return cost + (dirty_bytes / achieved_rate if achieved_rate > 0 else float("inf"))
+
+    def decide(self, expected: float, passes_done: int, elapsed: float) -> Decision:
+        if expected <= self.downtime_limit:
+            return Decision.SWITCHOVER
+        if passes_done >= self.max_passes or (self.max_time is not None and elapsed >= self.max_time):
+            return Decision.GIVE_UP
+        return Decision.CONTINUE
+
+
+SendPass = Callable[[int, np.ndarray | None, bool], PassRecord]
+"""send_pass(number, pages or None for all, paused) -> record with pages/bytes/duration filled in."""
+
+
+@dataclass
+class LiveResult:
+    passes: list[PassRecord] = field(default_factory=list)
+    paused_at: float = 0.0
+    dirty_syncs: int = 0
+    converged: bool = True
+
+
+class Precopy:
+    def __init__(
+        self,
+        policy: ConvergencePolicy,
+        tracker: DirtyTracker,
+        send_pass: SendPass,
+        pauser: Pauser,
+        page_size: int,
+        stats: Stats,
+        abort_on_no_converge: bool,
+        throttle: Throttle | None = None,
+        notice: Callable[[str], None] = lambda _msg: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.tracker = tracker
+        self.send_pass = send_pass
+        self.pauser = pauser
+        self.page_size = page_size
+        self.stats = stats
+        self.abort_on_no_converge = abort_on_no_converge
+        self.throttle = throttle
+        self.notice = notice
+        self.clock = clock
+        self.result = LiveResult()
+        self.paused = False
+
+    def _achieved_rate(self) -> float:
+        sent = sum(p.image_bytes for p in self.result.passes)
+        seconds = sum(p.duration for p in self.result.passes)
+        return sent / seconds if seconds > 0 else 0.0
+
+    def run(self) -> LiveResult:
+        """Send passes until switchover; returns with the guest paused and the last pass sent."""
+        started = self.clock()
+        self.tracker.start()
+        first = self.send_pass(1, None, False)
+        self.result.passes.append(first)
+        previous_scan = started
+        while True:
+            scan_start = self.clock()
+            dirty = self.tracker.scan()
+            scan_time = self.clock() - scan_start
+            self.result.dirty_syncs += 1
+            dirty_bytes = int(dirty.size) * self.page_size
+            dirty_rate = dirty_bytes / max(scan_start - previous_scan, 1e-6)
+            previous_scan = scan_start
+            achieved = self._achieved_rate()
+            expected = self.policy.expected_downtime(dirty_bytes, achieved, scan_time)
+            self.stats.dirty_rate, self.stats.expected_downtime = dirty_rate, expected
+            decision = self.policy.decide(expected, len(self.result.passes), self.clock() - started)
+            if decision is Decision.GIVE_UP:
+                self.result.converged = False
+                detail = (
+                    f"{len(self.result.passes)} passes, {format_bytes(dirty_bytes)} still dirty, expected downtime "
+                    f"{expected * 1000:.0f}ms > limit {self.policy.downtime_limit * 1000:.0f}ms "
+                    f"(dirty {format_rate(dirty_rate)}, achieved {format_rate(achieved)})"
+                )
+                if self.abort_on_no_converge:
+                    raise NoConvergence(
+                        f"did not converge after {detail}; the guest keeps running "
+                        "(try a higher --max-bandwidth, --auto-converge, or --on-no-converge switchover)"
+                    )
+                self.notice(f"did not converge after {detail}: switching over anyway (--on-no-converge switchover)")
+                decision = Decision.SWITCHOVER
+            if decision is Decision.SWITCHOVER:
+                return self._switchover(dirty_rate, expected)
+            if self.throttle is not None and dirty_rate >= 0.5 * achieved:
+                self.stats.throttle = self.throttle.step_up()
+            record = self.send_pass(len(self.result.passes) + 1, dirty, False)
+            record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
+            record.throttle = self.throttle.percentage if self.throttle else 0
+            self.result.passes.append(record)
+
+    def _switchover(self, dirty_rate: float, expected: float) -> LiveResult:
+        if self.throttle is not None:
+            self.throttle.release()
+            self.stats.throttle = 0
+        self.pauser.pause()
+        self.paused = True
+        self.result.paused_at = self.clock()
+        dirty = self.tracker.scan()  # the guest is still: this scan is exact
+        self.result.dirty_syncs += 1
+        record = self.send_pass(len(self.result.passes) + 1, dirty, True)
+        record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
+        record.paused = True
+        self.result.passes.append(record)
+        return self.result
