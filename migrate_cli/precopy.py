@@ -5,7 +5,7 @@ what was sent, and sends only those. After each scan:
 
     expected downtime = switchover cost + dirty bytes / achieved rate
 
-where the achieved rate is image bytes sent per second of sending, over all passes so far, and the switchover
+where the achieved rate is non-zero image bytes sent per second in the latest measurable pass, and the switchover
 cost is what happens while the guest is paused besides sending: the post-pause scan on this side, the receiver's
 verification of DEST (about one more scan) and the final round trip, estimated as 2 × the last scan time + 20 ms.
 When the estimate fits ``--downtime-limit`` the guest is paused and the last pass goes out. When it does not fit
@@ -39,6 +39,7 @@ SWITCHOVER_OVERHEAD = 0.02  # seconds: the final frames' round trip and the rena
 class PassRecord:
     number: int
     pages: int  # pages sent in this pass
+    normal_pages: int  # of which non-zero (zero pages cost almost nothing to send)
     image_bytes: int
     wire_bytes: int
     duration: float  # seconds spent sending this pass
@@ -52,6 +53,7 @@ class PassRecord:
         return {
             "pass": self.number,
             "pages": self.pages,
+            "normal-pages": self.normal_pages,
             "image-bytes": self.image_bytes,
             "wire-bytes": self.wire_bytes,
             "duration": round(self.duration * 1000, 3),
@@ -128,9 +130,15 @@ class Precopy:
         self.paused = False
 
     def _achieved_rate(self) -> float:
-        sent = sum(p.image_bytes for p in self.result.passes)
-        seconds = sum(p.duration for p in self.result.passes)
-        return sent / seconds if seconds > 0 else 0.0
+        """Non-zero page bytes per second of the latest pass big enough to measure (dirty pages are rarely zero).
+
+        Pass 1 is mostly a different mix (zero pages, cold data), so a later pass of at least 64 pages and 20 ms
+        replaces it as soon as there is one.
+        """
+        for record in reversed(self.result.passes):
+            if record.number == 1 or (record.normal_pages >= 64 and record.duration >= 0.02):
+                return record.normal_pages * self.page_size / record.duration if record.duration > 0 else 0.0
+        return 0.0
 
     def run(self) -> LiveResult:
         """Send passes until switchover; returns with the guest paused and the last pass sent."""

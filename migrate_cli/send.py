@@ -252,7 +252,7 @@ class Sender:
         page_count = source.pages if pages is None else int(pages.size)
         stats.begin_pass(number, page_count * source.page_size)
         started = time.monotonic()
-        wire = 0
+        wire = normal = 0
         pipeline.feed(ranges)
         remaining = len(ranges)
         while remaining:
@@ -266,6 +266,7 @@ class Sender:
             bucket.consume(len(frame.data) + len(frame.zero_bitmap) + 28, self.failure.event)
             sent = channel.send_frame(frame)
             wire += sent
+            normal += frame.normal_count
             stats.add_wire(sent)
             # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
             stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
@@ -280,6 +281,7 @@ class Sender:
         return PassRecord(
             number=number,
             pages=page_count,
+            normal_pages=normal,
             image_bytes=page_count * source.page_size,
             wire_bytes=wire,
             duration=time.monotonic() - started,

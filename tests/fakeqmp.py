@@ -1,0 +1,50 @@
+"""A QMP monitor for tests without QEMU: speaks QEMU's greeting/capabilities/stop/cont/query-status over a unix
+socket and pauses a real process (SIGSTOP/SIGCONT) when told to, so `--qmp` runs against a real writing guest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+
+
+class FakeQmp:
+    def __init__(self, path: str, pid: int) -> None:
+        self.path, self.pid = path, pid
+        self.commands: list[str] = []
+        self.status = "running"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(1)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+        except OSError:
+            return
+        with conn, conn.makefile("rwb") as fh:
+            fh.write(json.dumps({"QMP": {"version": {"qemu": {"major": 9}}, "capabilities": []}}).encode() + b"\n")
+            fh.flush()
+            for line in fh:
+                command = json.loads(line)["execute"]
+                self.commands.append(command)
+                reply: dict[str, object] = {"return": {}}
+                if command == "stop":
+                    os.kill(self.pid, signal.SIGSTOP)
+                    self.status = "paused"
+                    fh.write(json.dumps({"event": "STOP"}).encode() + b"\n")
+                elif command == "cont":
+                    os.kill(self.pid, signal.SIGCONT)
+                    self.status = "running"
+                elif command == "query-status":
+                    reply = {"return": {"status": self.status, "running": self.status == "running"}}
+                elif command != "qmp_capabilities":
+                    reply = {"error": {"class": "CommandNotFound", "desc": f"unknown command {command}"}}
+                fh.write(json.dumps(reply).encode() + b"\n")
+                fh.flush()
+
+    def close(self) -> None:
+        self.server.close()
