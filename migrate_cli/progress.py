@@ -44,22 +44,39 @@ class _View:
 
     def __rich__(self) -> RenderableType:
         snap = self.stats.snapshot()
-        total = max(snap.image_bytes, 1)
+        if snap.pass_number > 1:
+            # Each pass of a live migration is its own bar: a bar never runs backwards.
+            total, done = snap.pass_total_bytes, snap.pass_done_bytes
+            title = f"{self.title} · pass {snap.pass_number}" + (f" · {format_bytes(total)} dirty" if total else "")
+        else:
+            total, done, title = snap.image_bytes, snap.done_bytes, self.title
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
-            Text(self.title, style="bold"),
-            ProgressBar(total=total, completed=snap.done_bytes, width=40),
-            Text(f"{100 * snap.done_bytes / total:5.1f}%"),
-            Text(f"{format_bytes(snap.done_bytes)} / {format_bytes(snap.image_bytes)}"),
+            Text(title, style="bold"),
+            ProgressBar(total=max(total, 1), completed=min(done, total) if total else 0, width=40),
+            Text(f"{100 * done / total:5.1f}%" if total else "      "),
+            Text(f"{format_bytes(done)} / {format_bytes(total)}" if total else format_bytes(done)),
             Text(f"ETA {_duration(snap.eta)}" if self.phase == "transfer" else self.phase, style="cyan"),
         )
-        detail = Text(
-            f"image {format_rate(snap.image_rate)}  wire {format_rate(snap.wire_rate)}  "
-            f"ratio {snap.ratio:.2f}  pages {snap.normal_pages:,} normal / {snap.zero_pages:,} zero  "
-            f"batches {snap.compressed_batches:,} compressed / {snap.raw_batches:,} raw",
-            style="dim",
-        )
-        return Group(bar, detail, Text(self.info, style="dim"))
+        lines: list[RenderableType] = [
+            bar,
+            Text(
+                f"image {format_rate(snap.image_rate)}  wire {format_rate(snap.wire_rate)}  "
+                f"ratio {snap.ratio:.2f}  pages {snap.normal_pages:,} normal / {snap.zero_pages:,} zero  "
+                f"batches {snap.compressed_batches:,} compressed / {snap.raw_batches:,} raw",
+                style="dim",
+            ),
+        ]
+        if snap.expected_downtime is not None:
+            lines.append(
+                Text(
+                    f"dirty {format_rate(snap.dirty_rate)}  expected downtime {snap.expected_downtime * 1000:.0f} ms"
+                    + (f"  throttle {snap.throttle}%" if snap.throttle else ""),
+                    style="yellow",
+                )
+            )
+        lines.append(Text(self.info, style="dim"))
+        return Group(*lines)
 
 
 @contextmanager
