@@ -213,25 +213,29 @@ class Sender:
                 precopy.run()
             finally:
                 self.paused = precopy.paused
-        else:
-            if self.pauser is not None:
-                self.pauser.pause()
-                self.paused = True
-            tracker.start()
-            send_pass(1, None, self.paused)
-        # Final check, guest paused or image expected to be quiescent: live == sent, page for page.
-        changed = tracker.scan()
+            # The post-pause scan saw the image as it is while paused; the last pass sent exactly the pages that
+            # differed, so what was sent must now equal it page for page. The digest comes from that one scan.
+            live = tracker.live_fingerprints()
+            if not np.array_equal(live, pipeline.fingerprints):
+                self._wrote_while_paused(int(np.count_nonzero(live != pipeline.fingerprints)))
+            return image_digest(live)
+        if self.pauser is not None:  # stop-and-copy: every copy is taken while the guest is paused
+            self.pauser.pause()
+            self.paused = True
+            send_pass(1, None, True)
+            return image_digest(pipeline.fingerprints)
+        send_pass(1, None, False)
+        changed = tracker.scan()  # a plain copy: the image must not have changed while it was sent
         if changed.size:
-            if self.paused:
-                raise PauseError(
-                    f"{changed.size} pages changed while the guest was paused: the pause did not stop its writes"
-                    + (" (QEMU: use --qmp, a SIGSTOP does not stop in-kernel devices)" if self.opts.pause_pid else "")
-                )
             raise SourceError(
                 f"source {self.opts.source} changed while it was sent ({changed.size} pages differ): "
                 "use --live or a pause option (--pause-pid, --qmp, --pause-cmd) for a running guest"
             )
         return image_digest(pipeline.fingerprints)
+
+    def _wrote_while_paused(self, pages: int) -> None:
+        hint = " (QEMU: use --qmp, a SIGSTOP does not stop in-kernel devices)" if self.opts.pause_pid else ""
+        raise PauseError(f"{pages} pages changed while the guest was paused: the pause did not stop its writes{hint}")
 
     def _send_pass(
         self,
