@@ -107,6 +107,24 @@ common_options = [
     click.option("--json", "json_output", is_flag=True, help="Print one final JSON report on stdout."),
     click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary line (errors still print)."),
     click.option("--debug", is_flag=True, help="Show tracebacks with errors."),
+    click.option(
+        "--verbose", "-v", is_flag=True, help="Without a terminal: also print each phase (connected, allocated, ...)."
+    ),
+    click.option(
+        "--control",
+        type=click.Path(dir_okay=False),
+        default=None,
+        metavar="SOCKET",
+        help="Open a unix control socket (mode 0600) for `vmmig ctl SOCKET status|set|cancel`.",
+    ),
+    click.option(
+        "--stats",
+        "stats_path",
+        type=click.Path(dir_okay=False, allow_dash=True),
+        default=None,
+        metavar="FILE",
+        help="Write NDJSON statistics to FILE ('-' for stdout): one object a second and one per pass (docs/STATS.md).",
+    ),
 ]
 
 
@@ -270,6 +288,9 @@ def send(
     json_output: bool,
     quiet: bool,
     debug: bool,
+    verbose: bool,
+    control: str | None,
+    stats_path: str | None,
 ) -> None:
     """Send the memory image IMAGE to a `vmmig recv` listening at HOST:PORT.
 
@@ -326,12 +347,15 @@ def send(
         max_time=max_time,
         on_no_converge=on_no_converge,
         auto_converge=auto_converge,
+        control=control,
+        stats_path=stats_path,
+        verbose=verbose,
     )
     _execute("send", debug, lambda: run(opts))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("destination", metavar="DEST")
+@click.argument("destination", metavar="DEST", required=False)
 @click.option(
     "--listen",
     "listen_address",
@@ -361,9 +385,14 @@ def send(
     default=None,
     help="Write the bound HOST:PORT here once accepting connections (for scripts using port 0).",
 )
+@click.option(
+    "--discard",
+    is_flag=True,
+    help="Decode and verify everything but keep nothing (no DEST): measures the link and the pipeline.",
+)
 @with_common
 def recv(
-    destination: str,
+    destination: str | None,
     listen_address: str,
     insecure: bool,
     force: bool,
@@ -371,10 +400,14 @@ def recv(
     sparse: bool,
     threads: int | None,
     ready_file: str | None,
+    discard: bool,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
     debug: bool,
+    verbose: bool,
+    control: str | None,
+    stats_path: str | None,
 ) -> None:
     """Receive one migration into DEST, then exit.
 
@@ -387,11 +420,15 @@ def recv(
       vmmig recv /dev/shm/vm.ram                                   # 127.0.0.1:4444
       vmmig recv --listen 0.0.0.0:4444 --insecure /dev/shm/vm.ram
       vmmig recv --listen 127.0.0.1:0 --ready-file port.txt out.img
+      vmmig recv --discard --control /run/vmmig-recv.sock          # measure the link, keep nothing
     """
     from .recv import RecvOptions, run
 
+    if (destination is None) == (not discard):
+        raise click.UsageError("give DEST, or --discard to keep nothing (not both)")
+
     opts = RecvOptions(
-        destination=destination,
+        destination=destination or "",
         listen=listen_address,
         insecure=insecure,
         force=force,
@@ -402,5 +439,43 @@ def recv(
         io_timeout=io_timeout,
         json=json_output,
         quiet=quiet,
+        discard=discard,
+        control=control,
+        stats_path=stats_path,
+        verbose=verbose,
     )
     _execute("recv", debug, lambda: run(opts))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("socket_path", metavar="SOCKET")
+@click.argument("command", type=click.Choice(["status", "set", "cancel"]))
+@click.argument("args", nargs=-1)
+@click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
+def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> None:
+    """Control a running `vmmig send` or `vmmig recv` started with --control SOCKET.
+
+    \b
+    vmmig ctl SOCKET status                        the current statistics as JSON (docs/STATS.md)
+    vmmig ctl SOCKET set max-bandwidth 200M        change the cap (send; 0 = unlimited)
+    vmmig ctl SOCKET set downtime-limit 500ms      change the downtime target (send --live)
+    vmmig ctl SOCKET cancel                        clean abort: guest resumed, DEST not published, both ends exit 9
+
+    Changes take effect within 200 ms. Prints the reply as JSON on stdout.
+    """
+    import json
+
+    from .control import request
+
+    if command == "set" and len(args) != 2:
+        raise click.UsageError("usage: vmmig ctl SOCKET set NAME VALUE (max-bandwidth, downtime-limit)")
+    if command != "set" and args:
+        raise click.UsageError(f"{command} takes no arguments")
+    message: dict[str, Any] = {"command": command}
+    if command == "set":
+        message.update(name=args[0], value=args[1])
+
+    def call() -> None:
+        print(json.dumps(request(socket_path, message), indent=2))
+
+    _execute("ctl", debug, call)

@@ -82,7 +82,20 @@ class PeerError(MigrateError):
 
 
 class CancelledError(MigrateError):
+    """The operator cancelled the migration (`vmmig ctl PATH cancel`)."""
+
     exit_code = ExitCode.CANCELLED
+
+
+class PeerCancelled(PeerError):
+    """The other end was cancelled by its operator: this end exits with the cancelled code too."""
+
+    exit_code = ExitCode.CANCELLED
+
+
+def peer_abort(code: int, message: str) -> PeerError:
+    """The error for an ABORT frame received from the peer."""
+    return PeerCancelled(message, code) if code == ExitCode.CANCELLED else PeerError(message, code)
 
 
 class NoConvergence(MigrateError):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .digest import digest_of_image, fingerprint_pages, image_digest, zero_fingerprint
 from .errors import DestinationError, SourceError
 
 DEFAULT_PAGE_SIZE = 4096
@@ -168,6 +169,10 @@ class DestinationImage:
                 dst[:] = src[pos : pos + n]
                 pos += n
 
+    def digest(self, threads: int) -> bytes:
+        """The image digest recomputed from DEST.partial itself (after ``flush``), not from what was decoded."""
+        return digest_of_image(self.array, self.page_size, threads)
+
     def flush(self) -> None:
         assert self._mmap is not None
         try:
@@ -207,3 +212,42 @@ class DestinationImage:
                 self._mmap.close()
             self._mmap = None
         self._cleanup_fd()
+
+
+class DiscardSink:
+    """`recv --discard`: decode and check everything, keep nothing but one fingerprint per page.
+
+    Workers fingerprint each decoded page as they would write it; the digest is computed from those. Later passes
+    overwrite earlier fingerprints (the PASS_END barrier orders them), exactly as they would overwrite pages.
+    """
+
+    dest = "(discarded)"
+
+    def __init__(self, size: int, page_size: int) -> None:
+        self.size = size
+        self.page_size = page_size
+        self.pages = size // page_size
+        self.fingerprints = np.full(self.pages, zero_fingerprint(page_size), dtype=np.uint64)
+        self._zero = zero_fingerprint(page_size)
+
+    def write_batch(self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview) -> None:
+        fps = self.fingerprints[start : start + count]
+        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+        fps[zero] = self._zero
+        normal = int(count - np.count_nonzero(zero))
+        if normal:
+            out = np.empty(normal, dtype=np.uint64)
+            fingerprint_pages(np.frombuffer(data, dtype=np.uint8), self.page_size, out)
+            fps[~zero] = out
+
+    def digest(self, threads: int) -> bytes:
+        return image_digest(self.fingerprints)
+
+    def flush(self) -> None:
+        pass
+
+    def publish(self) -> None:
+        pass
+
+    def discard(self, keep_partial: bool = False) -> None:
+        pass

@@ -114,6 +114,7 @@ class Precopy:
         abort_on_no_converge: bool,
         throttle: Throttle | None = None,
         notice: Callable[[str], None] = lambda _msg: None,
+        on_pass: Callable[[PassRecord], None] = lambda _record: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
@@ -125,6 +126,7 @@ class Precopy:
         self.abort_on_no_converge = abort_on_no_converge
         self.throttle = throttle
         self.notice = notice
+        self.on_pass = on_pass
         self.clock = clock
         self.result = LiveResult()
         self.paused = False
@@ -144,20 +146,21 @@ class Precopy:
         """Send passes until switchover; returns with the guest paused and the last pass sent."""
         started = self.clock()
         self.tracker.start()
-        first = self.send_pass(1, None, False)
-        self.result.passes.append(first)
+        self._record(self.send_pass(1, None, False))
         previous_scan = started
         while True:
             scan_start = self.clock()
             dirty = self.tracker.scan()
             scan_time = self.clock() - scan_start
             self.result.dirty_syncs += 1
+            self.stats.dirty_syncs = self.result.dirty_syncs
             dirty_bytes = int(dirty.size) * self.page_size
             dirty_rate = dirty_bytes / max(scan_start - previous_scan, 1e-6)
             previous_scan = scan_start
             achieved = self._achieved_rate()
             expected = self.policy.expected_downtime(dirty_bytes, achieved, scan_time)
             self.stats.dirty_rate, self.stats.expected_downtime = dirty_rate, expected
+            self.stats.achieved_rate = achieved
             decision = self.policy.decide(expected, len(self.result.passes), self.clock() - started)
             if decision is Decision.GIVE_UP:
                 self.result.converged = False
@@ -180,7 +183,7 @@ class Precopy:
             record = self.send_pass(len(self.result.passes) + 1, dirty, False)
             record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
             record.throttle = self.throttle.percentage if self.throttle else 0
-            self.result.passes.append(record)
+            self._record(record)
 
     def _switchover(self, dirty_rate: float, expected: float) -> LiveResult:
         if self.throttle is not None:
@@ -191,8 +194,13 @@ class Precopy:
         self.result.paused_at = self.clock()
         dirty = self.tracker.scan()  # the guest is still: this scan is exact
         self.result.dirty_syncs += 1
+        self.stats.dirty_syncs = self.result.dirty_syncs
         record = self.send_pass(len(self.result.passes) + 1, dirty, True)
         record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
         record.paused = True
-        self.result.passes.append(record)
+        self._record(record)
         return self.result
+
+    def _record(self, record: PassRecord) -> None:
+        self.result.passes.append(record)
+        self.on_pass(record)

@@ -1,17 +1,22 @@
-"""Showing the statistics: a live rich display on stderr for people, one JSON report on stdout for scripts.
+"""Showing the statistics: a live rich display on stderr for people, NDJSON and a JSON report for scripts.
 
-Progress is data first: workers only bump counters in ``Stats``; the display reads a snapshot when rich
-refreshes it (at most 4 times a second). The display is on only when stderr is a terminal and --quiet is unset.
+Progress is data first: workers only bump counters in ``Stats``; the display reads a snapshot when rich refreshes
+it (4 times a second). The display is on only when stderr is a terminal and --quiet is unset; otherwise the
+orchestration prints one plain line per pass and a final line (see ``Reporter``). The display measures its own
+CPU time (its refresh thread's) and shows it as a share of the process's.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
+import psutil
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -21,15 +26,51 @@ from rich.text import Text
 from .stats import Snapshot, Stats
 from .units import format_bytes, format_rate
 
+REFRESH_PER_SECOND = 4
+
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "--:--"
     seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class CpuSampler:
+    """CPU % per named thread since the previous sample (psutil), and the process total."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self._last: dict[int, float] = {}
+        self._last_time = time.monotonic()
+
+    def thread_cpu(self) -> dict[int, float]:
+        return {t.id: t.user_time + t.system_time for t in self._process.threads()}
+
+    def sample(self) -> list[tuple[str, float]]:
+        now, cpu = time.monotonic(), self.thread_cpu()
+        interval = max(now - self._last_time, 1e-3)
+        names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+        shares = [
+            (names.get(tid, "other"), 100 * (used - self._last.get(tid, used)) / interval) for tid, used in cpu.items()
+        ]
+        self._last, self._last_time = cpu, now
+        return sorted((s for s in shares if s[1] >= 1.0), key=lambda s: -s[1])
+
+    def process_cpu(self) -> float:
+        times = self._process.cpu_times()
+        return times.user + times.system
+
+
+def forecast(snap: Snapshot) -> str | None:
+    """A convergence forecast in words, when a live migration's dirty rate outruns the link."""
+    if snap.expected_downtime is None or snap.achieved_rate <= 0 or snap.dirty_rate <= snap.achieved_rate:
+        return None
     return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else f"{seconds // 60}:{seconds % 60:02d}"
+        f"dirty {format_rate(snap.dirty_rate)} > {format_rate(snap.achieved_rate)} achieved: will not converge; "
+        "consider --auto-converge or a higher cap"
     )
 
 
@@ -41,9 +82,39 @@ class _View:
         self.title = title
         self.info = info
         self.phase = "connecting"
+        self.cpu = CpuSampler()
+        self._cpu_lines = ""
+        self._cpu_at = 0.0
+        self._refresh_tid: int | None = None
+        self._own_cpu = 0.0
+        self._start_cpu = self.cpu.process_cpu()
+
+    def own_cpu_seconds(self) -> float:
+        """CPU time of rich's refresh thread (building and drawing every frame), or of our renders if unknown."""
+        if self._refresh_tid is not None:
+            return self.cpu.thread_cpu().get(self._refresh_tid, self._own_cpu)
+        return self._own_cpu
+
+    def own_cpu_share(self) -> float:
+        """The display's CPU time as a share of the process's since the display started."""
+        total = self.cpu.process_cpu() - self._start_cpu
+        return self.own_cpu_seconds() / total if total > 0 else 0.0
 
     def __rich__(self) -> RenderableType:
+        started = time.thread_time()
+        if threading.current_thread() is not threading.main_thread():
+            self._refresh_tid = threading.get_native_id()
         snap = self.stats.snapshot()
+        now = time.monotonic()
+        if now - self._cpu_at >= 1.0:  # psutil reads /proc: once a second is plenty
+            shares = self.cpu.sample()
+            self._cpu_lines = "  ".join(f"{name} {pct:.0f}%" for name, pct in shares[:6])
+            self._cpu_at = now
+        group = self._render(snap)
+        self._own_cpu += time.thread_time() - started
+        return group
+
+    def _render(self, snap: Snapshot) -> Group:
         if snap.pass_number > 1:
             # Each pass of a live migration is its own bar: a bar never runs backwards.
             total, done = snap.pass_total_bytes, snap.pass_done_bytes
@@ -61,20 +132,31 @@ class _View:
         lines: list[RenderableType] = [
             bar,
             Text(
-                f"image {format_rate(snap.image_rate)}  wire {format_rate(snap.wire_rate)}  "
-                f"ratio {snap.ratio:.2f}  pages {snap.normal_pages:,} normal / {snap.zero_pages:,} zero  "
-                f"batches {snap.compressed_batches:,} compressed / {snap.raw_batches:,} raw",
+                f"image {format_rate(snap.image_rate)}  wire {format_rate(snap.wire_rate)}  ratio {snap.ratio:.2f}  "
+                f"sent {format_bytes(snap.wire_bytes)}  remaining {format_bytes(snap.remaining_bytes)}  "
+                f"pages {snap.normal_pages:,} normal / {snap.zero_pages:,} zero",
                 style="dim",
             ),
         ]
         if snap.expected_downtime is not None:
             lines.append(
                 Text(
-                    f"dirty {format_rate(snap.dirty_rate)}  expected downtime {snap.expected_downtime * 1000:.0f} ms"
+                    f"dirty {format_rate(snap.dirty_rate)}  achieved {format_rate(snap.achieved_rate)}  "
+                    f"expected downtime {snap.expected_downtime * 1000:.0f} ms"
                     + (f"  throttle {snap.throttle}%" if snap.throttle else ""),
                     style="yellow",
                 )
             )
+            words = forecast(snap)
+            if words:
+                lines.append(Text(words, style="bold red"))
+        lines.append(
+            Text(
+                f"cap {format_rate(snap.cap) if snap.cap else 'none'}  cpu {self._cpu_lines}  "
+                f"display {100 * self.own_cpu_share():.1f}%",
+                style="dim",
+            )
+        )
         lines.append(Text(self.info, style="dim"))
         return Group(*lines)
 
@@ -86,7 +168,7 @@ def live_display(stats: Stats, title: str, info: str, enabled: bool) -> Iterator
         return
     view = _View(stats, title, info)
     console = Console(file=sys.stderr)
-    with Live(view, console=console, refresh_per_second=4, transient=False):
+    with Live(view, console=console, refresh_per_second=REFRESH_PER_SECOND, transient=False):
         yield view
 
 
@@ -95,28 +177,12 @@ def display_wanted(quiet: bool, stream: TextIO = sys.stderr) -> bool:
 
 
 def report(snap: Snapshot, extra: dict[str, Any]) -> dict[str, Any]:
-    """The final report, with QEMU's query-migrate names and meanings where they exist."""
-    seconds = max(snap.elapsed, 1e-9)
-    return {
-        "status": "completed",
-        "transferred": snap.wire_bytes,
-        "duplicate": snap.zero_pages,
-        "normal": snap.normal_pages,
-        "normal-bytes": snap.normal_bytes,
-        "total-time": round(snap.elapsed * 1000),
-        "mbps": round(snap.wire_bytes * 8 / 1e6 / seconds, 3),
-        "image-bytes": snap.image_bytes,
-        "image-mbytes-per-second": round(snap.image_rate / 1e6, 3),
-        "compression-ratio": round(snap.ratio, 4),
-        "raw-batches": snap.raw_batches,
-        "compressed-batches": snap.compressed_batches,
-        "page-size": snap.page_size,
-        **extra,
-    }
+    """The final report: the documented fields (docs/STATS.md) and the extras of the role."""
+    return {**snap.fields(), **extra}
 
 
 def print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
 
@@ -127,3 +193,51 @@ def summary_line(verb: str, snap: Snapshot, digest: str) -> str:
         f"wire {format_rate(snap.wire_rate)} ({format_bytes(snap.wire_bytes)}), ratio {snap.ratio:.2f}, "
         f"{snap.zero_pages:,} zero pages; digest {digest}"
     )
+
+
+class StatsLog:
+    """--stats FILE: NDJSON, one ``progress`` object a second, one ``pass`` object per finished pass, one at the end.
+
+    Writes come from the ticker thread and the orchestration; a lock keeps lines whole.
+    """
+
+    def __init__(self, stats: Stats, path: str | None, extra: dict[str, Any]) -> None:
+        self.stats = stats
+        self.extra = extra
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._out: IO[str] | None = None
+        self._owns = False
+        self._thread: threading.Thread | None = None
+        if path == "-":
+            self._out = sys.stdout
+        elif path:
+            self._out = open(path, "w", buffering=1)  # noqa: SIM115 (closed in close())
+            self._owns = True
+
+    def start(self) -> None:
+        if self._out is not None:
+            self._thread = threading.Thread(target=self._tick, name="stats-log", daemon=True)
+            self._thread.start()
+
+    def write(self, event: str, fields: dict[str, Any]) -> None:
+        if self._out is None:
+            return
+        line = json.dumps({"event": event, "time": round(time.time(), 3), **fields})
+        with self._lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.write("progress", {**self.stats.snapshot().fields(), **self.extra})
+
+    def close(self, final: dict[str, Any] | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        if final is not None:
+            self.write(final.get("status", "completed"), final)
+        if self._owns and self._out is not None:
+            self._out.close()
+        self._out = None

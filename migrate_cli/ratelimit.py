@@ -50,17 +50,22 @@ class TokenBucket:
         self._last = now
 
     def consume(self, nbytes: int, stop: threading.Event | None = None) -> None:
-        """Take ``nbytes`` tokens, sleeping while the bucket is in debt. Returns early if ``stop`` is set."""
+        """Take ``nbytes`` tokens, sleeping while the bucket is in debt. Returns early if ``stop`` is set.
+
+        Going into debt lets a frame larger than the burst pass; the debt is paid by sleeping in short steps that
+        re-read the rate, so a ``set_rate`` from another thread takes effect within one step (50 ms).
+        """
         with self._lock:
             if self._rate is None:
                 return
             self._refill()
-            # Going into debt lets a frame larger than the burst pass; the debt is paid by sleeping.
             self._tokens -= nbytes
-            wait = -self._tokens / self._rate if self._tokens < 0 else 0.0
-        while wait > 0:
+        while True:
+            with self._lock:
+                self._refill()
+                if self._rate is None or self._tokens > -1.0:  # within a byte: float rounding, not debt
+                    return
+                wait = -self._tokens / self._rate
             if stop is not None and stop.is_set():
                 return
-            step = min(wait, 0.1)
-            self._sleep(step)
-            wait -= step
+            self._sleep(min(wait, 0.05))

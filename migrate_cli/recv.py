@@ -22,11 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import codec as codecs
-from .digest import digest_of_image
-from .errors import IntegrityError, MigrateError, NetworkError, PeerError, ProtocolError, UsageError
-from .image import DestinationImage, check_destination
+from .control import ControlServer
+from .errors import (
+    CancelledError,
+    IntegrityError,
+    MigrateError,
+    NetworkError,
+    PeerCancelled,
+    PeerError,
+    ProtocolError,
+    UsageError,
+    peer_abort,
+)
+from .image import DestinationImage, DiscardSink, check_destination
 from .pipeline import Failure, spawn
-from .progress import display_wanted, live_display, print_json, report, summary_line
+from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
     RESULT_DIGEST_MISMATCH,
     RESULT_VERIFIED,
@@ -45,6 +55,7 @@ from .receiver import RecvPipeline
 from .send import usable_cpus
 from .stats import Stats
 from .transport import Channel, accept, format_address, is_loopback, listen, parse_address
+from .units import format_bytes
 
 KEEPALIVE_INTERVAL = 1.0
 
@@ -62,6 +73,10 @@ class RecvOptions:
     io_timeout: float = 30.0
     json: bool = False
     quiet: bool = False
+    discard: bool = False
+    control: str | None = None
+    stats_path: str | None = None
+    verbose: bool = False
 
 
 class Receiver:
@@ -69,8 +84,12 @@ class Receiver:
         self.opts = opts
         self.threads = opts.threads or usable_cpus()
         self.failure = Failure()
-        self.dest: DestinationImage | None = None
+        self.dest: DestinationImage | DiscardSink | None = None
         self._stop_keepalive = threading.Event()
+        self.stats = Stats()
+        self.display = display_wanted(opts.quiet)
+        self.codec_name = ""
+        self.stats_log = StatsLog(self.stats, opts.stats_path, {"role": "recv", "threads": self.threads})
 
     def run(self) -> dict[str, Any]:
         opts = self.opts
@@ -80,17 +99,29 @@ class Receiver:
                 f"refusing to listen on non-loopback address {host} without --insecure: "
                 "guest memory would cross the network unencrypted"
             )
-        check_destination(opts.destination, opts.force)
+        if not opts.discard:
+            check_destination(opts.destination, opts.force)
         listener = listen(host, port)
-        bound = format_address(*listener.getsockname()[:2])
-        self._announce(bound)
+        control = (
+            ControlServer(opts.control, {"status": self._ctl_status, "cancel": self._ctl_cancel})
+            if opts.control
+            else None
+        )
         try:
-            conn = accept(listener)
-        finally:
+            bound = format_address(*listener.getsockname()[:2])
+            self._announce(bound)
+            conn = accept(listener, poll=self.failure.raise_if_set)
+        except BaseException as exc:
             listener.close()
+            if control:
+                control.close()
+            raise (self.failure.error or exc) if isinstance(exc, MigrateError) else exc from None
+        listener.close()
+        stats = self.stats
+        self.stats_log.start()
         channel = Channel(conn, Role.RECEIVER, opts.io_timeout)
         self.failure.add_waker(channel.wake_reader)  # a worker's error must not wait for the next frame
-        stats = Stats()
+        self.verbose("sender connected")
         try:
             hello, wire = channel.read_frame()
             if not isinstance(hello, Hello):
@@ -100,14 +131,21 @@ class Receiver:
             if codec is None:
                 known = ", ".join(f"{n}={int(codecs.by_name(n).wire_id)}" for n in codecs.names())
                 raise ProtocolError(f"sender asked for unknown codec id {hello.codec} (this receiver knows {known})")
+            self.codec_name = codec.name
             stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
             spawn("keepalive", lambda: self._keepalive(channel), self.failure)
-            info = f"{bound} → {opts.destination}  codec {codec.name}  threads {self.threads}"
-            with live_display(stats, "recv", info, display_wanted(opts.quiet)) as view:
+            where = "(discard)" if opts.discard else opts.destination
+            info = f"{bound} → {where}  codec {codec.name}  threads {self.threads}"
+            with live_display(stats, "recv", info, self.display) as view:
                 if view:
                     view.phase = "allocating"
-                self.dest = DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
+                self.dest = (
+                    DiscardSink(hello.image_size, hello.page_size)
+                    if opts.discard
+                    else DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
+                )
                 channel.send_frame(Welcome())
+                self.verbose(f"destination allocated ({format_bytes(hello.image_size)}): receiving pages")
                 if view:
                     view.phase = "transfer"
                 stats.restart_clock()
@@ -118,13 +156,15 @@ class Receiver:
                 stats.finish()
                 if view:
                     view.phase = "verified"
-
         except BaseException as exc:
             self.failure.set(exc)
             self._abort_peer(channel)
             if self.dest is not None:
                 self.dest.discard(keep_partial=opts.keep_partial)
-            raise self.failure.error or exc from None
+            error = self.failure.error or exc
+            stats.finish("cancelled" if isinstance(error, CancelledError | PeerCancelled) else "failed")
+            self._close_side_channels(control, {"status": stats.status, "error": str(error), "role": "recv"})
+            raise error from None
         finally:
             self._stop_keepalive.set()
             channel.close()
@@ -138,12 +178,40 @@ class Receiver:
                 "codec": codec.name,
                 "threads": self.threads,
                 "digest": digest.hex(),
-                "destination": opts.destination,
+                "destination": None if opts.discard else opts.destination,
+                "discard": opts.discard,
             },
         )
         if opts.json:
             print_json(result)
+        self._close_side_channels(control, result)
         return result
+
+    def verbose(self, message: str) -> None:
+        if self.opts.verbose and not self.display and not self.opts.quiet:
+            print(f"vmmig recv: {message}", file=sys.stderr, flush=True)
+
+    def _close_side_channels(self, control: ControlServer | None, final: dict[str, Any] | None) -> None:
+        if control is not None:
+            control.close()
+        self.stats_log.close(final)
+
+    def _ctl_status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {**self.stats.snapshot().fields(), "role": "recv", "codec": self.codec_name, "threads": self.threads}
+
+    def _ctl_cancel(self, _request: dict[str, Any]) -> str:
+        self.failure.set(CancelledError("cancelled by vmmig ctl"))
+        return "cancelling"
+
+    def _pass_done(self, number: int, batches: int) -> None:
+        snap = self.stats.snapshot()
+        self.stats_log.write("pass", {"pass": number, "batches": batches, "transferred": snap.wire_bytes})
+        if not self.display and not self.opts.quiet:
+            print(
+                f"vmmig recv: pass {number}: {batches:,} batches applied, {format_bytes(snap.wire_bytes)} received",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _announce(self, bound: str) -> None:
         line = f"vmmig recv: listening on {bound}"
@@ -192,11 +260,12 @@ class Receiver:
                     pipeline.drain()
                     passes, pass_first_batch = frame.number, pipeline.batches
                     stats.end_pass(passes)
+                    self._pass_done(frame.number, frame.batches)
                 elif isinstance(frame, End):
                     stats.add_wire(wire)
                     break
                 elif isinstance(frame, Abort):
-                    raise PeerError(frame.message, frame.code)
+                    raise peer_abort(frame.code, frame.message)
                 else:
                     stats.add_wire(wire)
             pipeline.finish()
@@ -214,7 +283,7 @@ class Receiver:
     def _verify_and_publish(self, channel: Channel, end: End) -> bytes:
         assert self.dest is not None
         self.dest.flush()
-        digest = digest_of_image(self.dest.array, self.dest.page_size, self.threads)
+        digest = self.dest.digest(self.threads)
         if digest != end.digest:
             channel.send_frame(Result(RESULT_DIGEST_MISMATCH, digest))
             raise IntegrityError(

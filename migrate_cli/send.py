@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 
 from . import codec as codecs
+from .control import ControlError, ControlServer
 from .digest import image_digest
 from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
 from .errors import (
+    CancelledError,
     IntegrityError,
     MigrateError,
     NetworkError,
@@ -41,18 +43,19 @@ from .errors import (
     ProtocolError,
     SourceError,
     UsageError,
+    peer_abort,
 )
 from .image import SourceImage
 from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
 from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
-from .progress import display_wanted, live_display, print_json, report, summary_line
+from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import RESULT_VERIFIED, Abort, Encoding, End, Hello, Keepalive, PassEnd, Result, Role, Welcome
 from .ratelimit import TokenBucket
 from .sender import SendPipeline, all_ranges, batch_ranges
 from .stats import Stats
 from .transport import Channel, connect, parse_address
-from .units import format_rate
+from .units import format_bytes, format_rate, parse_duration, parse_rate
 
 KEEPALIVE_INTERVAL = 1.0
 
@@ -84,6 +87,10 @@ class SendOptions:
     max_time: float | None = None
     on_no_converge: str = "abort"
     auto_converge: bool = False
+    # statistics and control
+    control: str | None = None
+    stats_path: str | None = None
+    verbose: bool = False
 
     def check(self) -> None:
         """Reject option combinations once, up front (QEMU's migrate_caps_check)."""
@@ -129,8 +136,13 @@ class Sender:
         self.paused = False
         self.end_sent = False
         self.live: LiveResult | None = None
-        self.downtime: float | None = None
+        self.pass_records: list[PassRecord] = []
         self.batches_sent = 0
+        self.bucket = TokenBucket(opts.max_bandwidth)
+        self.policy = ConvergencePolicy(opts.downtime_limit, opts.max_passes, opts.max_time)
+        self.stats = Stats(page_size=opts.page_size, cap=opts.max_bandwidth or 0)
+        self.display = display_wanted(opts.quiet)
+        self.stats_log = StatsLog(self.stats, opts.stats_path, self._identity())
 
     def run(self) -> dict[str, Any]:
         opts = self.opts
@@ -138,13 +150,23 @@ class Sender:
         source = SourceImage(opts.source, opts.page_size)
         self.pauser = self._make_pauser()
         batch_pages = max(1, min(opts.batch_size // opts.page_size, 65536))
-        stats = Stats(image_bytes=source.size, page_size=opts.page_size)
+        stats = self.stats
+        stats.image_bytes = source.size
+        control = self._start_control()
+        self.stats_log.start()
         info = (
             f"{opts.source} → {opts.destination}  codec {self.codec.name}:{self.level}  threads {self.threads}  "
             f"cap {format_rate(opts.max_bandwidth) if opts.max_bandwidth else 'none'}"
             + (f"  live, downtime limit {opts.downtime_limit * 1000:.0f}ms" if opts.live else "")
         )
-        channel = Channel(connect(host, port, opts.connect_timeout), Role.SENDER, opts.io_timeout)
+        try:
+            channel = Channel(connect(host, port, opts.connect_timeout), Role.SENDER, opts.io_timeout)
+        except BaseException:
+            self._close_side_channels(control, None)
+            source.close()
+            raise
+        self.failure.add_waker(channel.wake_reader)  # a cancel must not wait for the peer's next frame
+        self.verbose(f"connected to {opts.destination}")
         pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, self.failure)
         try:
             with live_display(stats, "send", info, display_wanted(opts.quiet)) as view:
@@ -158,20 +180,20 @@ class Sender:
                 )
                 stats.add_wire(channel.send_frame(hello))
                 self._await_welcome(channel)
+                self.verbose("destination allocated: sending pages")
                 if view:
                     view.phase = "transfer"
                 stats.restart_clock()
                 self._control = spawn("control", lambda: self._read_control(channel), self.failure)
                 pipeline.start()
-                bucket = TokenBucket(opts.max_bandwidth)
-                digest = self._copy(channel, pipeline, source, bucket, stats)
+                digest = self._copy(channel, pipeline, source, self.bucket, stats)
                 stats.add_wire(channel.send_frame(End(source.pages, self.batches_sent, digest)))
                 self.end_sent = True
                 if view:
                     view.phase = "verifying"
                 self._await_result(digest)
                 if self.paused and self.live is not None:
-                    self.downtime = time.monotonic() - self.live.paused_at
+                    stats.downtime = time.monotonic() - self.live.paused_at
                 stats.finish()
                 if view:
                     view.phase = "verified"
@@ -182,12 +204,17 @@ class Sender:
             self._abort_peer(channel)
             pipeline.stop(2.0)
             self._settle_guest_after_failure()
-            raise self.failure.error or exc from None
+            error = self.failure.error or exc
+            stats.finish("failed" if not isinstance(error, CancelledError) else "cancelled")
+            self._close_side_channels(control, {"status": stats.status, "error": str(error), **self._identity()})
+            raise error from None
         finally:
             channel.close()
             source.close()
         pipeline.stop()
-        return self._report(stats, digest)
+        result = self._report(stats, digest)
+        self._close_side_channels(control, result)
+        return result
 
     # -- the copy, by mode -----------------------------------------------------------------------------------------
 
@@ -203,10 +230,10 @@ class Sender:
             if self.opts.auto_converge:
                 assert self.opts.pause_pid is not None
                 self.throttle = Throttle(self.opts.pause_pid)
-            policy = ConvergencePolicy(self.opts.downtime_limit, self.opts.max_passes, self.opts.max_time)
             precopy = Precopy(
-                policy, tracker, send_pass, self.pauser, source.page_size, stats,
+                self.policy, tracker, send_pass, self.pauser, source.page_size, stats,
                 abort_on_no_converge=self.opts.on_no_converge == "abort", throttle=self.throttle, notice=notice,
+                on_pass=self.on_pass,
             )  # fmt: skip
             self.live = precopy.result
             try:
@@ -222,9 +249,9 @@ class Sender:
         if self.pauser is not None:  # stop-and-copy: every copy is taken while the guest is paused
             self.pauser.pause()
             self.paused = True
-            send_pass(1, None, True)
+            self.on_pass(send_pass(1, None, True))
             return image_digest(pipeline.fingerprints)
-        send_pass(1, None, False)
+        self.on_pass(send_pass(1, None, False))
         changed = tracker.scan()  # a plain copy: the image must not have changed while it was sent
         if changed.size:
             raise SourceError(
@@ -262,9 +289,10 @@ class Sender:
         while remaining:
             self.failure.raise_if_set()
             try:
-                batch = pipeline.out.get(timeout=KEEPALIVE_INTERVAL)
+                batch = pipeline.out.get(timeout=0.1)  # short: a cancel is noticed within 100 ms
             except queue.Empty:
-                stats.add_wire(channel.send_frame(Keepalive()))
+                if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
+                    stats.add_wire(channel.send_frame(Keepalive()))
                 continue
             frame = batch.frame
             bucket.consume(len(frame.data) + len(frame.zero_bitmap) + 28, self.failure.event)
@@ -343,7 +371,7 @@ class Sender:
             if isinstance(frame, Welcome):
                 return
             if isinstance(frame, Abort):
-                raise PeerError(frame.message, frame.code)
+                raise peer_abort(frame.code, frame.message)
             if not isinstance(frame, Keepalive):
                 raise ProtocolError(f"expected WELCOME, got {type(frame).__name__}")
 
@@ -360,7 +388,7 @@ class Sender:
                     raise Stopped from None
                 raise
             if isinstance(frame, Abort):
-                raise PeerError(frame.message, frame.code)
+                raise peer_abort(frame.code, frame.message)
             if isinstance(frame, Result):
                 self.result = frame
                 self.result_event.set()
@@ -395,6 +423,19 @@ class Sender:
 
     # -- reporting -----------------------------------------------------------------------------------------------
 
+    def _identity(self) -> dict[str, Any]:
+        opts = self.opts
+        return {
+            "role": "send",
+            "codec": self.codec.name,
+            "level": self.level,
+            "threads": self.threads,
+            "mode": "live" if opts.live else ("stop-and-copy" if self._has_pause_option() else "plain"),
+        }
+
+    def _has_pause_option(self) -> bool:
+        return any(x is not None for x in (self.opts.pause_pid, self.opts.qmp, self.opts.pause_cmd))
+
     def _report(self, stats: Stats, digest: bytes) -> dict[str, Any]:
         opts = self.opts
         snap = stats.snapshot()
@@ -402,36 +443,70 @@ class Sender:
         if not opts.quiet:
             notice(summary_line("sent", snap, digest_hex))
             if self.paused and self.pauser is not None:
-                downtime = f" after {self.downtime * 1000:.0f}ms of downtime" if self.downtime is not None else ""
+                downtime = f" after {snap.downtime * 1000:.0f}ms of downtime" if snap.downtime is not None else ""
                 notice(f"guest left paused on the source{downtime}: the destination holds its memory")
-        extra: dict[str, Any] = {
-            "role": "send",
-            "codec": self.codec.name,
-            "level": self.level,
-            "threads": self.threads,
-            "max-bandwidth": opts.max_bandwidth or 0,
-            "digest": digest_hex,
-            "mode": "live" if opts.live else ("stop-and-copy" if self.pauser else "plain"),
-        }
+        extra: dict[str, Any] = {**self._identity(), "max-bandwidth": opts.max_bandwidth or 0, "digest": digest_hex}
         if self.live is not None:
             passes = self.live.passes
-            extra.update(
-                {
-                    "downtime": None if self.downtime is None else round(self.downtime * 1000, 3),
-                    "dirty-sync-count": self.live.dirty_syncs,
-                    "dirty-pages-rate": round(snap.dirty_rate / snap.page_size),
-                    "expected-downtime": None
-                    if snap.expected_downtime is None
-                    else round(snap.expected_downtime * 1000, 3),
-                    "cpu-throttle-percentage": max((p.throttle for p in passes), default=0),
-                    "converged": self.live.converged,
-                    "passes": [p.as_json() for p in passes],
-                }
-            )
+            extra["cpu-throttle-percentage"] = max((p.throttle for p in passes), default=0)
+            extra["converged"] = self.live.converged
+        if self.pass_records:
+            extra["passes"] = [p.as_json() for p in self.pass_records]
         result = report(snap, extra)
         if opts.json:
             print_json(result)
         return result
+
+    # -- statistics and control ----------------------------------------------------------------------------------
+
+    def verbose(self, message: str) -> None:
+        if self.opts.verbose and not self.display and not self.opts.quiet:
+            notice(message)
+
+    def on_pass(self, record: PassRecord) -> None:
+        """A pass finished: NDJSON record, and a plain line when there is no live display."""
+        self.pass_records.append(record)
+        self.stats_log.write("pass", record.as_json())
+        if not self.display and not self.opts.quiet:
+            notice(
+                f"pass {record.number}: {record.pages:,} pages ({format_bytes(record.image_bytes)}) in "
+                f"{record.duration:.2f}s, {format_bytes(record.wire_bytes)} on the wire"
+                + (f", {record.dirty_pages:,} found dirty" if record.number > 1 else "")
+                + (", guest paused" if record.paused else "")
+            )
+
+    def _start_control(self) -> ControlServer | None:
+        if not self.opts.control:
+            return None
+        return ControlServer(
+            self.opts.control, {"status": self._ctl_status, "set": self._ctl_set, "cancel": self._ctl_cancel}
+        )
+
+    def _close_side_channels(self, control: ControlServer | None, final: dict[str, Any] | None) -> None:
+        if control is not None:
+            control.close()
+        self.stats_log.close(final)
+
+    def _ctl_status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {**self.stats.snapshot().fields(), **self._identity()}
+
+    def _ctl_set(self, request: dict[str, Any]) -> dict[str, Any]:
+        name, value = str(request.get("name")), str(request.get("value"))
+        if name == "max-bandwidth":
+            rate = parse_rate(value)
+            self.bucket.set_rate(rate)  # the same bucket the network thread charges: effective within 50 ms
+            self.stats.cap = rate or 0
+            return {"max-bandwidth": rate or 0}
+        if name == "downtime-limit":
+            self.policy.downtime_limit = parse_duration(value)  # read at the next convergence decision
+            return {"downtime-limit": round(self.policy.downtime_limit * 1000, 3)}
+        raise ControlError(f"cannot set {name!r}: settable are max-bandwidth and downtime-limit")
+
+    def _ctl_cancel(self, _request: dict[str, Any]) -> str:
+        if self.end_sent:
+            raise ControlError("too late to cancel: the last pages are out and the receiver is verifying them")
+        self.failure.set(CancelledError("cancelled by vmmig ctl"))
+        return "cancelling"
 
 
 def run(opts: SendOptions) -> dict[str, Any]:

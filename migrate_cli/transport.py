@@ -76,12 +76,16 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def accept(listener: socket.socket, timeout: float | None = None) -> socket.socket:
-    listener.settimeout(timeout)
-    try:
-        conn, _ = listener.accept()
-    except TimeoutError:
-        raise NetworkError("no sender connected in time") from None
+def accept(listener: socket.socket, poll: Callable[[], None] = lambda: None) -> socket.socket:
+    """Wait for one connection, calling ``poll`` every 0.2 s (it raises to stop waiting, e.g. on a cancel)."""
+    listener.settimeout(0.2)
+    while True:
+        try:
+            conn, _ = listener.accept()
+            break
+        except TimeoutError:
+            poll()
+    conn.settimeout(None)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return conn
 

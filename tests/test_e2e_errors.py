@@ -7,6 +7,7 @@ Exit codes (migrate_cli/errors.py): 2 usage, 3 source, 4 destination, 5 network,
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -38,8 +39,12 @@ from .faultproxy import FaultProxy
 PS = 4096
 
 
+PROGRESS_LINE = re.compile(r"^vmmig (send|recv): (listening on |pass \d+: )")
+
+
 def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and "listening on" not in line]
+    """The error output, less the ready line and the per-pass progress lines, is exactly one line."""
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
     assert len(lines) == 1, f"expected exactly one error line, got: {err!r}"
     return lines[0]
 
