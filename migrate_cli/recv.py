@@ -182,9 +182,9 @@ class Receiver:
                 "discard": opts.discard,
             },
         )
+        self._close_side_channels(control, result)
         if opts.json:
             print_json(result)
-        self._close_side_channels(control, result)
         return result
 
     def verbose(self, message: str) -> None:

@@ -214,6 +214,8 @@ class Sender:
         pipeline.stop()
         result = self._report(stats, digest)
         self._close_side_channels(control, result)
+        if self.opts.json:
+            print_json(result)
         return result
 
     # -- the copy, by mode -----------------------------------------------------------------------------------------
@@ -452,10 +454,7 @@ class Sender:
             extra["converged"] = self.live.converged
         if self.pass_records:
             extra["passes"] = [p.as_json() for p in self.pass_records]
-        result = report(snap, extra)
-        if opts.json:
-            print_json(result)
-        return result
+        return report(snap, extra)
 
     # -- statistics and control ----------------------------------------------------------------------------------
 

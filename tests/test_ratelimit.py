@@ -1,6 +1,7 @@
 """The token bucket: one budget of wire bytes per second, on a fake clock."""
 
 import threading
+import time
 
 from migrate_cli.ratelimit import TokenBucket
 
@@ -64,3 +65,64 @@ def test_stop_event_interrupts_a_long_wait() -> None:
     stop.set()
     bucket.consume(10**9, stop)
     assert clock.slept < 1.0
+
+
+class SharedClock(FakeClock):
+    """A fake clock that several threads advance; sleeping yields so the others run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def sleep(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds / 4  # four sleepers share the passing time
+            self.slept += seconds
+        time.sleep(0)
+
+
+def test_concurrent_consumers_share_one_budget() -> None:
+    clock = SharedClock()
+    bucket = TokenBucket(10_000_000, clock=clock, sleep=clock.sleep)
+    sent = [0] * 4
+
+    def consumer(i: int) -> None:
+        for _ in range(50):
+            bucket.consume(100_000)
+            sent[i] += 100_000
+
+    threads = [threading.Thread(target=consumer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = sum(sent)
+    assert total == 20_000_000
+    # 20 MB through one 10 MB/s bucket takes ~2 s however many threads push, never ~0.5 s.
+    assert clock.now >= 1.8
+
+
+def test_burst_after_idle_is_bounded() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10_000_000, clock=clock, sleep=clock.sleep)
+    clock.now += 100.0  # a long idle period must not bank 100 s of tokens
+    start = clock.now
+    for _ in range(100):
+        bucket.consume(100_000)
+    assert clock.now - start >= 0.9  # 10 MB at 10 MB/s: at most the 50 ms burst was free
+
+
+def test_a_rate_change_reaches_a_consumer_already_waiting() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(1000, clock=clock, sleep=clock.sleep)
+    changed: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        if clock.now > 0.2 and not changed:
+            bucket.set_rate(None)  # another thread lifts the cap while this consumer sleeps
+            changed.append(clock.now)
+
+    bucket._sleep = sleep
+    bucket.consume(1_000_000)  # 1000 s at the old rate
+    assert changed and clock.now < changed[0] + 0.06
