@@ -32,7 +32,7 @@ def fingerprint_pages(data: np.ndarray | memoryview | bytes, page_size: int, out
 
 
 def image_digest(fingerprints: np.ndarray) -> bytes:
-    return xxhash.xxh3_128_digest(fingerprints.astype("<u8", copy=False).tobytes())
+    return xxhash.xxh3_128_digest(np.ascontiguousarray(fingerprints, dtype="<u8"))  # no copy on little-endian
 
 
 def fingerprint_image(array: np.ndarray, page_size: int, threads: int = 1, chunk_pages: int = 16384) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .digest import digest_of_image, fingerprint_pages, image_digest, zero_fingerprint
+from .digest import fingerprint_pages, image_digest, zero_fingerprint
 from .errors import DestinationError, SourceError
 
 DEFAULT_PAGE_SIZE = 4096
@@ -144,34 +144,59 @@ class DestinationImage:
                 f"destination {self.partial}: cannot allocate {size} bytes: {exc.strerror}"
             ) from None
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        # What DEST holds, page by page (a fresh file is all zeros); kept current by write_batch.
+        self.fingerprints = np.full(self.pages, zero_fingerprint(page_size), dtype=np.uint64)
 
-    def write_batch(self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview) -> None:
-        """Place a decoded batch: ``data`` holds the non-zero pages in order; zero pages become zeros."""
+    def write_batch(
+        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
+    ) -> None:
+        """Place a decoded batch, then fingerprint what DEST now holds at those pages.
+
+        ``data`` holds the non-zero pages in order; zero pages become zeros. The fingerprints are read back from the
+        mapping (not from ``data``), so the end digest is computed over DEST itself, incrementally: at END only
+        hashing the fingerprint array remains, which keeps the receiver's share of a live downtime small.
+        """
+        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+        if indices is not None:
+            self._write_list(np.frombuffer(indices, dtype=">u8").astype(np.int64), zero, data)
+            return
         ps = self.page_size
         base = start * ps
-        if not any(zero_bitmap):
-            self.array[base : base + count * ps] = np.frombuffer(data, dtype=np.uint8)
-            return
-        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
-        src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
-        pos = 0
-        # Walk runs of equal kind: one slice copy per run, not per page.
-        edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
-        bounds = [0, *edges.tolist(), count]
-        for lo, hi in itertools.pairwise(bounds):
-            dst = self.array[base + lo * ps : base + hi * ps]
-            if zero[lo]:
-                if dst.any():  # a fresh file is zero already; only write where something was
-                    dst[:] = 0
-            else:
-                n = (hi - lo) * ps
-                assert src is not None
-                dst[:] = src[pos : pos + n]
-                pos += n
+        region = self.array[base : base + count * ps]
+        if not zero.any():
+            region[:] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
+            pos = 0
+            # Walk runs of equal kind: one slice copy per run, not per page.
+            edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
+            bounds = [0, *edges.tolist(), count]
+            for lo, hi in itertools.pairwise(bounds):
+                dst = region[lo * ps : hi * ps]
+                if zero[lo]:
+                    if dst.any():  # a fresh file is zero already; only write where something was
+                        dst[:] = 0
+                else:
+                    n = (hi - lo) * ps
+                    assert src is not None
+                    dst[:] = src[pos : pos + n]
+                    pos += n
+        fingerprint_pages(region, ps, self.fingerprints[start : start + count])
+
+    def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview) -> None:
+        ps = self.page_size
+        pages2d = self.array.reshape(self.pages, ps)
+        if not zero.all():
+            pages2d[ids[~zero]] = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
+        if zero.any():
+            pages2d[ids[zero]] = 0
+        fps = np.empty(ids.size, dtype=np.uint64)
+        fingerprint_pages(pages2d[ids], ps, fps)  # read back from DEST (a gathered copy)
+        self.fingerprints[ids] = fps
 
     def digest(self, threads: int) -> bytes:
-        """The image digest recomputed from DEST.partial itself (after ``flush``), not from what was decoded."""
-        return digest_of_image(self.array, self.page_size, threads)
+        """The image digest over DEST.partial's own content, as fingerprinted after each write (see write_batch)."""
+        return image_digest(self.fingerprints)
 
     def flush(self) -> None:
         assert self._mmap is not None
@@ -230,15 +255,19 @@ class DiscardSink:
         self.fingerprints = np.full(self.pages, zero_fingerprint(page_size), dtype=np.uint64)
         self._zero = zero_fingerprint(page_size)
 
-    def write_batch(self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview) -> None:
-        fps = self.fingerprints[start : start + count]
+    def write_batch(
+        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
+    ) -> None:
+        ids = (
+            np.arange(start, start + count) if indices is None else np.frombuffer(indices, dtype=">u8").astype(np.int64)
+        )
         zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
-        fps[zero] = self._zero
+        self.fingerprints[ids[zero]] = self._zero
         normal = int(count - np.count_nonzero(zero))
         if normal:
             out = np.empty(normal, dtype=np.uint64)
             fingerprint_pages(np.frombuffer(data, dtype=np.uint8), self.page_size, out)
-            fps[~zero] = out
+            self.fingerprints[ids[~zero]] = out
 
     def digest(self, threads: int) -> bytes:
         return image_digest(self.fingerprints)

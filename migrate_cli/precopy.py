@@ -6,14 +6,16 @@ what was sent, and sends only those. After each scan:
     expected downtime = switchover cost + dirty bytes / achieved rate
 
 where the achieved rate is non-zero image bytes sent per second in the latest measurable pass, and the switchover
-cost is what happens while the guest is paused besides sending: the post-pause scan on this side, the receiver's
-verification of DEST (about one more scan) and the final round trip, estimated as 2 × the last scan time + 20 ms.
+cost is what happens while the guest is paused besides sending: the post-pause scan on this side (measured: the
+last scan's time) plus 20 ms for the final frames, the receiver's flush and digest (it fingerprints DEST as it
+writes, so only the fingerprint array is left to hash) and the rename.
 When the estimate fits ``--downtime-limit`` the guest is paused and the last pass goes out. When it does not fit
 after ``--max-passes`` passes or ``--max-time``, ``--on-no-converge`` decides: switch over anyway (a long downtime,
 reported), or abort with the guest still running.
 
-Auto-converge: while a pass ends with the dirty rate at or above half the achieved rate (QEMU's
-throttle-trigger-threshold of 50%), the guest is throttled 20% more the first time, then +10% a pass, at most 99%.
+Auto-converge: while a scan finds the dirty rate at or above half the achieved rate (QEMU's
+throttle-trigger-threshold of 50%), the guest is throttled: 20% the first time, then +10% per second elapsed since
+the last step (QEMU steps once per dirty sync, about every second; our passes can last longer), at most 99%.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class ConvergencePolicy:
 
     @staticmethod
     def expected_downtime(dirty_bytes: int, achieved_rate: float, scan_time: float) -> float:
-        cost = 2 * scan_time + SWITCHOVER_OVERHEAD
+        cost = scan_time + SWITCHOVER_OVERHEAD
         return cost + (dirty_bytes / achieved_rate if achieved_rate > 0 else float("inf"))
 
     def decide(self, expected: float, passes_done: int, elapsed: float) -> Decision:
@@ -130,6 +132,7 @@ class Precopy:
         self.clock = clock
         self.result = LiveResult()
         self.paused = False
+        self._last_step: float | None = None
 
     def _achieved_rate(self) -> float:
         """Non-zero page bytes per second of the latest pass big enough to measure (dirty pages are rarely zero).
@@ -179,7 +182,10 @@ class Precopy:
             if decision is Decision.SWITCHOVER:
                 return self._switchover(dirty_rate, expected)
             if self.throttle is not None and dirty_rate >= 0.5 * achieved:
-                self.stats.throttle = self.throttle.step_up()
+                steps = 1 if self._last_step is None else max(1, int(scan_start - self._last_step))
+                for _ in range(steps):
+                    self.stats.throttle = self.throttle.step_up()
+                self._last_step = scan_start
             record = self.send_pass(len(self.result.passes) + 1, dirty, False)
             record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
             record.throttle = self.throttle.percentage if self.throttle else 0

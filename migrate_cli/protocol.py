@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+import numpy as np
 from zlib_ng import zlib_ng
 
 from .errors import IntegrityError, ProtocolError
@@ -30,7 +31,7 @@ MAX_PAGE_SIZE = 2 * 1024 * 1024
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # page bytes one PAGES frame may describe
 MAX_BATCH_PAGES = 65536
 MAX_ABORT_MESSAGE = 1024
-MAX_PAYLOAD = 16 + MAX_BATCH_PAGES // 8 + MAX_BATCH_BYTES
+MAX_PAYLOAD = 8 + 8 * MAX_BATCH_PAGES + MAX_BATCH_PAGES // 8 + MAX_BATCH_BYTES
 MAX_IMAGE_SIZE = 1 << 50
 
 
@@ -40,6 +41,7 @@ class FrameType(IntEnum):
     KEEPALIVE = 0x03
     PAGES = 0x10
     PASS_END = 0x11
+    PAGE_LIST = 0x12
     END = 0x20
     RESULT = 0x21
     ABORT = 0x7F
@@ -65,6 +67,7 @@ class VersionMismatch(ProtocolError):
 _HELLO = struct.Struct("!HIQBBI16sHHI")
 _WELCOME = struct.Struct("!HI")
 _PAGES = struct.Struct("!QIBBH")
+_PAGE_LIST = struct.Struct("!IBBH")
 _PASS_END = struct.Struct("!II")
 _END = struct.Struct("!QQ16s")
 _RESULT = struct.Struct("!B3x16s")
@@ -106,6 +109,10 @@ class Pages:
 
     ``zero_bitmap`` has bit i (LSB first within each byte) set when page start+i is all zeros; ``data`` holds the
     other pages, in order, encoded with ``encoding``.
+
+    With ``indices`` (big-endian u64 page numbers, strictly increasing) the batch is a PAGE_LIST frame: page i of
+    the batch is page ``indices[i]`` of the image, so scattered dirty pages travel in full-size batches.
+    ``start`` is then the first index.
     """
 
     start: int
@@ -113,6 +120,13 @@ class Pages:
     encoding: int
     zero_bitmap: bytes
     data: bytes | bytearray | memoryview
+    indices: bytes | None = None
+
+    def index_array(self) -> np.ndarray:
+        """The page numbers this batch covers, in order."""
+        if self.indices is None:
+            return np.arange(self.start, self.start + self.count, dtype=np.int64)
+        return np.frombuffer(self.indices, dtype=">u8").astype(np.int64)
 
     @property
     def zero_count(self) -> int:
@@ -204,6 +218,10 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
         case Keepalive():
             parts = []
             frame_type = FrameType.KEEPALIVE
+        case Pages() if frame.indices is not None:
+            head = _PAGE_LIST.pack(frame.count, frame.encoding, 0, 0)
+            parts = [head + frame.indices + frame.zero_bitmap, frame.data]
+            frame_type = FrameType.PAGE_LIST
         case Pages():
             parts = [_PAGES.pack(frame.start, frame.count, frame.encoding, 0, 0) + frame.zero_bitmap, frame.data]
             frame_type = FrameType.PAGES
@@ -318,6 +336,26 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
             raise ProtocolError("PAGES frame zero bitmap has bits set past its page count")
         data = memoryview(payload)[_PAGES.size + bitmap_len :]
         return Pages(start=start, count=count, encoding=encoding, zero_bitmap=bitmap, data=data)
+    if kind is FrameType.PAGE_LIST:
+        _need(kind, payload, _PAGE_LIST.size, exact=False)
+        count, encoding, reserved1, reserved2 = _PAGE_LIST.unpack_from(payload)
+        if reserved1 or reserved2:
+            raise ProtocolError("PAGE_LIST frame has non-zero reserved bytes")
+        if not 1 <= count <= MAX_BATCH_PAGES:
+            raise ProtocolError(f"PAGE_LIST frame has page count {count}, outside 1..{MAX_BATCH_PAGES}")
+        bitmap_len = (count + 7) // 8
+        offset = _PAGE_LIST.size + 8 * count
+        _need(kind, payload, offset + bitmap_len, exact=False)
+        indices = bytes(payload[_PAGE_LIST.size : offset])
+        index_array = np.frombuffer(indices, dtype=">u8")
+        if count > 1 and not bool(np.all(index_array[1:] > index_array[:-1])):
+            raise ProtocolError("PAGE_LIST frame page numbers are not strictly increasing")
+        bitmap = bytes(payload[offset : offset + bitmap_len])
+        if count % 8 and bitmap[-1] >> (count % 8):
+            raise ProtocolError("PAGE_LIST frame zero bitmap has bits set past its page count")
+        data = memoryview(payload)[offset + bitmap_len :]
+        first = int(index_array[0])
+        return Pages(start=first, count=count, encoding=encoding, zero_bitmap=bitmap, data=data, indices=indices)
     if kind is FrameType.PASS_END:
         _need(kind, payload, _PASS_END.size)
         number, batches = _PASS_END.unpack(payload)
@@ -358,7 +396,11 @@ def validate_pages(frame: Pages, page_size: int, total_pages: int, batch_pages: 
     """Check a PAGES frame against the session before any memory is touched."""
     if frame.count > batch_pages:
         raise ProtocolError(f"PAGES frame carries {frame.count} pages, more than the announced batch of {batch_pages}")
-    if frame.start >= total_pages or frame.count > total_pages - frame.start:
+    if frame.indices is not None:
+        last = int(np.frombuffer(frame.indices, dtype=">u8")[-1])
+        if last >= total_pages:
+            raise ProtocolError(f"PAGE_LIST frame names page {last}, past the image end ({total_pages} pages)")
+    elif frame.start >= total_pages or frame.count > total_pages - frame.start:
         raise ProtocolError(
             f"PAGES frame covers pages {frame.start}..{frame.start + frame.count - 1}, "
             f"past the image end ({total_pages} pages)"
@@ -394,6 +436,7 @@ TRANSITIONS: dict[Role, dict[State, dict[FrameType, State]]] = {
         State.HANDSHAKE: {FrameType.HELLO: State.STREAMING},
         State.STREAMING: {
             FrameType.PAGES: State.STREAMING,
+            FrameType.PAGE_LIST: State.STREAMING,
             FrameType.PASS_END: State.STREAMING,
             FrameType.END: State.DONE,
         },

@@ -62,7 +62,8 @@ class RecvPipeline:
         self.stats = stats
         self.failure = failure
         self.batch_pages = batch_pages
-        payload_max = 16 + (MAX_BATCH_PAGES + 7) // 8 + batch_pages * dest.page_size
+        # Room for either frame kind: PAGES (16-byte head) or PAGE_LIST (8-byte head + 8 bytes per page).
+        payload_max = 16 + 8 * batch_pages + (MAX_BATCH_PAGES + 7) // 8 + batch_pages * dest.page_size
         self.pool = BufferPool(threads * 2 + 2, payload_max, failure)
         self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=threads * 2)
         self._threads: list[threading.Thread] = []
@@ -134,7 +135,7 @@ class RecvPipeline:
             try:
                 size = frame.normal_count * ps
                 data = frame.data if frame.encoding == Encoding.RAW else decompressor.decompress(frame.data, size)
-                self.dest.write_batch(frame.start, frame.count, frame.zero_bitmap, data)
+                self.dest.write_batch(frame.start, frame.count, frame.zero_bitmap, data, frame.indices)
                 self.stats.add_batch(
                     frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW
                 )

@@ -24,12 +24,15 @@ from functools import partial
 import numpy as np
 
 from . import codec as codecs
+from .codec import Compressor
 from .digest import fingerprint_pages, zero_fingerprint
 from .image import SourceImage
 from .pipeline import Failure, Stopped, get, put, spawn
 from .protocol import Encoding, Pages
 
 RING = 3  # gather buffers per worker: one being filled, up to two raw batches waiting for the network thread
+
+Batch = tuple[int, int] | np.ndarray  # (start, count) of consecutive pages, or sorted page numbers
 
 
 @dataclass
@@ -61,7 +64,7 @@ class SendPipeline:
         self.failure = failure
         # What was sent: the fingerprint of the copy of each page that went on the wire (digest.py).
         self.fingerprints = np.empty(source.pages, dtype=np.uint64)
-        self._work: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize=threads * 4)
+        self._work: queue.Queue[Batch | None] = queue.Queue(maxsize=threads * 4)
         self.out: queue.Queue[EncodedBatch] = queue.Queue(maxsize=threads * 2)
         self._workers: list[threading.Thread] = []
         self._reader: threading.Thread | None = None
@@ -71,7 +74,7 @@ class SendPipeline:
         for i in range(self.threads):
             self._workers.append(spawn(f"compress-{i}", self._worker, self.failure))
 
-    def feed(self, ranges: list[tuple[int, int]]) -> None:
+    def feed(self, ranges: list[Batch]) -> None:
         """Start a reader thread that hands ``ranges`` to the workers; the caller takes len(ranges) batches."""
         if self._reader is not None:
             self._reader.join()
@@ -87,8 +90,8 @@ class SendPipeline:
 
     # -- threads -------------------------------------------------------------------------------------------------
 
-    def _read(self, ranges: list[tuple[int, int]]) -> None:
-        for item in ranges:
+    def _read(self, batches: list[Batch]) -> None:
+        for item in batches:
             put(self._work, item, self.failure)
 
     def _worker(self) -> None:
@@ -97,54 +100,73 @@ class SendPipeline:
         free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for _ in range(RING):
             free.put(np.empty(self.batch_pages * ps, dtype=np.uint8))
-        image = self.source.array
         while (item := get(self._work, self.failure)) is not _DONE:
+            put(self.out, self._encode(item, free, compressor), self.failure)
+
+    def _encode(self, item: Batch, free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None) -> EncodedBatch:
+        ps = self.source.page_size
+        pages2d = self.source.array.reshape(self.source.pages, ps)
+        buf: np.ndarray | None = None
+        if isinstance(item, tuple):  # a contiguous range: scan the live mapping, copy out only non-zero pages
             start, count = item
-            region = image[start * ps : (start + count) * ps]
-            nonzero = region.view(np.uint64).reshape(count, ps // 8).any(axis=1)
-            normal = int(np.count_nonzero(nonzero))
-            bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
-            fps = self.fingerprints[start : start + count]
-            if normal == 0:
-                fps[:] = self._zero_fp
-                put(self.out, EncodedBatch(Pages(start, count, Encoding.RAW, bitmap, b""), None), self.failure)
-                continue
+            ids = np.arange(start, start + count)
+            region = pages2d[start : start + count]
+            indices = None
+        else:  # scattered pages (a later pass): gathering them is the copy out of the mapping
+            ids, count = item, len(item)
+            start = int(ids[0])
             buf = get_free(free, self.failure)
-            copy = buf[: normal * ps]
+            region = buf[: count * ps].reshape(count, ps)
+            np.take(pages2d, ids, axis=0, out=region)
+            indices = ids.astype(">u8").tobytes()
+        nonzero = region.view(np.uint64).any(axis=1)
+        normal = int(np.count_nonzero(nonzero))
+        bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
+        self.fingerprints[ids[~nonzero]] = self._zero_fp
+        if normal == 0:
+            if buf is not None:
+                free.put(buf)
+            return EncodedBatch(Pages(start, count, Encoding.RAW, bitmap, b"", indices), None)
+        if buf is None:
+            buf = get_free(free, self.failure)
+            copy = buf[: normal * ps].reshape(normal, ps)
             if normal == count:
                 np.copyto(copy, region)
-                fingerprint_pages(copy, ps, fps)
             else:
-                np.compress(nonzero, region.reshape(count, ps), axis=0, out=copy.reshape(normal, ps))
-                normal_fps = np.empty(normal, dtype=np.uint64)
-                fingerprint_pages(copy, ps, normal_fps)
-                fps[nonzero] = normal_fps
-                fps[~nonzero] = self._zero_fp
-            packed = compressor.compress(copy) if compressor is not None else None
-            if packed is not None and len(packed) < copy.size:
-                free.put(buf)
-                batch = EncodedBatch(Pages(start, count, self.codec.wire_id, bitmap, packed), None)
-            else:
-                batch = EncodedBatch(
-                    Pages(start, count, Encoding.RAW, bitmap, memoryview(copy)), partial(free.put, buf)
-                )
-            put(self.out, batch, self.failure)
+                np.compress(nonzero, region, axis=0, out=copy)
+        else:
+            if normal < count:
+                region[:normal] = region[nonzero]  # compact in place (the right side is a temporary copy)
+            copy = region[:normal]
+        # Fingerprints of the copy that goes on the wire, never of the live page (docs/ARCHITECTURE.md).
+        normal_fps = np.empty(normal, dtype=np.uint64)
+        fingerprint_pages(copy.reshape(-1), ps, normal_fps)
+        self.fingerprints[ids[nonzero]] = normal_fps
+        flat = copy.reshape(-1)
+        packed = compressor.compress(flat) if compressor is not None else None
+        if packed is not None and len(packed) < flat.size:
+            free.put(buf)
+            return EncodedBatch(Pages(start, count, self.codec.wire_id, bitmap, packed, indices), None)
+        return EncodedBatch(
+            Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices), partial(free.put, buf)
+        )
 
 
-def batch_ranges(pages: np.ndarray, batch_pages: int) -> list[tuple[int, int]]:
-    """Cover sorted page indices with (start, count) ranges of consecutive pages, at most ``batch_pages`` each."""
-    if pages.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))] + 1
-    ranges: list[tuple[int, int]] = []
-    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-        ranges.extend((s, min(batch_pages, hi - s)) for s in range(lo, hi, batch_pages))
-    return ranges
+def batch_ranges(pages: np.ndarray, batch_pages: int) -> list[Batch]:
+    """Cover sorted page indices with batches of at most ``batch_pages`` pages.
+
+    A chunk of consecutive pages becomes a (start, count) range (a PAGES frame); a chunk with gaps stays a list
+    of page numbers (a PAGE_LIST frame), so scattered dirty pages still travel in full-size batches.
+    """
+    batches: list[Batch] = []
+    for lo in range(0, pages.size, batch_pages):
+        chunk = pages[lo : lo + batch_pages]
+        first, last = int(chunk[0]), int(chunk[-1])
+        batches.append((first, chunk.size) if last - first + 1 == chunk.size else chunk.astype(np.int64))
+    return batches
 
 
-def all_ranges(total_pages: int, batch_pages: int) -> list[tuple[int, int]]:
+def all_ranges(total_pages: int, batch_pages: int) -> list[Batch]:
     return [(s, min(batch_pages, total_pages - s)) for s in range(0, total_pages, batch_pages)]
 
 

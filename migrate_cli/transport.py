@@ -178,7 +178,7 @@ class Channel:
         """
         self._recv_exactly(memoryview(self._header), "header")
         header = parse_header(self._header)
-        if header.frame_type is FrameType.PAGES and alloc is not None:
+        if header.frame_type in (FrameType.PAGES, FrameType.PAGE_LIST) and alloc is not None:
             payload = alloc(header)
         else:
             payload = memoryview(bytearray(header.length))

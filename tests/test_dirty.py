@@ -87,10 +87,14 @@ def test_fingerprints_of_zero_pages_are_the_constant() -> None:
     assert out.tolist() == [zero_fingerprint(PS)] * 2
 
 
-def test_batch_ranges_cover_runs_split_at_the_batch_size() -> None:
+def test_dirty_pages_travel_in_full_batches_contiguous_or_listed() -> None:
     pages = np.array([0, 1, 2, 3, 4, 10, 12, 13, 99])
-    assert batch_ranges(pages, 3) == [(0, 3), (3, 2), (10, 1), (12, 2), (99, 1)]
+    batches = batch_ranges(pages, 3)
+    assert batches[0] == (0, 3)  # consecutive pages: a PAGES range
+    assert [b.tolist() for b in batches[1:] if isinstance(b, np.ndarray)] == [[3, 4, 10], [12, 13, 99]]
     assert batch_ranges(np.array([], dtype=np.int64), 8) == []
+    scattered = np.arange(0, 1000, 7)
+    assert all(len(b) == 64 for b in batch_ranges(scattered, 64)[:-1]), "scattered pages fill whole batches"
     assert all_ranges(10, 4) == [(0, 4), (4, 4), (8, 2)]
 
 

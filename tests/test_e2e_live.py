@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,8 +158,9 @@ def test_a_failure_after_the_pause_resumes_the_guest(procs: Processes, guests: l
     guest = start_guest(guests, image, tmp_path, "--rate", "4M")
     dest = tmp_path / "dest.ram"
     recv = procs.recv(dest)
-    # The pause hook stops the guest and kills the receiver: the failure lands right after the pause.
-    pause = f"kill -STOP {guest.pid}; kill -9 {recv.popen.pid}"
+    # The pause hook stops the guest and kills the receiver (and gives the kernel a moment to report the closed
+    # connection): the failure lands right after the pause, before the last pages could go out.
+    pause = f"kill -STOP {guest.pid}; kill -9 {recv.popen.pid}; sleep 0.5"
     send = procs.send(image, recv.address, "--live", "--pause-cmd", pause, "--unpause-cmd", f"kill -CONT {guest.pid}")
     code, _, err = send.wait(60)
     assert code == 5, err
@@ -166,6 +168,29 @@ def test_a_failure_after_the_pause_resumes_the_guest(procs: Processes, guests: l
     time.sleep(0.2)
     assert not guest.is_paused()
     assert not dest.exists()
+
+
+def test_a_verdict_lost_after_the_end_frame_leaves_the_guest_paused_outcome_unknown(
+    procs: Processes, guests: list[Guest], tmp_path: Path
+) -> None:
+    from migrate_cli.protocol import End, Hello, Role, Welcome
+
+    from .fakepeer import FakePeer
+
+    image = make_image(tmp_path / "vm.ram", 8 << 20)
+    guest = start_guest(guests, image, tmp_path, "--rate", "2M")
+    listener = socket.create_server(("127.0.0.1", 0))
+    send = procs.send(image, f"127.0.0.1:{listener.getsockname()[1]}", "--live", "--pause-pid", str(guest.pid))
+    conn, _ = listener.accept()
+    peer = FakePeer(conn, Role.RECEIVER)
+    peer.read_until(Hello)
+    peer.send(Welcome())
+    peer.read_until(End)
+    peer.close()  # the link dies with the verdict unsent
+    listener.close()
+    code, _, err = send.wait(30)
+    assert code == 11 and "the guest stays paused" in err
+    assert guest.is_paused(), "never resume a guest whose destination may already be running"
 
 
 def test_stop_and_copy_pauses_first_and_copies_once(procs: Processes, guests: list[Guest], tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ PS = 4096
 
 def test_expected_downtime_is_switchover_cost_plus_dirty_bytes_over_rate() -> None:
     expected = ConvergencePolicy.expected_downtime(dirty_bytes=10_000_000, achieved_rate=100_000_000, scan_time=0.05)
-    assert expected == pytest.approx(0.1 + SWITCHOVER_OVERHEAD + 0.1)
+    assert expected == pytest.approx(0.05 + SWITCHOVER_OVERHEAD + 0.1)
 
 
 def test_decisions() -> None:
