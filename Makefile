@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test test-full lint bench clean
+.PHONY: demo test test-full lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check . || true
 
-bench: $(STAMP)  ## throughput/RSS benchmark against zstd|socat baselines (not part of make test)
+bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat baselines, live migration
 	$(BIN)/python benchmarks/bench_transfer.py
+	$(BIN)/python benchmarks/bench_live.py
+
+bench-quick: $(STAMP)  ## a smoke run of every benchmark
+	$(BIN)/python benchmarks/bench_transfer.py --quick
+	$(BIN)/python benchmarks/bench_live.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
