@@ -3,6 +3,7 @@
 import contextlib
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from migrate_cli.protocol import (
     Hello,
     Keepalive,
     Pages,
+    PassEnd,
     Result,
     Role,
     VersionMismatch,
@@ -29,7 +31,17 @@ from migrate_cli.protocol import (
 
 HELLO = Hello(page_size=4096, image_size=4096 * 100, codec=1, level=1, session_id=b"s" * 16, batch_pages=64)
 PAGES = Pages(start=10, count=12, encoding=Encoding.ZLIB, zero_bitmap=bytes([0b101, 0b1000]), data=b"compressed")
-SENDER_STREAM = [HELLO, Keepalive(), PAGES, Pages(0, 8, Encoding.RAW, b"\xff", b""), End(100, 2, b"d" * 16)]
+PAGE_LIST = Pages(3, 3, Encoding.RAW, b"\x02", b"p" * 8192, indices=np.array([3, 9, 70], dtype=">u8").tobytes())
+SENDER_STREAM = [
+    HELLO,
+    Keepalive(),
+    PAGES,
+    Pages(0, 8, Encoding.RAW, b"\xff", b""),
+    PassEnd(1, 2),
+    PAGE_LIST,
+    PassEnd(2, 1),
+    End(100, 3, b"d" * 16),
+]
 RECEIVER_STREAM = [Keepalive(), Welcome(), Keepalive(), Result(0, b"x" * 16)]
 
 
@@ -45,7 +57,8 @@ def decode_all(role: Role, data: bytes, chunk: int = 0) -> list[object]:
 
 def normalise(frames: list[object]) -> list[object]:
     return [
-        Pages(f.start, f.count, f.encoding, f.zero_bitmap, bytes(f.data)) if isinstance(f, Pages) else f for f in frames
+        Pages(f.start, f.count, f.encoding, f.zero_bitmap, bytes(f.data), f.indices) if isinstance(f, Pages) else f
+        for f in frames
     ]
 
 
@@ -206,3 +219,17 @@ def test_any_single_bit_flip_in_a_valid_stream_is_detected(data: st.DataObject) 
         # which the transport reports; here it must at least not yield the original stream.
         assert normalise(frames) != SENDER_STREAM
         raise ProtocolError("stream ended early")
+
+
+def test_a_page_list_names_its_pages_and_must_be_strictly_increasing() -> None:
+    assert PAGE_LIST.index_array().tolist() == [3, 9, 70]
+    assert PAGES.index_array().tolist() == list(range(10, 22))
+    bad = Pages(3, 2, Encoding.RAW, b"\x03", b"", indices=np.array([9, 3], dtype=">u8").tobytes())
+    with pytest.raises(ProtocolError, match="not strictly increasing"):
+        decode_all(Role.RECEIVER, encode(HELLO) + encode(bad))
+
+
+def test_a_page_list_past_the_image_end_is_refused() -> None:
+    frame = Pages(3, 2, Encoding.RAW, b"\x03", b"", indices=np.array([3, 100], dtype=">u8").tobytes())
+    with pytest.raises(ProtocolError, match="names page 100, past the image end"):
+        validate_pages(frame, page_size=4096, total_pages=100, batch_pages=64)
