@@ -74,7 +74,7 @@ def forecast(snap: Snapshot) -> str | None:
     )
 
 
-class _View:
+class DisplayView:
     """A rich renderable that re-reads the statistics on every refresh."""
 
     def __init__(self, stats: Stats, title: str, info: str) -> None:
@@ -99,6 +99,13 @@ class _View:
         """The display's CPU time as a share of the process's since the display started."""
         total = self.cpu.process_cpu() - self._start_cpu
         return self.own_cpu_seconds() / total if total > 0 else 0.0
+
+    def cpu_report(self) -> dict[str, float]:
+        """For the final report: what the display itself cost."""
+        return {
+            "display-cpu-seconds": round(self.own_cpu_seconds(), 4),
+            "display-cpu-share": round(self.own_cpu_share(), 5),
+        }
 
     def __rich__(self) -> RenderableType:
         started = time.thread_time()
@@ -162,11 +169,11 @@ class _View:
 
 
 @contextmanager
-def live_display(stats: Stats, title: str, info: str, enabled: bool) -> Iterator[_View | None]:
+def live_display(stats: Stats, title: str, info: str, enabled: bool) -> Iterator[DisplayView | None]:
     if not enabled:
         yield None
         return
-    view = _View(stats, title, info)
+    view = DisplayView(stats, title, info)
     console = Console(file=sys.stderr)
     with Live(view, console=console, refresh_per_second=REFRESH_PER_SECOND, transient=False):
         yield view

@@ -36,7 +36,7 @@ from .errors import (
 )
 from .image import DestinationImage, DiscardSink, check_destination
 from .pipeline import Failure, spawn
-from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
+from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
     RESULT_DIGEST_MISMATCH,
     RESULT_VERIFIED,
@@ -88,6 +88,7 @@ class Receiver:
         self._stop_keepalive = threading.Event()
         self.stats = Stats()
         self.display = display_wanted(opts.quiet)
+        self.view: DisplayView | None = None
         self.codec_name = ""
         self.stats_log = StatsLog(self.stats, opts.stats_path, {"role": "recv", "threads": self.threads})
 
@@ -137,6 +138,7 @@ class Receiver:
             where = "(discard)" if opts.discard else opts.destination
             info = f"{bound} → {where}  codec {codec.name}  threads {self.threads}"
             with live_display(stats, "recv", info, self.display) as view:
+                self.view = view
                 if view:
                     view.phase = "allocating"
                 self.dest = (
@@ -180,6 +182,7 @@ class Receiver:
                 "digest": digest.hex(),
                 "destination": None if opts.discard else opts.destination,
                 "discard": opts.discard,
+                **(self.view.cpu_report() if self.view is not None else {}),
             },
         )
         self._close_side_channels(control, result)

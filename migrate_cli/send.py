@@ -49,7 +49,7 @@ from .image import SourceImage
 from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
 from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
-from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
+from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import RESULT_VERIFIED, Abort, Encoding, End, Hello, Keepalive, PassEnd, Result, Role, Welcome
 from .ratelimit import TokenBucket
 from .sender import SendPipeline, all_ranges, batch_ranges
@@ -142,6 +142,7 @@ class Sender:
         self.policy = ConvergencePolicy(opts.downtime_limit, opts.max_passes, opts.max_time)
         self.stats = Stats(page_size=opts.page_size, cap=opts.max_bandwidth or 0)
         self.display = display_wanted(opts.quiet)
+        self.view: DisplayView | None = None
         self.stats_log = StatsLog(self.stats, opts.stats_path, self._identity())
 
     def run(self) -> dict[str, Any]:
@@ -169,7 +170,8 @@ class Sender:
         self.verbose(f"connected to {opts.destination}")
         pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, self.failure)
         try:
-            with live_display(stats, "send", info, display_wanted(opts.quiet)) as view:
+            with live_display(stats, "send", info, self.display) as view:
+                self.view = view
                 hello = Hello(
                     page_size=opts.page_size,
                     image_size=source.size,
@@ -454,6 +456,8 @@ class Sender:
             extra["converged"] = self.live.converged
         if self.pass_records:
             extra["passes"] = [p.as_json() for p in self.pass_records]
+        if self.view is not None:
+            extra.update(self.view.cpu_report())
         return report(snap, extra)
 
     # -- statistics and control ----------------------------------------------------------------------------------
