@@ -70,6 +70,15 @@ def _page_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return value
 
 
+def tls_options(cert: str | None, key: str | None, ca: str | None, peer_name: str | None) -> Any:
+    from .tls import TlsOptions
+
+    try:
+        return TlsOptions.from_cli(cert, key, ca, peer_name)
+    except MigrateError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _raise_interrupted(signum: int, frame: FrameType | None) -> NoReturn:
     raise Interrupted(signum, signal.Signals(signum).name)
 
@@ -109,6 +118,24 @@ common_options = [
     click.option("--debug", is_flag=True, help="Show tracebacks with errors."),
     click.option(
         "--verbose", "-v", is_flag=True, help="Without a terminal: also print each phase (connected, allocated, ...)."
+    ),
+    click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="This end's certificate (PEM)."),
+    click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="This end's private key (PEM)."),
+    click.option(
+        "--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA that signed the peer's certificate (PEM)."
+    ),
+    click.option(
+        "--tls-peer-name",
+        default=None,
+        metavar="NAME",
+        help="Name the peer's certificate must carry (send: default the host connected to; recv: checked if given).",
+    ),
+    click.option(
+        "--handshake-timeout",
+        type=DURATION,
+        default="10s",
+        show_default=True,
+        help="Bound on the whole handshake, TLS included.",
     ),
     click.option(
         "--control",
@@ -289,6 +316,11 @@ def send(
     quiet: bool,
     debug: bool,
     verbose: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_peer_name: str | None,
+    handshake_timeout: float,
     control: str | None,
     stats_path: str | None,
 ) -> None:
@@ -350,6 +382,8 @@ def send(
         control=control,
         stats_path=stats_path,
         verbose=verbose,
+        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
+        handshake_timeout=handshake_timeout,
     )
     _execute("send", debug, lambda: run(opts))
 
@@ -406,6 +440,11 @@ def recv(
     quiet: bool,
     debug: bool,
     verbose: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_peer_name: str | None,
+    handshake_timeout: float,
     control: str | None,
     stats_path: str | None,
 ) -> None:
@@ -443,6 +482,8 @@ def recv(
         control=control,
         stats_path=stats_path,
         verbose=verbose,
+        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
+        handshake_timeout=handshake_timeout,
     )
     _execute("recv", debug, lambda: run(opts))
 
@@ -479,3 +520,51 @@ def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> N
         print(json.dumps(request(socket_path, message), indent=2))
 
     _execute("ctl", debug, call)
+
+
+@main.group()
+def tls() -> None:
+    """Certificates for mutually authenticated TLS between vmmig hosts."""
+
+
+@tls.command("init")
+@click.argument("directory", metavar="DIR")
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    help="A host name or IP address to issue a certificate for (repeat for each host).",
+)
+@click.option(
+    "--days", type=click.IntRange(min=1), default=825, show_default=True, help="Validity of host certificates."
+)
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
+def tls_init(directory: str, hosts: tuple[str, ...], days: int, force: bool, debug: bool) -> None:
+    """Create a small CA and a certificate and key per host in DIR.
+
+    \b
+    Files: DIR/ca.pem (give to every host), DIR/ca.key (keep it safe: it signs certificates),
+           DIR/NAME.pem and DIR/NAME.key for each --host NAME (keys are mode 0600).
+    Certificates carry NAME as subject alternative name (DNS name, or IP address when NAME is one), are valid
+    for both ends (server and client) and for --days days; keys are ECDSA P-256.
+
+    \b
+    Example (two hosts):
+      vmmig tls init pki --host src.example --host dst.example
+      # copy pki/ca.pem + pki/dst.example.{pem,key} to dst, pki/ca.pem + pki/src.example.{pem,key} to src
+      dst$ vmmig recv --listen 0.0.0.0:4444 --tls-cert dst.example.pem --tls-key dst.example.key --tls-ca ca.pem \\
+              --tls-peer-name src.example /dev/shm/vm.ram
+      src$ vmmig send /dev/shm/vm.ram dst.example:4444 --tls-cert src.example.pem --tls-key src.example.key \\
+              --tls-ca ca.pem
+    """
+
+    def call() -> None:
+        from .tls import init
+
+        for path in init(directory, list(hosts), force=force, days=days):
+            print(path)
+
+    _execute("tls init", debug, call)

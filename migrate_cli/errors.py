@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     QEMU_STEP = 12  # reserved: a QEMU/QMP step failed
     DEST_MODIFIED = 13  # reserved: --in-place destination modified but unverified
     PAUSE = 14  # pausing, resuming or throttling the source guest failed
+    AUTH = 15  # TLS: the peer failed authentication, or does not speak TLS when we do (or the reverse)
     SIGINT = 130  # interrupted (Ctrl-C), after cleanup
     SIGTERM = 143  # terminated, after cleanup
 
@@ -108,6 +109,12 @@ class OutcomeUnknown(MigrateError):
     """The end frame went out but no verdict came back: the guest stays paused so that two copies never run."""
 
     exit_code = ExitCode.OUTCOME_UNKNOWN
+
+
+class AuthError(MigrateError):
+    """TLS failed: the peer's certificate is expired, from another CA or for another name, or the peer is plaintext."""
+
+    exit_code = ExitCode.AUTH
 
 
 class PauseError(MigrateError):

@@ -176,6 +176,18 @@ class Abort:
 
 Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort
 
+# Largest payload each small frame may announce (HELLO: room for a longer HELLO of a later version, so that the
+# version can still be read and named).
+MAX_LENGTH: dict[FrameType, int] = {
+    FrameType.HELLO: 1024,
+    FrameType.WELCOME: 1024,
+    FrameType.KEEPALIVE: 0,
+    FrameType.PASS_END: _PASS_END.size,
+    FrameType.END: _END.size,
+    FrameType.RESULT: _RESULT.size,
+    FrameType.ABORT: _ABORT.size + MAX_ABORT_MESSAGE,
+}
+
 RESULT_VERIFIED = 0
 RESULT_DIGEST_MISMATCH = 1
 
@@ -263,6 +275,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"frame header must be {HEADER_SIZE} bytes, got {len(data)}")
     magic, frame_type, flags, length, crc = HEADER.unpack(data)
     if magic != FRAME_MAGIC:
+        if magic >> 8 == 0x16:  # a TLS handshake record
+            raise ProtocolError("the peer speaks TLS: give this end --tls-cert, --tls-key and --tls-ca too")
         raise ProtocolError(f"bad frame magic 0x{magic:04x} (not a vmmig stream, or out of step)")
     try:
         kind = FrameType(frame_type)
@@ -272,6 +286,9 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"{kind.name} frame has unknown flags 0x{flags:02x}")
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"{kind.name} frame announces {length} payload bytes, more than the limit {MAX_PAYLOAD}")
+    if length > MAX_LENGTH.get(kind, MAX_PAYLOAD):
+        # Small frames have small payloads: nothing is buffered for a lie (before authentication too).
+        raise ProtocolError(f"{kind.name} frame announces {length} payload bytes, at most {MAX_LENGTH[kind]} allowed")
     return Header(kind, length, crc, bytes(data[:8]))
 
 

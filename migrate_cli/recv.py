@@ -54,7 +54,8 @@ from .protocol import (
 from .receiver import RecvPipeline
 from .send import usable_cpus
 from .stats import Stats
-from .transport import Channel, accept, format_address, is_loopback, listen, parse_address
+from .tls import TlsOptions, wrap_server
+from .transport import Channel, Deadline, accept, format_address, is_loopback, listen, parse_address
 from .units import format_bytes
 
 KEEPALIVE_INTERVAL = 1.0
@@ -74,6 +75,8 @@ class RecvOptions:
     json: bool = False
     quiet: bool = False
     discard: bool = False
+    tls: TlsOptions | None = None
+    handshake_timeout: float = 10.0
     control: str | None = None
     stats_path: str | None = None
     verbose: bool = False
@@ -95,10 +98,10 @@ class Receiver:
     def run(self) -> dict[str, Any]:
         opts = self.opts
         host, port = parse_address(opts.listen)
-        if not opts.insecure and not is_loopback(host):
+        if not opts.insecure and opts.tls is None and not is_loopback(host):
             raise UsageError(
-                f"refusing to listen on non-loopback address {host} without --insecure: "
-                "guest memory would cross the network unencrypted"
+                f"refusing to listen on non-loopback address {host} without TLS (--tls-cert, --tls-key, --tls-ca) "
+                "or --insecure: guest memory would cross the network unencrypted"
             )
         if not opts.discard:
             check_destination(opts.destination, opts.force)
@@ -120,11 +123,26 @@ class Receiver:
         listener.close()
         stats = self.stats
         self.stats_log.start()
+        deadline = Deadline(conn, opts.handshake_timeout, "--handshake-timeout")  # TLS + HELLO, as a whole
+        if opts.tls is not None:
+            try:
+                conn = wrap_server(conn, opts.tls, opts.handshake_timeout, on_wrapped=deadline.follow)
+            except BaseException as exc:
+                deadline.cancel()
+                if control:
+                    control.close()
+                self.stats_log.close(None)
+                raise deadline.check(exc) from None
         channel = Channel(conn, Role.RECEIVER, opts.io_timeout)
         self.failure.add_waker(channel.wake_reader)  # a worker's error must not wait for the next frame
         self.verbose("sender connected")
         try:
-            hello, wire = channel.read_frame()
+            try:
+                hello, wire = channel.read_frame()
+            except MigrateError as exc:
+                raise deadline.check(exc) from None
+            finally:
+                deadline.cancel()
             if not isinstance(hello, Hello):
                 raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
             stats.add_wire(wire)

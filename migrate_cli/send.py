@@ -54,6 +54,7 @@ from .protocol import RESULT_VERIFIED, Abort, Encoding, End, Hello, Keepalive, P
 from .ratelimit import TokenBucket
 from .sender import SendPipeline, all_ranges, batch_ranges
 from .stats import Stats
+from .tls import TlsOptions, wrap_client
 from .transport import Channel, connect, parse_address
 from .units import format_bytes, format_rate, parse_duration, parse_rate
 
@@ -87,6 +88,9 @@ class SendOptions:
     max_time: float | None = None
     on_no_converge: str = "abort"
     auto_converge: bool = False
+    # security
+    tls: TlsOptions | None = None
+    handshake_timeout: float = 10.0
     # statistics and control
     control: str | None = None
     stats_path: str | None = None
@@ -161,7 +165,10 @@ class Sender:
             + (f"  live, downtime limit {opts.downtime_limit * 1000:.0f}ms" if opts.live else "")
         )
         try:
-            channel = Channel(connect(host, port, opts.connect_timeout), Role.SENDER, opts.io_timeout)
+            sock = connect(host, port, opts.connect_timeout)
+            if opts.tls is not None:
+                sock = wrap_client(sock, opts.tls, host, opts.handshake_timeout)
+            channel = Channel(sock, Role.SENDER, opts.io_timeout)
         except BaseException:
             self._close_side_channels(control, None)
             source.close()
@@ -371,7 +378,15 @@ class Sender:
 
     def _await_welcome(self, channel: Channel) -> None:
         while True:
-            frame, _ = channel.read_frame()
+            try:
+                frame, _ = channel.read_frame()
+            except NetworkError as exc:
+                if self.opts.tls is None and not self.failure.is_set():
+                    raise NetworkError(
+                        f"{exc} during the handshake: if the receiver requires TLS, give --tls-cert, --tls-key "
+                        "and --tls-ca here too"
+                    ) from None
+                raise
             if isinstance(frame, Welcome):
                 return
             if isinstance(frame, Abort):

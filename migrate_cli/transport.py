@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -119,12 +120,19 @@ class Channel:
     def __init__(self, sock: socket.socket, role: Role, io_timeout: float) -> None:
         self.sock = sock
         self.io_timeout = io_timeout
+        self._timeout_option = "--io-timeout"
         sock.settimeout(io_timeout)
         self.conversation = Conversation(role)
         self._send_lock = threading.Lock()
         self._header = bytearray(HEADER_SIZE)
         self.last_send = time.monotonic()
         self.closed = False
+        self.tls = isinstance(sock, ssl.SSLSocket)
+
+    def set_timeout(self, seconds: float, option: str = "--io-timeout") -> None:
+        """Bound silence on this channel; errors name ``option`` (e.g. --handshake-timeout during the handshake)."""
+        self.io_timeout, self._timeout_option = seconds, option
+        self.sock.settimeout(seconds)
 
     # -- sending -------------------------------------------------------------------------------------------------
 
@@ -132,8 +140,12 @@ class Channel:
         """Send one whole frame; returns the bytes put on the wire."""
         parts = [memoryview(p).cast("B") for p in encode_parts(frame)]
         total = sum(len(p) for p in parts)
+        if self.tls:  # ssl.SSLSocket has no sendmsg: one whole buffer (a copy of the frame)
+            parts = [memoryview(b"".join(parts))]
         with self._send_lock:
             try:
+                while self.tls and parts:
+                    self.sock.sendall(parts.pop())
                 while parts:
                     sent = self.sock.sendmsg(parts)
                     while parts and sent >= len(parts[0]):
@@ -143,7 +155,7 @@ class Channel:
                         parts[0] = parts[0][sent:]
             except TimeoutError:
                 raise NetworkError(
-                    f"peer accepted no data for {self.io_timeout:g}s (--io-timeout): it is stalled or gone"
+                    f"peer accepted no data for {self.io_timeout:g}s ({self._timeout_option}): it is stalled or gone"
                 ) from None
             except (BrokenPipeError, ConnectionResetError):
                 raise NetworkError("connection lost: the peer closed it while we were sending") from None
@@ -160,9 +172,11 @@ class Channel:
             try:
                 n = self.sock.recv_into(view[got:])
             except TimeoutError:
-                raise NetworkError(f"no data from peer for {self.io_timeout:g}s (--io-timeout)") from None
+                raise NetworkError(f"no data from peer for {self.io_timeout:g}s ({self._timeout_option})") from None
             except ConnectionResetError:
                 raise NetworkError("connection reset by peer") from None
+            except ssl.SSLError as exc:
+                raise NetworkError(f"TLS stream broken: {exc.reason or exc}") from None
             except OSError as exc:
                 raise NetworkError(f"connection lost: {exc.strerror}") from None
             if n == 0:
@@ -190,7 +204,7 @@ class Channel:
 
     def wake_reader(self) -> None:
         """Make a thread blocked in ``read_frame`` return at once (it then sees the latched failure)."""
-        self.sock.shutdown(socket.SHUT_RD)
+        socket.socket.shutdown(self.sock, socket.SHUT_RD)  # the plain socket call, also under TLS
 
     def close_after_abort(self, linger: float = 0.5) -> None:
         """Close so that an ABORT just sent is read by the peer: half-close, drain briefly, then close.
@@ -198,7 +212,7 @@ class Channel:
         Closing with unread data would send a reset, which can destroy the ABORT before the peer reads it.
         """
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
             self.sock.settimeout(0.05)
             deadline = time.monotonic() + linger
             while time.monotonic() < deadline and self.sock.recv(1 << 16):
@@ -214,3 +228,37 @@ class Channel:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+class Deadline:
+    """Bounds a whole phase (a handshake) in time, not just silence: when it expires the socket is shut down,
+    which ends any blocked read; ``check`` then turns the resulting error into the right message."""
+
+    def __init__(self, sock: socket.socket, seconds: float, option: str) -> None:
+        self.seconds, self.option = seconds, option
+        self.expired = False
+        self._sock = sock
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        try:
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def follow(self, sock: socket.socket) -> None:
+        """The phase moved to another socket object on the same connection (TLS wrapping detaches the old one)."""
+        self._sock = sock
+        if self.expired:
+            self._expire()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def check(self, exc: BaseException) -> BaseException:
+        if self.expired:
+            return NetworkError(f"handshake not completed within {self.seconds:g}s ({self.option})")
+        return exc
