@@ -102,6 +102,7 @@ class LiveResult:
     paused_at: float = 0.0
     dirty_syncs: int = 0
     converged: bool = True
+    switchover: dict[str, float] = field(default_factory=dict)  # ms per step while the guest is paused
 
 
 class Precopy:
@@ -161,7 +162,8 @@ class Precopy:
             dirty_rate = dirty_bytes / max(scan_start - previous_scan, 1e-6)
             previous_scan = scan_start
             achieved = self._achieved_rate()
-            expected = self.policy.expected_downtime(dirty_bytes, achieved, scan_time)
+            # Pages keep being dirtied until the pause, about one scan time after this scan started.
+            expected = self.policy.expected_downtime(int(dirty_bytes + dirty_rate * scan_time), achieved, scan_time)
             self.stats.dirty_rate, self.stats.expected_downtime = dirty_rate, expected
             self.stats.achieved_rate = achieved
             decision = self.policy.decide(expected, len(self.result.passes), self.clock() - started)
@@ -195,13 +197,20 @@ class Precopy:
         if self.throttle is not None:
             self.throttle.release()
             self.stats.throttle = 0
+        self.result.paused_at = started = self.clock()  # downtime counts from the pause request
         self.pauser.pause()
         self.paused = True
-        self.result.paused_at = self.clock()
+        paused = self.clock()
         dirty = self.tracker.scan()  # the guest is still: this scan is exact
+        scanned = self.clock()
         self.result.dirty_syncs += 1
         self.stats.dirty_syncs = self.result.dirty_syncs
         record = self.send_pass(len(self.result.passes) + 1, dirty, True)
+        self.result.switchover = {
+            "pause": round((paused - started) * 1000, 3),
+            "scan": round((scanned - paused) * 1000, 3),
+            "send": round((self.clock() - scanned) * 1000, 3),
+        }
         record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
         record.paused = True
         self._record(record)

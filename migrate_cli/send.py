@@ -202,7 +202,10 @@ class Sender:
                     view.phase = "verifying"
                 self._await_result(digest)
                 if self.paused and self.live is not None:
-                    stats.downtime = time.monotonic() - self.live.paused_at
+                    now = time.monotonic()
+                    stats.downtime = now - self.live.paused_at
+                    verify_ms = (now - self.live.paused_at) * 1000 - sum(self.live.switchover.values())
+                    self.live.switchover["verify"] = round(verify_ms, 3)
                 stats.finish()
                 if view:
                     view.phase = "verified"
@@ -469,6 +472,7 @@ class Sender:
             passes = self.live.passes
             extra["cpu-throttle-percentage"] = max((p.throttle for p in passes), default=0)
             extra["converged"] = self.live.converged
+            extra["switchover"] = self.live.switchover
         if self.pass_records:
             extra["passes"] = [p.as_json() for p in self.pass_records]
         if self.view is not None:
