@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test test-full lint bench bench-quick clean
+.PHONY: demo test test-full lint bench bench-quick fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat 
 bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python benchmarks/bench_transfer.py --quick
 	$(BIN)/python benchmarks/bench_live.py --quick
+
+fuzz: $(STAMP)  ## fuzz the sans-IO decoder for 10 minutes (atheris if it installs, else hypothesis)
+	-$(BIN)/python -m pip install --quiet --disable-pip-version-check atheris
+	$(BIN)/python fuzz/fuzz_decoder.py --seconds 600
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
