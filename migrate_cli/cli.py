@@ -181,10 +181,11 @@ def main() -> None:
 @click.option(
     "--compress",
     "codec",
-    type=click.Choice(codecs.names()),
+    type=click.Choice([*codecs.names(), "auto"]),
     default=codecs.DEFAULT_CODEC,
     show_default=True,
-    help="Codec for page batches; a batch that does not shrink is sent raw whatever the codec.",
+    help="Codec for page batches; a batch that does not shrink is sent raw whatever the codec. 'auto': zlib, "
+    "but each batch goes raw when measurement says compressing it costs more than it saves.",
 )
 @click.option("--level", type=int, default=None, help="Compression level (zlib 1-9, zstd 1-19; default 1).")
 @click.option(
@@ -344,7 +345,7 @@ def send(
       vmmig send --live /proc/4242/fd/7 desthost:4444 --qmp /run/vm1.qmp
       vmmig send --live vm.ram desthost:4444 --pause-cmd 'virsh suspend vm1' --unpause-cmd 'virsh resume vm1'
     """
-    selected = codecs.by_name(codec)
+    selected = codecs.by_name(codecs.DEFAULT_CODEC if codec == "auto" else codec)
     if level is not None and level not in selected.levels:
         raise click.BadParameter(
             f"{codec} takes levels {selected.levels.start}-{selected.levels.stop - 1}, not {level}",

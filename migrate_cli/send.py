@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import codec as codecs
+from .adaptive import AutoPolicy, Stopwatch
 from .control import ControlError, ControlServer
 from .digest import image_digest
 from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
@@ -128,7 +129,9 @@ class Sender:
     def __init__(self, opts: SendOptions) -> None:
         opts.check()
         self.opts = opts
-        self.codec = codecs.by_name(opts.codec)
+        # auto = zlib-ng, applied per batch only when it pays (adaptive.py)
+        self.codec = codecs.by_name(codecs.DEFAULT_CODEC if opts.codec == "auto" else opts.codec)
+        self.auto = AutoPolicy(opts.threads or usable_cpus(), cap=opts.max_bandwidth) if opts.codec == "auto" else None
         self.level = opts.level if opts.level is not None else self.codec.default_level
         self.threads = opts.threads or usable_cpus()
         self.failure = Failure()
@@ -175,7 +178,7 @@ class Sender:
             raise
         self.failure.add_waker(channel.wake_reader)  # a cancel must not wait for the peer's next frame
         self.verbose(f"connected to {opts.destination}")
-        pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, self.failure)
+        pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, self.failure, self.auto)
         try:
             with live_display(stats, "send", info, self.display) as view:
                 self.view = view
@@ -309,8 +312,11 @@ class Sender:
                     stats.add_wire(channel.send_frame(Keepalive()))
                 continue
             frame = batch.frame
+            watch = Stopwatch()
             bucket.consume(len(frame.data) + len(frame.zero_bitmap) + 28, self.failure.event)
             sent = channel.send_frame(frame)
+            if self.auto is not None:
+                self.auto.note_wire(sent, watch.elapsed())
             wire += sent
             normal += frame.normal_count
             stats.add_wire(sent)
@@ -449,7 +455,7 @@ class Sender:
         opts = self.opts
         return {
             "role": "send",
-            "codec": self.codec.name,
+            "codec": "auto" if self.auto else self.codec.name,
             "level": self.level,
             "threads": self.threads,
             "mode": "live" if opts.live else ("stop-and-copy" if self._has_pause_option() else "plain"),
@@ -477,6 +483,8 @@ class Sender:
             extra["passes"] = [p.as_json() for p in self.pass_records]
         if self.view is not None:
             extra.update(self.view.cpu_report())
+        if self.auto is not None:
+            extra.update(self.auto.stats.as_json())
         return report(snap, extra)
 
     # -- statistics and control ----------------------------------------------------------------------------------
@@ -517,6 +525,8 @@ class Sender:
         if name == "max-bandwidth":
             rate = parse_rate(value)
             self.bucket.set_rate(rate)  # the same bucket the network thread charges: effective within 50 ms
+            if self.auto is not None:
+                self.auto.cap = rate
             self.stats.cap = rate or 0
             return {"max-bandwidth": rate or 0}
         if name == "downtime-limit":

@@ -24,6 +24,7 @@ from functools import partial
 import numpy as np
 
 from . import codec as codecs
+from .adaptive import AutoPolicy, Stopwatch
 from .codec import Compressor
 from .digest import fingerprint_pages, zero_fingerprint
 from .image import SourceImage
@@ -55,8 +56,10 @@ class SendPipeline:
         threads: int,
         batch_pages: int,
         failure: Failure,
+        auto: AutoPolicy | None = None,
     ) -> None:
         self.source = source
+        self.auto = auto
         self.codec = codec
         self.level = level
         self.threads = threads
@@ -143,13 +146,30 @@ class SendPipeline:
         fingerprint_pages(copy.reshape(-1), ps, normal_fps)
         self.fingerprints[ids[nonzero]] = normal_fps
         flat = copy.reshape(-1)
-        packed = compressor.compress(flat) if compressor is not None else None
+        packed = self._compress(compressor, flat, ps) if compressor is not None else None
         if packed is not None and len(packed) < flat.size:
             free.put(buf)
             return EncodedBatch(Pages(start, count, self.codec.wire_id, bitmap, packed, indices), None)
         return EncodedBatch(
             Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices), partial(free.put, buf)
         )
+
+    def _compress(self, compressor: Compressor, flat: np.ndarray, ps: int) -> bytes | None:
+        """Compress a batch (None: send it raw). With --compress auto, only when it pays (adaptive.py)."""
+        if self.auto is None:
+            return compressor.compress(flat)
+        if self.auto.link_faster():
+            return None
+        pages = flat.size // ps
+        samples = [flat[i * ps : (i + 1) * ps] for i in sorted({0, pages // 2})]
+        # The sample goes through the worker's own compressor: Z_FULL_FLUSH leaves no state behind.
+        sample_ratio = sum(s.size for s in samples) / max(1, sum(len(compressor.compress(s)) for s in samples))
+        if not self.auto.worth_compressing(sample_ratio):
+            return None
+        watch = Stopwatch()
+        packed = compressor.compress(flat)
+        self.auto.note_compression(flat.size, watch.elapsed())
+        return packed
 
 
 def batch_ranges(pages: np.ndarray, batch_pages: int) -> list[Batch]:
