@@ -569,3 +569,50 @@ def tls_init(directory: str, hosts: tuple[str, ...], days: int, force: bool, deb
             print(path)
 
     _execute("tls init", debug, call)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("image", metavar="IMAGE")
+@click.option("--full", is_flag=True, help="Read the whole image instead of a sample.")
+@click.option("--sample", "sample_bytes", type=SIZE, default="64MiB", show_default=True, help="How much to sample.")
+@click.option("--dirty-for", type=DURATION, default=None, help="Also measure the dirty rate for this long (e.g. 10s).")
+@click.option("--max-bandwidth", type=RATE, default="0", help="The link you will migrate over (for the forecast).")
+@click.option("--threads", type=click.IntRange(min=1, max=256), default=None, help="[default: CPUs available]")
+@click.option("--page-size", type=SIZE, default=str(DEFAULT_PAGE_SIZE), show_default=True, callback=_page_size)
+@click.option("--json", "json_output", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
+def analyze(
+    image: str,
+    full: bool,
+    sample_bytes: int,
+    dirty_for: float | None,
+    max_bandwidth: int | None,
+    threads: int | None,
+    page_size: int,
+    json_output: bool,
+    debug: bool,
+) -> None:
+    """A dry run on the source: zero pages, each codec's ratio and speed here, the dirty rate, and advice.
+
+    Nothing is sent. With --dirty-for, the image is fingerprinted once a second while the guest runs, and the
+    report says whether a live migration at --max-bandwidth will converge.
+
+    \b
+    Examples:
+      vmmig analyze /dev/shm/vm.ram
+      vmmig analyze /dev/shm/vm.ram --dirty-for 10s --max-bandwidth 350M --json
+    """
+
+    def call() -> None:
+        import json
+
+        from .analyze import analyze as run
+        from .analyze import render
+        from .send import usable_cpus
+
+        report = run(
+            image, page_size, None if full else sample_bytes, threads or usable_cpus(), dirty_for, max_bandwidth
+        )
+        print(json.dumps(report, indent=2) if json_output else render(report))
+
+    _execute("analyze", debug, call)
