@@ -218,6 +218,13 @@ def main() -> None:
     help="Bytes of pages per batch: the unit of compression, framing and CRC.",
 )
 @click.option(
+    "--channels",
+    type=click.IntRange(min=1, max=16),
+    default=1,
+    show_default=True,
+    help="TCP connections for this migration (like QEMU's multifd); batches spread over them, one cap for all.",
+)
+@click.option(
     "--connect-timeout",
     type=DURATION,
     default="10s",
@@ -299,6 +306,7 @@ def send(
     max_bandwidth: int | None,
     page_size: int,
     batch_size: int,
+    channels: int,
     connect_timeout: float,
     live: bool,
     pause_pid: int | None,
@@ -365,6 +373,7 @@ def send(
         page_size=page_size,
         batch_size=batch_size,
         connect_timeout=connect_timeout,
+        channels=channels,
         io_timeout=io_timeout,
         json=json_output,
         quiet=quiet,

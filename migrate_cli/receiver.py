@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 from . import codec as codecs
 from .errors import ProtocolError
@@ -67,8 +68,9 @@ class RecvPipeline:
         self.pool = BufferPool(threads * 2 + 2, payload_max, failure)
         self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=threads * 2)
         self._threads: list[threading.Thread] = []
-        self._current: bytearray | None = None
-        self.batches = 0  # submitted, over all passes
+        self._local = threading.local()  # each channel's reader thread has its own buffer in flight
+        self._count_lock = threading.Lock()
+        self.batches = 0  # submitted, over all passes and channels
         self._applied = 0
         self._applied_cond = threading.Condition()
 
@@ -82,12 +84,12 @@ class RecvPipeline:
             raise ProtocolError(
                 f"PAGES frame of {header.length} bytes exceeds the announced batch of {self.batch_pages} pages"
             )
-        self._current = self.pool.take()
-        return memoryview(self._current)[: header.length]
+        self._local.current = self.pool.take()
+        return memoryview(self._local.current)[: header.length]
 
     def submit(self, frame: Pages, wire_bytes: int) -> None:
         """Queue a validated frame whose payload lives in the buffer from the last ``alloc``."""
-        buf, self._current = self._current, None
+        buf, self._local.current = self._local.current, None
         assert buf is not None
         if frame.encoding not in (Encoding.RAW, self.codec.wire_id):
             self.pool.give(buf)
@@ -97,7 +99,8 @@ class RecvPipeline:
                 f"{self.codec.name}={int(self.codec.wire_id)} (known: {known})"
             )
         self.stats.add_wire(wire_bytes)
-        self.batches += 1
+        with self._count_lock:
+            self.batches += 1
         put(self._work, (frame, buf), self.failure)
 
     def drain(self) -> None:
@@ -110,9 +113,10 @@ class RecvPipeline:
 
     def release_current(self) -> None:
         """Give back the buffer of a frame that failed validation."""
-        if self._current is not None:
-            self.pool.give(self._current)
-            self._current = None
+        current = getattr(self._local, "current", None)
+        if current is not None:
+            self.pool.give(current)
+            self._local.current = None
 
     def finish(self) -> None:
         """Wait until every queued batch is written; raises the first worker error."""
@@ -145,3 +149,37 @@ class RecvPipeline:
             with self._applied_cond:
                 self._applied += 1
                 self._applied_cond.notify_all()
+
+
+class PassBarrier:
+    """PASS_END from every channel closes a pass: the last channel to arrive waits for the workers to apply every
+    batch of the pass, then releases the others. Only then may any batch of the next pass be applied."""
+
+    def __init__(self, channels: int, pipeline: RecvPipeline, failure: Failure, on_pass: Callable[[int, int], None]):
+        self.channels = channels
+        self.pipeline = pipeline
+        self.failure = failure
+        self.on_pass = on_pass
+        self._cond = threading.Condition()
+        self._arrived = 0
+        self._batches = 0
+        self.completed = 0  # the last pass every channel finished
+
+    def arrive(self, number: int, announced: int, carried: int) -> None:
+        if announced != carried:
+            raise ProtocolError(f"PASS_END {number} reports {announced} batches, but this channel carried {carried}")
+        with self._cond:
+            if number != self.completed + 1:
+                raise ProtocolError(f"PASS_END {number} arrived while pass {self.completed + 1} is open")
+            self._arrived += 1
+            self._batches += carried
+            if self._arrived == self.channels:
+                self.pipeline.drain()
+                self.completed, self._arrived = number, 0
+                self.on_pass(number, self._batches)
+                self._batches = 0
+                self._cond.notify_all()
+                return
+            while self.completed < number:
+                self.failure.raise_if_set()
+                self._cond.wait(0.2)

@@ -15,10 +15,12 @@ Order matters and is the safety argument:
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from . import codec as codecs
@@ -51,7 +53,7 @@ from .protocol import (
     Welcome,
     validate_pages,
 )
-from .receiver import RecvPipeline
+from .receiver import PassBarrier, RecvPipeline
 from .send import usable_cpus
 from .stats import Stats
 from .tls import TlsOptions, wrap_server
@@ -94,6 +96,8 @@ class Receiver:
         self.view: DisplayView | None = None
         self.codec_name = ""
         self.stats_log = StatsLog(self.stats, opts.stats_path, {"role": "recv", "threads": self.threads})
+        self.channels: list[Channel] = []
+        self.finished = False  # END arrived: the other channels' closing is expected
 
     def run(self) -> dict[str, Any]:
         opts = self.opts
@@ -111,48 +115,43 @@ class Receiver:
             if opts.control
             else None
         )
+        channels: list[Channel] = []
         try:
             bound = format_address(*listener.getsockname()[:2])
             self._announce(bound)
             conn = accept(listener, poll=self.failure.raise_if_set)
+            self.stats_log.start()
+            # The handshake of every channel (TLS, HELLO, the other channels joining) is bounded as a whole.
+            handshake_end = time.monotonic() + opts.handshake_timeout
+            channel, hello = self._handshake(conn, handshake_end)
+            channels.append(channel)
+            while len(channels) < hello.channels:
+                extra, extra_hello = self._handshake(self._accept_more(listener, handshake_end), handshake_end)
+                channels.append(extra)
+                self._check_joining(hello, extra_hello, {c.index for c in channels[:-1]})
         except BaseException as exc:
             listener.close()
+            for each in channels:
+                self._abort_one(each, exc)
             if control:
                 control.close()
+            self.stats_log.close(None)
             raise (self.failure.error or exc) if isinstance(exc, MigrateError) else exc from None
-        listener.close()
+        listener.close()  # connections beyond the announced channels are refused from here on
+        channels.sort(key=lambda c: c.index)
+        self.channels = channels
+        channel = channels[0]
         stats = self.stats
-        self.stats_log.start()
-        deadline = Deadline(conn, opts.handshake_timeout, "--handshake-timeout")  # TLS + HELLO, as a whole
-        if opts.tls is not None:
-            try:
-                conn = wrap_server(conn, opts.tls, opts.handshake_timeout, on_wrapped=deadline.follow)
-            except BaseException as exc:
-                deadline.cancel()
-                if control:
-                    control.close()
-                self.stats_log.close(None)
-                raise deadline.check(exc) from None
-        channel = Channel(conn, Role.RECEIVER, opts.io_timeout)
-        self.failure.add_waker(channel.wake_reader)  # a worker's error must not wait for the next frame
-        self.verbose("sender connected")
+        self.verbose("sender connected" + (f" ({len(channels)} channels)" if len(channels) > 1 else ""))
         try:
-            try:
-                hello, wire = channel.read_frame()
-            except MigrateError as exc:
-                raise deadline.check(exc) from None
-            finally:
-                deadline.cancel()
-            if not isinstance(hello, Hello):
-                raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
-            stats.add_wire(wire)
+            stats.add_wire(sum(c.hello_wire for c in channels))
             codec = codecs.by_wire_id(hello.codec)
             if codec is None:
                 known = ", ".join(f"{n}={int(codecs.by_name(n).wire_id)}" for n in codecs.names())
                 raise ProtocolError(f"sender asked for unknown codec id {hello.codec} (this receiver knows {known})")
             self.codec_name = codec.name
             stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
-            spawn("keepalive", lambda: self._keepalive(channel), self.failure)
+            spawn("keepalive", self._keepalive, self.failure)
             where = "(discard)" if opts.discard else opts.destination
             info = f"{bound} → {where}  codec {codec.name}  threads {self.threads}"
             with live_display(stats, "recv", info, self.display) as view:
@@ -164,12 +163,13 @@ class Receiver:
                     if opts.discard
                     else DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
                 )
-                channel.send_frame(Welcome())
+                for each in channels:
+                    each.send_frame(Welcome())
                 self.verbose(f"destination allocated ({format_bytes(hello.image_size)}): receiving pages")
                 if view:
                     view.phase = "transfer"
                 stats.restart_clock()
-                end = self._transfer(channel, hello, codec, stats)
+                end = self._transfer(hello, codec, stats)
                 if view:
                     view.phase = "verifying"
                 digest = self._verify_and_publish(channel, end)
@@ -178,7 +178,8 @@ class Receiver:
                     view.phase = "verified"
         except BaseException as exc:
             self.failure.set(exc)
-            self._abort_peer(channel)
+            for each in channels:
+                self._abort_peer(each)
             if self.dest is not None:
                 self.dest.discard(keep_partial=opts.keep_partial)
             error = self.failure.error or exc
@@ -187,7 +188,9 @@ class Receiver:
             raise error from None
         finally:
             self._stop_keepalive.set()
-            channel.close()
+            self.finished = True
+            for each in channels:
+                each.close()
         snap = stats.snapshot()
         if not opts.quiet:
             print("vmmig recv: " + summary_line("received", snap, digest.hex()), file=sys.stderr)
@@ -225,6 +228,7 @@ class Receiver:
         return "cancelling"
 
     def _pass_done(self, number: int, batches: int) -> None:
+        self.stats.end_pass(number)
         snap = self.stats.snapshot()
         self.stats_log.write("pass", {"pass": number, "batches": batches, "transferred": snap.wire_bytes})
         if not self.display and not self.opts.quiet:
@@ -243,63 +247,129 @@ class Receiver:
                 fh.write(bound + "\n")
             os.replace(tmp, self.opts.ready_file)  # readers never see a half-written file
 
-    def _keepalive(self, channel: Channel) -> None:
+    def _keepalive(self) -> None:
         while not self._stop_keepalive.wait(KEEPALIVE_INTERVAL / 4):
             if self.failure.is_set():
                 return
-            if channel.last_send + KEEPALIVE_INTERVAL <= time.monotonic():
-                channel.send_frame(Keepalive())
+            for channel in self.channels:
+                if channel.last_send + KEEPALIVE_INTERVAL <= time.monotonic():
+                    channel.send_frame(Keepalive())
 
-    def _transfer(self, channel: Channel, hello: Hello, codec: codecs.Codec, stats: Stats) -> End:
+    # -- joining channels ----------------------------------------------------------------------------------------
+
+    def _handshake(self, conn: socket.socket, handshake_end: float) -> tuple[Channel, Hello]:
+        """TLS (if configured) and the HELLO of one channel, within what is left of the handshake time."""
+        opts = self.opts
+        deadline = Deadline(conn, max(0.01, handshake_end - time.monotonic()), "--handshake-timeout")
+        if opts.tls is not None:
+            try:
+                conn = wrap_server(conn, opts.tls, opts.handshake_timeout, on_wrapped=deadline.follow)
+            except BaseException as exc:
+                deadline.cancel()
+                raise deadline.check(exc) from None
+        channel = Channel(conn, Role.RECEIVER, opts.io_timeout)
+        self.failure.add_waker(channel.wake_reader)  # a worker's error must not wait for the next frame
+        try:
+            hello, wire = channel.read_frame()
+            if not isinstance(hello, Hello):
+                raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+        except MigrateError as exc:
+            error = deadline.check(exc)
+            self._abort_one(channel, error)
+            raise error from None
+        finally:
+            deadline.cancel()
+        channel.index, channel.hello_wire = hello.channel_index, wire
+        return channel, hello
+
+    def _accept_more(self, listener: socket.socket, handshake_end: float) -> socket.socket:
+        def poll() -> None:
+            self.failure.raise_if_set()
+            if time.monotonic() > handshake_end:
+                raise NetworkError("the sender's other channels did not connect within --handshake-timeout")
+
+        return accept(listener, poll=poll)
+
+    @staticmethod
+    def _check_joining(first: Hello, other: Hello, taken: set[int]) -> None:
+        same = (first.session_id, first.page_size, first.image_size, first.codec, first.batch_pages, first.channels)
+        theirs = (other.session_id, other.page_size, other.image_size, other.codec, other.batch_pages, other.channels)
+        if theirs != same:
+            raise ProtocolError("a channel joined with another session or other parameters than the first")
+        if other.channel_index in taken:
+            raise ProtocolError(f"channel {other.channel_index} joined twice")
+
+    def _abort_one(self, channel: Channel, exc: BaseException) -> None:
+        if isinstance(exc, MigrateError) and not isinstance(exc, PeerError) and not channel.closed:
+            try:
+                channel.sock.settimeout(1.0)
+                channel.send_frame(Abort(int(exc.exit_code), str(exc)))
+            except (MigrateError, OSError):
+                pass
+            channel.close_after_abort()
+        channel.close()
+
+    # -- the transfer --------------------------------------------------------------------------------------------
+
+    def _transfer(self, hello: Hello, codec: codecs.Codec, stats: Stats) -> End:
         assert self.dest is not None
         pipeline = RecvPipeline(self.dest, codec, self.threads, hello.batch_pages, stats, self.failure)
+        barrier = PassBarrier(len(self.channels), pipeline, self.failure, self._pass_done)
         pipeline.start()
-        total_pages = self.dest.pages
-        passes = pass_first_batch = 0
+        for channel in self.channels[1:]:
+            spawn(
+                f"channel-{channel.index}", partial(self._read_channel, channel, hello, pipeline, barrier), self.failure
+            )
         try:
-            while True:
-                self.failure.raise_if_set()
-                try:
-                    frame, wire = channel.read_frame(pipeline.alloc)
-                except NetworkError:
-                    self.failure.raise_if_set()  # woken by a worker's failure: report that, not the wake-up
-                    raise
-                if isinstance(frame, Pages):
-                    try:
-                        validate_pages(frame, hello.page_size, total_pages, hello.batch_pages)
-                    except ProtocolError:
-                        pipeline.release_current()
-                        raise
-                    pipeline.submit(frame, wire)
-                elif isinstance(frame, PassEnd):
-                    stats.add_wire(wire)
-                    if frame.number != passes + 1 or frame.batches != pipeline.batches - pass_first_batch:
-                        raise ProtocolError(
-                            f"PASS_END {frame.number} reports {frame.batches} batches, but pass {passes + 1} "
-                            f"carried {pipeline.batches - pass_first_batch}"
-                        )
-                    pipeline.drain()
-                    passes, pass_first_batch = frame.number, pipeline.batches
-                    stats.end_pass(passes)
-                    self._pass_done(frame.number, frame.batches)
-                elif isinstance(frame, End):
-                    stats.add_wire(wire)
-                    break
-                elif isinstance(frame, Abort):
-                    raise peer_abort(frame.code, frame.message)
-                else:
-                    stats.add_wire(wire)
+            end = self._read_channel(self.channels[0], hello, pipeline, barrier)
+            assert end is not None
             pipeline.finish()
         except BaseException as exc:
             self.failure.set(exc)  # first error wins: if a worker failed first, that one is kept
             pipeline.abandon()
             raise
-        if frame.total_pages != total_pages or frame.batches != pipeline.batches:
+        if end.total_pages != self.dest.pages or end.batches != pipeline.batches:
             raise ProtocolError(
-                f"END frame reports {frame.total_pages} pages in {frame.batches} batches, "
-                f"but {total_pages} pages in {pipeline.batches} batches were expected/received"
+                f"END frame reports {end.total_pages} pages in {end.batches} batches, "
+                f"but {self.dest.pages} pages in {pipeline.batches} batches were expected/received"
             )
-        return frame
+        return end
+
+    def _read_channel(self, channel: Channel, hello: Hello, pipeline: RecvPipeline, barrier: PassBarrier) -> End | None:
+        """Read one channel's frames: batches to the workers, PASS_END to the barrier; END (channel 0) ends it."""
+        assert self.dest is not None
+        total_pages, carried = self.dest.pages, 0
+        while True:
+            self.failure.raise_if_set()
+            try:
+                frame, wire = channel.read_frame(pipeline.alloc)
+            except NetworkError:
+                if self.finished:
+                    return None  # the sender closes its other channels once the migration is over
+                self.failure.raise_if_set()  # woken by a worker's failure: report that, not the wake-up
+                raise
+            if isinstance(frame, Pages):
+                try:
+                    validate_pages(frame, hello.page_size, total_pages, hello.batch_pages)
+                except ProtocolError:
+                    pipeline.release_current()
+                    raise
+                pipeline.submit(frame, wire)
+                carried += 1
+            elif isinstance(frame, PassEnd):
+                self.stats.add_wire(wire)
+                barrier.arrive(frame.number, frame.batches, carried)
+                carried = 0
+            elif isinstance(frame, End):
+                if channel.index != 0:
+                    raise ProtocolError(f"END frame on channel {channel.index}: it belongs on channel 0")
+                self.stats.add_wire(wire)
+                self.finished = True
+                return frame
+            elif isinstance(frame, Abort):
+                raise peer_abort(frame.code, frame.message)
+            else:
+                self.stats.add_wire(wire)
 
     def _verify_and_publish(self, channel: Channel, end: End) -> bytes:
         assert self.dest is not None

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,7 @@ class SendOptions:
     batch_size: int = 256 * 1024
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
+    channels: int = 1
     json: bool = False
     quiet: bool = False
     # live migration
@@ -112,6 +114,8 @@ class SendOptions:
             raise UsageError("--dirty-tracking soft-dirty needs --pause-pid (the process whose writes are tracked)")
         if self.max_passes < 1:
             raise UsageError("--max-passes must be at least 1")
+        if not 1 <= self.channels <= 16:
+            raise UsageError("--channels must be between 1 and 16")
 
 
 def usable_cpus() -> int:
@@ -123,6 +127,28 @@ def usable_cpus() -> int:
 
 def notice(message: str) -> None:
     print(f"vmmig send: {message}", file=sys.stderr, flush=True)
+
+
+class PassShare:
+    """The batches of a pass still to be claimed by the channels' senders (one lock, one decrement a batch)."""
+
+    def __init__(self, batches: int) -> None:
+        self._left = batches
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._left == 0:
+                return False
+            self._left -= 1
+            return True
+
+
+@dataclass
+class ChannelTotals:
+    batches: int = 0
+    normal: int = 0
+    wire: int = 0
 
 
 class Sender:
@@ -145,6 +171,7 @@ class Sender:
         self.live: LiveResult | None = None
         self.pass_records: list[PassRecord] = []
         self.batches_sent = 0
+        self.channels: list[Channel] = []
         self.bucket = TokenBucket(opts.max_bandwidth)
         self.policy = ConvergencePolicy(opts.downtime_limit, opts.max_passes, opts.max_time)
         self.stats = Stats(page_size=opts.page_size, cap=opts.max_bandwidth or 0)
@@ -167,38 +194,51 @@ class Sender:
             f"cap {format_rate(opts.max_bandwidth) if opts.max_bandwidth else 'none'}"
             + (f"  live, downtime limit {opts.downtime_limit * 1000:.0f}ms" if opts.live else "")
         )
+        channels: list[Channel] = []
         try:
-            sock = connect(host, port, opts.connect_timeout)
-            if opts.tls is not None:
-                sock = wrap_client(sock, opts.tls, host, opts.handshake_timeout)
-            channel = Channel(sock, Role.SENDER, opts.io_timeout)
+            for _ in range(opts.channels):
+                sock = connect(host, port, opts.connect_timeout)
+                if opts.tls is not None:
+                    sock = wrap_client(sock, opts.tls, host, opts.handshake_timeout)
+                channels.append(Channel(sock, Role.SENDER, opts.io_timeout))
+                self.failure.add_waker(channels[-1].wake_reader)  # a cancel must not wait for the peer's next frame
         except BaseException:
+            for channel in channels:
+                channel.close()
             self._close_side_channels(control, None)
             source.close()
             raise
-        self.failure.add_waker(channel.wake_reader)  # a cancel must not wait for the peer's next frame
-        self.verbose(f"connected to {opts.destination}")
+        self.channels = channels
+        channel = channels[0]  # the primary channel: END and RESULT travel here
+        self.verbose(f"connected to {opts.destination}" + (f" ({len(channels)} channels)" if len(channels) > 1 else ""))
         pipeline = SendPipeline(source, self.codec, self.level, self.threads, batch_pages, self.failure, self.auto)
         try:
             with live_display(stats, "send", info, self.display) as view:
                 self.view = view
-                hello = Hello(
-                    page_size=opts.page_size,
-                    image_size=source.size,
-                    codec=self.codec.wire_id,
-                    level=self.level,
-                    session_id=secrets.token_bytes(16),
-                    batch_pages=batch_pages,
-                )
-                stats.add_wire(channel.send_frame(hello))
-                self._await_welcome(channel)
+                session = secrets.token_bytes(16)
+                for index, each in enumerate(channels):
+                    hello = Hello(
+                        page_size=opts.page_size,
+                        image_size=source.size,
+                        codec=self.codec.wire_id,
+                        level=self.level,
+                        session_id=session,
+                        batch_pages=batch_pages,
+                        channels=len(channels),
+                        channel_index=index,
+                    )
+                    stats.add_wire(each.send_frame(hello))
+                for each in channels:
+                    self._await_welcome(each)
                 self.verbose("destination allocated: sending pages")
                 if view:
                     view.phase = "transfer"
                 stats.restart_clock()
                 self._control = spawn("control", lambda: self._read_control(channel), self.failure)
+                for index, each in enumerate(channels[1:], start=1):
+                    spawn(f"control-{index}", partial(self._read_control, each), self.failure)
                 pipeline.start()
-                digest = self._copy(channel, pipeline, source, self.bucket, stats)
+                digest = self._copy(pipeline, source, self.bucket, stats)
                 stats.add_wire(channel.send_frame(End(source.pages, self.batches_sent, digest)))
                 self.end_sent = True
                 if view:
@@ -216,7 +256,8 @@ class Sender:
             self.failure.set(exc, replace=isinstance(exc, OutcomeUnknown))
             if isinstance(self.failure.error, NetworkError) and self._control is not None:
                 self._control.join(1.0)  # an ABORT with the peer's reason may be in flight: let it win
-            self._abort_peer(channel)
+            for each in channels:
+                self._abort_peer(each)
             pipeline.stop(2.0)
             self._settle_guest_after_failure()
             error = self.failure.error or exc
@@ -224,7 +265,8 @@ class Sender:
             self._close_side_channels(control, {"status": stats.status, "error": str(error), **self._identity()})
             raise error from None
         finally:
-            channel.close()
+            for each in channels:
+                each.close()
             source.close()
         pipeline.stop()
         result = self._report(stats, digest)
@@ -235,11 +277,9 @@ class Sender:
 
     # -- the copy, by mode -----------------------------------------------------------------------------------------
 
-    def _copy(
-        self, channel: Channel, pipeline: SendPipeline, source: SourceImage, bucket: TokenBucket, stats: Stats
-    ) -> bytes:
+    def _copy(self, pipeline: SendPipeline, source: SourceImage, bucket: TokenBucket, stats: Stats) -> bytes:
         def send_pass(number: int, pages: np.ndarray | None, paused: bool) -> PassRecord:
-            return self._send_pass(channel, pipeline, source, bucket, stats, number, pages, paused)
+            return self._send_pass(pipeline, source, bucket, stats, number, pages, paused)
 
         tracker = self._make_tracker(source, pipeline.fingerprints)
         if self.opts.live:
@@ -283,7 +323,6 @@ class Sender:
 
     def _send_pass(
         self,
-        channel: Channel,
         pipeline: SendPipeline,
         source: SourceImage,
         bucket: TokenBucket,
@@ -292,6 +331,11 @@ class Sender:
         pages: np.ndarray | None,
         paused: bool,
     ) -> PassRecord:
+        """One pass: every channel's sender takes batches from the shared out queue until the pass is done.
+
+        Any channel can carry any batch (they are self-contained); one token bucket budgets them all. Each channel
+        then ends the pass with PASS_END and its own batch count, which the receiver's barrier adds up.
+        """
         ranges = (
             all_ranges(source.pages, pipeline.batch_pages)
             if pages is None
@@ -300,42 +344,31 @@ class Sender:
         page_count = source.pages if pages is None else int(pages.size)
         stats.begin_pass(number, page_count * source.page_size)
         started = time.monotonic()
-        wire = normal = 0
         pipeline.feed(ranges)
-        remaining = len(ranges)
-        while remaining:
-            self.failure.raise_if_set()
-            try:
-                batch = pipeline.out.get(timeout=0.1)  # short: a cancel is noticed within 100 ms
-            except queue.Empty:
-                if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
-                    stats.add_wire(channel.send_frame(Keepalive()))
-                continue
-            frame = batch.frame
-            watch = Stopwatch()
-            bucket.consume(len(frame.data) + len(frame.zero_bitmap) + 28, self.failure.event)
-            sent = channel.send_frame(frame)
-            if self.auto is not None:
-                self.auto.note_wire(sent, watch.elapsed())
-            wire += sent
-            normal += frame.normal_count
-            stats.add_wire(sent)
-            # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
-            stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
-            if batch.release:
-                batch.release()
-            remaining -= 1
+        share = PassShare(len(ranges))
+        totals = [ChannelTotals() for _ in self.channels]
+        threads = [
+            spawn(f"send-{i}", partial(self._send_share, each, pipeline, bucket, stats, share, totals[i]), self.failure)
+            for i, each in enumerate(self.channels[1:], start=1)
+        ]
+        try:
+            self._send_share(self.channels[0], pipeline, bucket, stats, share, totals[0])
+        finally:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.1)
         self.failure.raise_if_set()
-        sent = channel.send_frame(PassEnd(number, len(ranges)))
-        wire += sent
-        stats.add_wire(sent)
+        for each, total in zip(self.channels, totals, strict=True):
+            sent = each.send_frame(PassEnd(number, total.batches))
+            total.wire += sent
+            stats.add_wire(sent)
         self.batches_sent += len(ranges)
         return PassRecord(
             number=number,
             pages=page_count,
-            normal_pages=normal,
+            normal_pages=sum(t.normal for t in totals),
             image_bytes=page_count * source.page_size,
-            wire_bytes=wire,
+            wire_bytes=sum(t.wire for t in totals),
             duration=time.monotonic() - started,
             dirty_pages=page_count,
             dirty_rate=0.0,
@@ -343,6 +376,40 @@ class Sender:
             throttle=self.throttle.percentage if self.throttle else 0,
             paused=paused,
         )
+
+    def _send_share(
+        self,
+        channel: Channel,
+        pipeline: SendPipeline,
+        bucket: TokenBucket,
+        stats: Stats,
+        share: PassShare,
+        totals: ChannelTotals,
+    ) -> None:
+        """Send batches of the current pass on ``channel`` until the pass has none left to claim."""
+        while share.claim():
+            while True:
+                self.failure.raise_if_set()
+                try:
+                    batch = pipeline.out.get(timeout=0.1)  # short: a cancel is noticed within 100 ms
+                    break
+                except queue.Empty:
+                    if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
+                        stats.add_wire(channel.send_frame(Keepalive()))
+            frame = batch.frame
+            watch = Stopwatch()
+            bucket.consume(len(frame.data) + len(frame.zero_bitmap) + 28, self.failure.event)
+            sent = channel.send_frame(frame)
+            if self.auto is not None:
+                self.auto.note_wire(sent, watch.elapsed())
+            stats.add_wire(sent)
+            # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
+            stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
+            if batch.release:
+                batch.release()
+            totals.batches += 1
+            totals.normal += frame.normal_count
+            totals.wire += sent
 
     # -- guest control -------------------------------------------------------------------------------------------
 
@@ -412,8 +479,8 @@ class Sender:
             try:
                 frame, _ = channel.read_frame()
             except NetworkError:
-                if self.failure.is_set():
-                    raise Stopped from None
+                if self.failure.is_set() or self.result_event.is_set():
+                    raise Stopped from None  # latched already, or the migration is over and channels close
                 raise
             if isinstance(frame, Abort):
                 raise peer_abort(frame.code, frame.message)

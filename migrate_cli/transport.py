@@ -128,6 +128,8 @@ class Channel:
         self.last_send = time.monotonic()
         self.closed = False
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self.index = 0  # channel number within the migration (HELLO's channel_index)
+        self.hello_wire = 0  # bytes of its HELLO frame (for the statistics)
 
     def set_timeout(self, seconds: float, option: str = "--io-timeout") -> None:
         """Bound silence on this channel; errors name ``option`` (e.g. --handshake-timeout during the handshake)."""

@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import threading
+import time
+from pathlib import Path
 
 
 class FakeQmp:
@@ -34,6 +36,7 @@ class FakeQmp:
                 reply: dict[str, object] = {"return": {}}
                 if command == "stop":
                     os.kill(self.pid, signal.SIGSTOP)
+                    self._wait_stopped()  # like QEMU, reply only once the vCPUs are stopped
                     self.status = "paused"
                     fh.write(json.dumps({"event": "STOP"}).encode() + b"\n")
                 elif command == "cont":
@@ -45,6 +48,14 @@ class FakeQmp:
                     reply = {"error": {"class": "CommandNotFound", "desc": f"unknown command {command}"}}
                 fh.write(json.dumps(reply).encode() + b"\n")
                 fh.flush()
+
+    def _wait_stopped(self) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            tasks = Path(f"/proc/{self.pid}/task").iterdir()
+            if all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks):
+                return
+            time.sleep(0.001)
 
     def close(self) -> None:
         self.server.close()

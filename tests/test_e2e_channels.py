@@ -1,0 +1,94 @@
+"""Parallel channels (--channels N): one migration over N TCP connections joined by the session id."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from migrate_cli.protocol import Abort, Encoding, Hello
+
+from .conftest import Processes, assert_no_destination, make_image
+from .fakepeer import FakePeer
+from .test_e2e_live import Guest, guests, start_guest  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("codec", ["none", "zlib", "zstd"])
+@pytest.mark.parametrize("channels", ["2", "3"])
+def test_a_migration_over_several_channels_is_identical(
+    procs: Processes, tmp_path: Path, image_8m: Path, codec: str, channels: str
+) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, "--json")
+    code, out, err = procs.send(image_8m, recv.address, "--channels", channels, "--compress", codec, "--json").wait()
+    recv_code, recv_out, recv_err = recv.wait()
+    assert (code, recv_code) == (0, 0), err + recv_err
+    assert dest.read_bytes() == image_8m.read_bytes()
+    assert json.loads(out)["transferred"] == json.loads(recv_out)["transferred"]
+
+
+def test_one_cap_budgets_all_channels(procs: Processes, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "random.img", 4 << 20, profile="random")
+    recv = procs.recv(tmp_path / "dest.img")
+    code, out, err = procs.send(image, recv.address, "--channels", "3", "--max-bandwidth", "4MB", "--json").wait()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["transferred"] / (report["total-time"] / 1000) <= 4e6 * 1.1
+    assert recv.wait()[0] == 0
+
+
+def test_live_migration_over_two_channels(procs: Processes, guests: list[Guest], tmp_path: Path) -> None:  # noqa: F811
+    image = make_image(tmp_path / "vm.ram", 16 << 20)
+    guest = start_guest(guests, image, tmp_path, "--rate", "8M")
+    dest = tmp_path / "dest.ram"
+    recv = procs.recv(dest)
+    send = procs.send(image, recv.address, "--live", "--pause-pid", str(guest.pid), "--channels", "2")
+    code, _, err = send.wait(60)
+    assert code == 0 and recv.wait()[0] == 0, err
+    assert dest.read_bytes() == image.read_bytes()
+
+
+def hello(index: int, session: bytes = b"s" * 16) -> Hello:
+    return Hello(4096, 4 * 4096, Encoding.ZLIB, 1, session, 4, channels=2, channel_index=index)
+
+
+def test_garbage_on_a_second_channel_fails_the_migration_cleanly(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    first, second = FakePeer.connect(recv.address), FakePeer.connect(recv.address)
+    first.send(hello(0))
+    second.send(hello(1))
+    second.sock.sendall(b"\x00" * 64)
+    code, _, err = recv.wait(20)
+    assert code == 6 and "bad frame magic" in err
+    assert_no_destination(dest)
+    first.close()
+    second.close()
+
+
+def test_a_channel_from_another_session_is_refused(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    first, second = FakePeer.connect(recv.address), FakePeer.connect(recv.address)
+    first.send(hello(0))
+    second.send(hello(1, session=b"x" * 16))
+    assert isinstance(first.read_until(Abort), Abort)
+    code, _, err = recv.wait(20)
+    assert code == 6 and "another session" in err
+    assert_no_destination(dest)
+
+
+def test_channels_that_never_join_end_at_the_handshake_timeout(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, "--handshake-timeout", "1s")
+    first = FakePeer.connect(recv.address)
+    first.send(hello(0))
+    started = time.monotonic()
+    code, _, err = recv.wait(20)
+    assert code == 5 and "did not connect within --handshake-timeout" in err
+    assert time.monotonic() - started < 5
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(recv.address.rsplit(":", 1)[1])), timeout=1)
