@@ -430,6 +430,12 @@ def send(
     help="Write the bound HOST:PORT here once accepting connections (for scripts using port 0).",
 )
 @click.option(
+    "--in-place",
+    is_flag=True,
+    help="Write into an existing DEST (file, memfd /proc/PID/fd/N, block device) of exactly the image size: no "
+    ".partial, no rename. A failure leaves it modified and unverified (exit 13).",
+)
+@click.option(
     "--discard",
     is_flag=True,
     help="Decode and verify everything but keep nothing (no DEST): measures the link and the pipeline.",
@@ -444,6 +450,7 @@ def recv(
     sparse: bool,
     threads: int | None,
     ready_file: str | None,
+    in_place: bool,
     discard: bool,
     io_timeout: float,
     json_output: bool,
@@ -475,6 +482,8 @@ def recv(
 
     if (destination is None) == (not discard):
         raise click.UsageError("give DEST, or --discard to keep nothing (not both)")
+    if in_place and (discard or sparse or keep_partial):
+        raise click.UsageError("--in-place writes into DEST itself: it excludes --discard, --sparse and --keep-partial")
 
     opts = RecvOptions(
         destination=destination or "",
@@ -489,6 +498,7 @@ def recv(
         json=json_output,
         quiet=quiet,
         discard=discard,
+        in_place=in_place,
         control=control,
         stats_path=stats_path,
         verbose=verbose,

@@ -24,7 +24,7 @@ class ExitCode(IntEnum):
     NO_CONVERGENCE = 10  # reserved: live migration did not converge
     OUTCOME_UNKNOWN = 11  # reserved: the end state could not be established
     QEMU_STEP = 12  # reserved: a QEMU/QMP step failed
-    DEST_MODIFIED = 13  # reserved: --in-place destination modified but unverified
+    DEST_MODIFIED = 13  # --in-place destination modified but unverified
     PAUSE = 14  # pausing, resuming or throttling the source guest failed
     AUTH = 15  # TLS: the peer failed authentication, or does not speak TLS when we do (or the reverse)
     SIGINT = 130  # interrupted (Ctrl-C), after cleanup
@@ -115,6 +115,16 @@ class AuthError(MigrateError):
     """TLS failed: the peer's certificate is expired, from another CA or for another name, or the peer is plaintext."""
 
     exit_code = ExitCode.AUTH
+
+
+class DestinationModified(MigrateError):
+    """An --in-place destination was written to and the migration then failed: it holds a mix of old and new."""
+
+    exit_code = ExitCode.DEST_MODIFIED
+
+    def __init__(self, dest: str, cause: MigrateError) -> None:
+        super().__init__(f"{dest} was modified in place but not verified ({cause}): do not use its content")
+        self.cause = cause
 
 
 class PauseError(MigrateError):

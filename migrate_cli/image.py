@@ -90,8 +90,19 @@ def partial_path(dest: str) -> str:
     return dest + ".partial"
 
 
-def check_destination(dest: str, force: bool) -> None:
-    """Refuse an existing DEST (without --force) and a leftover DEST.partial (naming --force). Before listening."""
+def check_destination(dest: str, force: bool, in_place: bool = False) -> None:
+    """Refuse an existing DEST (without --force) and a leftover DEST.partial (naming --force). Before listening.
+
+    With ``in_place`` DEST must exist (a file, memfd or block device) and be writable; it is checked for size later.
+    """
+    if in_place:
+        if not os.path.exists(dest):
+            raise DestinationError(f"destination {dest} does not exist: --in-place writes into an existing one")
+        if not os.access(dest, os.W_OK):
+            raise DestinationError(f"destination {dest} is not writable")
+        return
+    if os.path.exists(dest) and (not stat.S_ISREG(os.stat(dest).st_mode) or _is_memfd(dest)):
+        raise DestinationError(f"destination {dest} is a device or memfd: use --in-place to write into it")
     partial = partial_path(dest)
     parent = Path(dest).parent
     if not parent.is_dir():
@@ -237,6 +248,68 @@ class DestinationImage:
                 self._mmap.close()
             self._mmap = None
         self._cleanup_fd()
+
+
+class InPlaceDestination(DestinationImage):
+    """`recv --in-place`: write straight into an existing file, memfd or block device of exactly the image size.
+
+    Nothing is created, truncated or renamed (a destination QEMU may already have the file open). Nothing is
+    assumed about the old content: every page of pass 1 is written, zero pages as zeros. A failure leaves DEST
+    modified but unverified (exit code 13), since the old content cannot be restored.
+    """
+
+    def __init__(self, dest: str, size: int, page_size: int) -> None:
+        self.dest = dest
+        self.partial = dest
+        self.size = size
+        self.page_size = page_size
+        self.pages = size // page_size
+        self._mmap = None
+        self.modified = False
+        try:
+            self._fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DestinationError(f"destination {dest}: cannot open for writing: {exc.strerror}") from None
+        try:
+            actual = destination_size(self._fd)
+            if actual != size:
+                raise DestinationError(
+                    f"destination {dest} is {actual} bytes, but the image is {size} bytes: --in-place needs them equal"
+                )
+            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
+        except OSError as exc:
+            self._cleanup_fd()
+            raise DestinationError(f"destination {dest}: cannot map: {exc.strerror}") from None
+        except DestinationError:
+            self._cleanup_fd()
+            raise
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        # Unknown old content: fingerprints are filled as pass 1 writes every page.
+        self.fingerprints = np.zeros(self.pages, dtype=np.uint64)
+
+    def write_batch(
+        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
+    ) -> None:
+        self.modified = True
+        super().write_batch(start, count, zero_bitmap, data, indices)
+
+    def publish(self) -> None:
+        self.close()  # written in place: nothing to rename
+
+    def discard(self, keep_partial: bool = False) -> None:
+        self.close()  # never delete someone else's file
+
+
+def _is_memfd(path: str) -> bool:
+    """A memfd reached as /proc/PID/fd/N: a regular file to stat, but it cannot be renamed over."""
+    return os.path.islink(path) and os.readlink(path).startswith("/memfd:")
+
+
+def destination_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
 
 
 class DiscardSink:

@@ -27,6 +27,7 @@ from . import codec as codecs
 from .control import ControlServer
 from .errors import (
     CancelledError,
+    DestinationModified,
     IntegrityError,
     MigrateError,
     NetworkError,
@@ -36,7 +37,7 @@ from .errors import (
     UsageError,
     peer_abort,
 )
-from .image import DestinationImage, DiscardSink, check_destination
+from .image import DestinationImage, DiscardSink, InPlaceDestination, check_destination
 from .pipeline import Failure, spawn
 from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
@@ -77,6 +78,7 @@ class RecvOptions:
     json: bool = False
     quiet: bool = False
     discard: bool = False
+    in_place: bool = False
     tls: TlsOptions | None = None
     handshake_timeout: float = 10.0
     control: str | None = None
@@ -89,7 +91,7 @@ class Receiver:
         self.opts = opts
         self.threads = opts.threads or usable_cpus()
         self.failure = Failure()
-        self.dest: DestinationImage | DiscardSink | None = None
+        self.dest: DestinationImage | InPlaceDestination | DiscardSink | None = None
         self._stop_keepalive = threading.Event()
         self.stats = Stats()
         self.display = display_wanted(opts.quiet)
@@ -98,6 +100,7 @@ class Receiver:
         self.stats_log = StatsLog(self.stats, opts.stats_path, {"role": "recv", "threads": self.threads})
         self.channels: list[Channel] = []
         self.finished = False  # END arrived: the other channels' closing is expected
+        self.published = False
 
     def run(self) -> dict[str, Any]:
         opts = self.opts
@@ -108,7 +111,7 @@ class Receiver:
                 "or --insecure: guest memory would cross the network unencrypted"
             )
         if not opts.discard:
-            check_destination(opts.destination, opts.force)
+            check_destination(opts.destination, opts.force, in_place=opts.in_place)
         listener = listen(host, port)
         control = (
             ControlServer(opts.control, {"status": self._ctl_status, "cancel": self._ctl_cancel})
@@ -158,11 +161,12 @@ class Receiver:
                 self.view = view
                 if view:
                     view.phase = "allocating"
-                self.dest = (
-                    DiscardSink(hello.image_size, hello.page_size)
-                    if opts.discard
-                    else DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
-                )
+                if opts.discard:
+                    self.dest = DiscardSink(hello.image_size, hello.page_size)
+                elif opts.in_place:
+                    self.dest = InPlaceDestination(opts.destination, hello.image_size, hello.page_size)
+                else:
+                    self.dest = DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
                 for each in channels:
                     each.send_frame(Welcome())
                 self.verbose(f"destination allocated ({format_bytes(hello.image_size)}): receiving pages")
@@ -183,6 +187,8 @@ class Receiver:
             if self.dest is not None:
                 self.dest.discard(keep_partial=opts.keep_partial)
             error = self.failure.error or exc
+            if isinstance(self.dest, InPlaceDestination) and self.dest.modified and not self.published:
+                error = DestinationModified(opts.destination, error)
             stats.finish("cancelled" if isinstance(error, CancelledError | PeerCancelled) else "failed")
             self._close_side_channels(control, {"status": stats.status, "error": str(error), "role": "recv"})
             raise error from None
@@ -381,6 +387,7 @@ class Receiver:
                 f"digest mismatch: sender's image digest {end.digest.hex()}, destination hashes to {digest.hex()}"
             )
         self.dest.publish()
+        self.published = True
         self._stop_keepalive.set()
         channel.send_frame(Result(RESULT_VERIFIED, digest))
         return digest
