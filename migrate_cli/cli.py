@@ -291,6 +291,12 @@ def main() -> None:
     help="abort: the guest keeps running and DEST is not published (exit 10); switchover: pause anyway.",
 )
 @click.option(
+    "--qemu-handoff",
+    is_flag=True,
+    help="QEMU mode (with --qmp): after the RAM is verified, hand the VM over with QEMU's own migration of its "
+    "device state (x-ignore-shared); the receiver, started with --qmp --in-place, resumes it there.",
+)
+@click.option(
     "--auto-converge",
     is_flag=True,
     help="Throttle the guest (SIGSTOP/SIGCONT duty cycle: 20%, +10% a pass, max 99%) while its dirty rate "
@@ -319,6 +325,7 @@ def send(
     max_passes: int,
     max_time: float | None,
     on_no_converge: str,
+    qemu_handoff: bool,
     auto_converge: bool,
     io_timeout: float,
     json_output: bool,
@@ -389,6 +396,7 @@ def send(
         max_time=max_time,
         on_no_converge=on_no_converge,
         auto_converge=auto_converge,
+        qemu_handoff=qemu_handoff,
         control=control,
         stats_path=stats_path,
         verbose=verbose,
@@ -430,6 +438,20 @@ def send(
     help="Write the bound HOST:PORT here once accepting connections (for scripts using port 0).",
 )
 @click.option(
+    "--qmp",
+    type=click.Path(),
+    default=None,
+    metavar="SOCKET",
+    help="QEMU mode: the destination QEMU's monitor (started with -incoming defer -S). Needs --in-place on its RAM.",
+)
+@click.option(
+    "--on-failure",
+    type=click.Choice(["keep", "quit-dest"]),
+    default="keep",
+    show_default=True,
+    help="QEMU mode: after a failure leave the destination QEMU as it is, or quit it.",
+)
+@click.option(
     "--in-place",
     is_flag=True,
     help="Write into an existing DEST (file, memfd /proc/PID/fd/N, block device) of exactly the image size: no "
@@ -450,6 +472,8 @@ def recv(
     sparse: bool,
     threads: int | None,
     ready_file: str | None,
+    qmp: str | None,
+    on_failure: str,
     in_place: bool,
     discard: bool,
     io_timeout: float,
@@ -482,6 +506,8 @@ def recv(
 
     if (destination is None) == (not discard):
         raise click.UsageError("give DEST, or --discard to keep nothing (not both)")
+    if qmp and not in_place:
+        raise click.UsageError("--qmp (QEMU mode) writes into the destination QEMU's RAM: add --in-place")
     if in_place and (discard or sparse or keep_partial):
         raise click.UsageError("--in-place writes into DEST itself: it excludes --discard, --sparse and --keep-partial")
 
@@ -499,6 +525,8 @@ def recv(
         quiet=quiet,
         discard=discard,
         in_place=in_place,
+        qmp=qmp,
+        on_failure=on_failure,
         control=control,
         stats_path=stats_path,
         verbose=verbose,

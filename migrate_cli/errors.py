@@ -23,7 +23,7 @@ class ExitCode(IntEnum):
     CANCELLED = 9  # cancelled by the operator (reserved for `vmmig ctl cancel`)
     NO_CONVERGENCE = 10  # reserved: live migration did not converge
     OUTCOME_UNKNOWN = 11  # reserved: the end state could not be established
-    QEMU_STEP = 12  # reserved: a QEMU/QMP step failed
+    QEMU_STEP = 12  # a QEMU/QMP step failed (the message names it)
     DEST_MODIFIED = 13  # --in-place destination modified but unverified
     PAUSE = 14  # pausing, resuming or throttling the source guest failed
     AUTH = 15  # TLS: the peer failed authentication, or does not speak TLS when we do (or the reverse)
@@ -125,6 +125,12 @@ class DestinationModified(MigrateError):
     def __init__(self, dest: str, cause: MigrateError) -> None:
         super().__init__(f"{dest} was modified in place but not verified ({cause}): do not use its content")
         self.cause = cause
+
+
+class QemuError(MigrateError):
+    """A QEMU step over QMP failed: the message names the step."""
+
+    exit_code = ExitCode.QEMU_STEP
 
 
 class PauseError(MigrateError):

@@ -12,17 +12,16 @@ confirmed. Three ways, chosen on the command line:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from .errors import PauseError
+from .errors import PauseError, QemuError
+from .qmp import Qmp
 
 
 class Pauser(Protocol):
@@ -71,56 +70,31 @@ class PidPauser:
 
 
 class QmpPauser:
-    """A minimal QMP client: one command at a time over QEMU's unix monitor socket."""
+    """QEMU's ``stop``/``cont`` over QMP, each confirmed with ``query-status``."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
-        self.timeout = timeout
         self.description = f"QMP {path}"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
         try:
-            self._sock.connect(path)
-        except OSError as exc:
-            raise PauseError(f"--qmp {path}: cannot connect: {exc.strerror or exc}") from None
-        self._file = self._sock.makefile("rwb")
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise PauseError(f"--qmp {path}: not a QMP monitor (greeting {greeting!r})")
-        self.execute("qmp_capabilities")
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            line = self._file.readline()
-        except OSError as exc:
-            raise PauseError(f"QMP {self.path}: {exc}") from None
-        if not line:
-            raise PauseError(f"QMP {self.path}: monitor closed the connection")
-        return json.loads(line)
-
-    def execute(self, command: str) -> Any:
-        self._file.write(json.dumps({"execute": command}).encode() + b"\n")
-        self._file.flush()
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                continue  # asynchronous events (STOP, RESUME) interleave with replies
-            if "error" in reply:
-                raise PauseError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
-
-    def _status(self) -> str:
-        return str(self.execute("query-status").get("status"))
+            self.qmp = Qmp(path, timeout)
+        except QemuError as exc:
+            raise PauseError(str(exc).replace(f"QMP {path}", f"--qmp {path}")) from None
 
     def pause(self) -> None:
-        self.execute("stop")
-        status = self._status()
+        try:
+            self.qmp.execute("stop")
+            status = self.qmp.status()
+        except QemuError as exc:
+            raise PauseError(str(exc)) from None
         if status not in ("paused", "postmigrate", "finish-migrate"):
             raise PauseError(f"QMP stop: guest status is {status!r}, not paused")
 
     def resume(self) -> None:
-        self.execute("cont")
-        status = self._status()
+        try:
+            self.qmp.execute("cont")
+            status = self.qmp.status()
+        except QemuError as exc:
+            raise PauseError(str(exc)) from None
         if status != "running":
             raise PauseError(f"QMP cont: guest status is {status!r}, not running")
 

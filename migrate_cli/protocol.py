@@ -44,6 +44,8 @@ class FrameType(IntEnum):
     PAGE_LIST = 0x12
     END = 0x20
     RESULT = 0x21
+    HANDOFF = 0x22
+    HANDOFF_DONE = 0x23
     ABORT = 0x7F
 
 
@@ -72,6 +74,10 @@ _PASS_END = struct.Struct("!II")
 _END = struct.Struct("!QQ16s")
 _RESULT = struct.Struct("!B3x16s")
 _ABORT = struct.Struct("!H")
+_HANDOFF_DONE = struct.Struct("!B")
+MAX_URI = 256
+
+FEATURE_QEMU_HANDOFF = 1  # HELLO feature: after RESULT, hand the VM over with QEMU's own migration (qemu.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +180,25 @@ class Abort:
     message: str
 
 
-Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Receiver -> sender (QEMU mode, after WELCOME): the URI where the destination QEMU awaits the device state."""
+
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffDone:
+    """Receiver -> sender (QEMU mode, after RESULT): 0 the destination runs; 1 it could not start."""
+
+    status: int
+    message: str = ""
+
+
+HANDOFF_RUNNING = 0
+HANDOFF_FAILED = 1
+
+Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort | Handoff | HandoffDone
 
 # Largest payload each small frame may announce (HELLO: room for a longer HELLO of a later version, so that the
 # version can still be read and named).
@@ -186,6 +210,8 @@ MAX_LENGTH: dict[FrameType, int] = {
     FrameType.END: _END.size,
     FrameType.RESULT: _RESULT.size,
     FrameType.ABORT: _ABORT.size + MAX_ABORT_MESSAGE,
+    FrameType.HANDOFF: MAX_URI,
+    FrameType.HANDOFF_DONE: _HANDOFF_DONE.size + MAX_ABORT_MESSAGE,
 }
 
 RESULT_VERIFIED = 0
@@ -246,6 +272,12 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
         case Result():
             parts = [_RESULT.pack(frame.status, frame.digest)]
             frame_type = FrameType.RESULT
+        case Handoff():
+            parts = [frame.uri.encode()[:MAX_URI]]
+            frame_type = FrameType.HANDOFF
+        case HandoffDone():
+            parts = [_HANDOFF_DONE.pack(frame.status) + frame.message.encode("utf-8", "replace")[:MAX_ABORT_MESSAGE]]
+            frame_type = FrameType.HANDOFF_DONE
         case Abort():
             parts = [_ABORT.pack(frame.code) + frame.message.encode("utf-8", "replace")[:MAX_ABORT_MESSAGE]]
             frame_type = FrameType.ABORT
@@ -385,6 +417,16 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
         _need(kind, payload, _RESULT.size)
         status, digest = _RESULT.unpack(payload)
         return Result(status=status, digest=digest)
+    if kind is FrameType.HANDOFF:
+        uri = bytes(payload).decode("utf-8", "replace")
+        if not uri.startswith("tcp:") or not all(ch.isprintable() for ch in uri):
+            raise ProtocolError("HANDOFF frame does not carry a tcp: URI")
+        return Handoff(uri)
+    if kind is FrameType.HANDOFF_DONE:
+        _need(kind, payload, _HANDOFF_DONE.size, exact=False)
+        (status,) = _HANDOFF_DONE.unpack_from(payload)
+        text = bytes(payload[_HANDOFF_DONE.size :]).decode("utf-8", "replace")
+        return HandoffDone(status, "".join(ch if ch.isprintable() else "?" for ch in text))
     if kind is FrameType.ABORT:
         _need(kind, payload, _ABORT.size, exact=False)
         if len(payload) > _ABORT.size + MAX_ABORT_MESSAGE:
@@ -461,8 +503,8 @@ TRANSITIONS: dict[Role, dict[State, dict[FrameType, State]]] = {
     },
     Role.SENDER: {  # frames that arrive from the receiver
         State.HANDSHAKE: {FrameType.WELCOME: State.STREAMING},
-        State.STREAMING: {FrameType.RESULT: State.DONE},
-        State.DONE: {},
+        State.STREAMING: {FrameType.HANDOFF: State.STREAMING, FrameType.RESULT: State.DONE},
+        State.DONE: {FrameType.HANDOFF_DONE: State.DONE},
     },
 }
 

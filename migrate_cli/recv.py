@@ -14,6 +14,7 @@ Order matters and is the safety argument:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -34,6 +35,7 @@ from .errors import (
     PeerCancelled,
     PeerError,
     ProtocolError,
+    QemuError,
     UsageError,
     peer_abort,
 )
@@ -41,10 +43,15 @@ from .image import DestinationImage, DiscardSink, InPlaceDestination, check_dest
 from .pipeline import Failure, spawn
 from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
+    FEATURE_QEMU_HANDOFF,
+    HANDOFF_FAILED,
+    HANDOFF_RUNNING,
     RESULT_DIGEST_MISMATCH,
     RESULT_VERIFIED,
     Abort,
     End,
+    Handoff,
+    HandoffDone,
     Hello,
     Keepalive,
     Pages,
@@ -54,6 +61,8 @@ from .protocol import (
     Welcome,
     validate_pages,
 )
+from .qemu import DestHandoff, check_backend
+from .qmp import Qmp
 from .receiver import PassBarrier, RecvPipeline
 from .send import usable_cpus
 from .stats import Stats
@@ -79,6 +88,8 @@ class RecvOptions:
     quiet: bool = False
     discard: bool = False
     in_place: bool = False
+    qmp: str | None = None
+    on_failure: str = "keep"  # QEMU mode: "keep" the destination QEMU as it is, or "quit-dest"
     tls: TlsOptions | None = None
     handshake_timeout: float = 10.0
     control: str | None = None
@@ -101,6 +112,7 @@ class Receiver:
         self.channels: list[Channel] = []
         self.finished = False  # END arrived: the other channels' closing is expected
         self.published = False
+        self.handoff: DestHandoff | None = None
 
     def run(self) -> dict[str, Any]:
         opts = self.opts
@@ -154,6 +166,7 @@ class Receiver:
                 raise ProtocolError(f"sender asked for unknown codec id {hello.codec} (this receiver knows {known})")
             self.codec_name = codec.name
             stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
+            handoff_uri = self._prepare_handoff(hello, channel)
             spawn("keepalive", self._keepalive, self.failure)
             where = "(discard)" if opts.discard else opts.destination
             info = f"{bound} → {where}  codec {codec.name}  threads {self.threads}"
@@ -169,6 +182,8 @@ class Receiver:
                     self.dest = DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
                 for each in channels:
                     each.send_frame(Welcome())
+                if handoff_uri:
+                    channel.send_frame(Handoff(handoff_uri))
                 self.verbose(f"destination allocated ({format_bytes(hello.image_size)}): receiving pages")
                 if view:
                     view.phase = "transfer"
@@ -177,6 +192,8 @@ class Receiver:
                 if view:
                     view.phase = "verifying"
                 digest = self._verify_and_publish(channel, end)
+                if self.handoff is not None:
+                    self._finish_handoff(channel)
                 stats.finish()
                 if view:
                     view.phase = "verified"
@@ -209,6 +226,7 @@ class Receiver:
                 "digest": digest.hex(),
                 "destination": None if opts.discard else opts.destination,
                 "discard": opts.discard,
+                **({"qemu-handoff": {"uri": self.handoff.uri, **self.handoff.steps}} if self.handoff else {}),
                 **(self.view.cpu_report() if self.view is not None else {}),
             },
         )
@@ -216,6 +234,38 @@ class Receiver:
         if opts.json:
             print_json(result)
         return result
+
+    # -- QEMU mode ----------------------------------------------------------------------------------------------
+
+    def _prepare_handoff(self, hello: Hello, channel: Channel) -> str | None:
+        """Check the destination QEMU's RAM backend and start its incoming migration, before any page arrives."""
+        wanted = bool(hello.features & FEATURE_QEMU_HANDOFF)
+        if wanted != (self.opts.qmp is not None):
+            raise UsageError(
+                "the sender asks for a QEMU handoff: start vmmig recv with --qmp and --in-place"
+                if wanted
+                else "recv --qmp expects a sender started with --qemu-handoff"
+            )
+        if self.opts.qmp is None:
+            return None
+        qmp = Qmp(self.opts.qmp)
+        check_backend(qmp, self.opts.destination, hello.image_size, "destination")
+        self.handoff = DestHandoff(qmp)
+        return self.handoff.prepare(channel.sock.getsockname()[0])
+
+    def _finish_handoff(self, channel: Channel) -> None:
+        assert self.handoff is not None
+        try:
+            self.handoff.finish()
+        except QemuError as exc:
+            with contextlib.suppress(MigrateError, OSError):
+                channel.send_frame(HandoffDone(HANDOFF_FAILED, str(exc)))
+            if self.opts.on_failure == "quit-dest":
+                with contextlib.suppress(QemuError):
+                    self.handoff.qmp.execute("quit")
+            raise
+        channel.send_frame(HandoffDone(HANDOFF_RUNNING))
+        self.verbose("destination VM running")
 
     def verbose(self, message: str) -> None:
         if self.opts.verbose and not self.display and not self.opts.quiet:

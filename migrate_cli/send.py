@@ -43,6 +43,7 @@ from .errors import (
     PauseError,
     PeerError,
     ProtocolError,
+    QemuError,
     SourceError,
     UsageError,
     peer_abort,
@@ -52,7 +53,23 @@ from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
 from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
 from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
-from .protocol import RESULT_VERIFIED, Abort, Encoding, End, Hello, Keepalive, PassEnd, Result, Role, Welcome
+from .protocol import (
+    FEATURE_QEMU_HANDOFF,
+    HANDOFF_RUNNING,
+    RESULT_VERIFIED,
+    Abort,
+    Encoding,
+    End,
+    Handoff,
+    HandoffDone,
+    Hello,
+    Keepalive,
+    PassEnd,
+    Result,
+    Role,
+    Welcome,
+)
+from .qemu import SourceHandoff, check_backend
 from .ratelimit import TokenBucket
 from .sender import SendPipeline, all_ranges, batch_ranges
 from .stats import Stats
@@ -91,6 +108,7 @@ class SendOptions:
     max_time: float | None = None
     on_no_converge: str = "abort"
     auto_converge: bool = False
+    qemu_handoff: bool = False
     # security
     tls: TlsOptions | None = None
     handshake_timeout: float = 10.0
@@ -114,6 +132,8 @@ class SendOptions:
             raise UsageError("--dirty-tracking soft-dirty needs --pause-pid (the process whose writes are tracked)")
         if self.max_passes < 1:
             raise UsageError("--max-passes must be at least 1")
+        if self.qemu_handoff and self.qmp is None:
+            raise UsageError("--qemu-handoff needs --qmp (the source QEMU's monitor)")
         if not 1 <= self.channels <= 16:
             raise UsageError("--channels must be between 1 and 16")
 
@@ -172,6 +192,11 @@ class Sender:
         self.pass_records: list[PassRecord] = []
         self.batches_sent = 0
         self.channels: list[Channel] = []
+        self.handoff: SourceHandoff | None = None
+        self.handoff_uri: str | None = None
+        self.handoff_done: HandoffDone | None = None
+        self.handoff_event = threading.Event()
+        self.dest_may_run = False  # QEMU's device state went out: the destination VM may be running
         self.bucket = TokenBucket(opts.max_bandwidth)
         self.policy = ConvergencePolicy(opts.downtime_limit, opts.max_passes, opts.max_time)
         self.stats = Stats(page_size=opts.page_size, cap=opts.max_bandwidth or 0)
@@ -184,6 +209,15 @@ class Sender:
         host, port = parse_address(opts.destination)
         source = SourceImage(opts.source, opts.page_size)
         self.pauser = self._make_pauser()
+        if opts.qemu_handoff:
+            assert isinstance(self.pauser, QmpPauser)
+            try:
+                check_backend(self.pauser.qmp, opts.source, source.size, "source")
+                self.handoff = SourceHandoff(self.pauser.qmp)
+                self.handoff.prepare()
+            except BaseException:
+                source.close()
+                raise
         batch_pages = max(1, min(opts.batch_size // opts.page_size, 65536))
         stats = self.stats
         stats.image_bytes = source.size
@@ -226,6 +260,7 @@ class Sender:
                         batch_pages=batch_pages,
                         channels=len(channels),
                         channel_index=index,
+                        features=FEATURE_QEMU_HANDOFF if self.handoff else 0,
                     )
                     stats.add_wire(each.send_frame(hello))
                 for each in channels:
@@ -244,6 +279,8 @@ class Sender:
                 if view:
                     view.phase = "verifying"
                 self._await_result(digest)
+                if self.handoff is not None:
+                    self._hand_over(stats)
                 if self.paused and self.live is not None:
                     now = time.monotonic()
                     stats.downtime = now - self.live.paused_at
@@ -253,6 +290,8 @@ class Sender:
                 if view:
                     view.phase = "verified"
         except BaseException as exc:
+            if self.dest_may_run and not isinstance(exc, OutcomeUnknown):
+                exc = OutcomeUnknown(f"{exc}; the destination VM may be running, so the source stays stopped")
             self.failure.set(exc, replace=isinstance(exc, OutcomeUnknown))
             if isinstance(self.failure.error, NetworkError) and self._control is not None:
                 self._control.join(1.0)  # an ABORT with the peer's reason may be in flight: let it win
@@ -441,7 +480,8 @@ class Sender:
             self.throttle.release()
         if not self.paused or self.pauser is None:
             return
-        if isinstance(self.failure.error, OutcomeUnknown):
+        if isinstance(self.failure.error, OutcomeUnknown) or self.dest_may_run:
+            notice("the source guest stays stopped: the destination VM may be running")
             return
         try:
             self.pauser.resume()
@@ -479,15 +519,43 @@ class Sender:
             try:
                 frame, _ = channel.read_frame()
             except NetworkError:
-                if self.failure.is_set() or self.result_event.is_set():
+                if self.failure.is_set() or (self.result_event.is_set() and not self.dest_may_run):
                     raise Stopped from None  # latched already, or the migration is over and channels close
                 raise
             if isinstance(frame, Abort):
                 raise peer_abort(frame.code, frame.message)
-            if isinstance(frame, Result):
+            if isinstance(frame, Handoff):
+                self.handoff_uri = frame.uri
+            elif isinstance(frame, HandoffDone):
+                self.handoff_done = frame
+                self.handoff_event.set()
+                return
+            elif isinstance(frame, Result):
                 self.result = frame
                 self.result_event.set()
-                return
+                if self.handoff is None or channel is not self.channels[0]:
+                    return
+
+    def _hand_over(self, stats: Stats) -> None:
+        """QEMU mode, RAM verified: send the device state with QEMU's migration and let the receiver start the VM."""
+        assert self.handoff is not None
+        if self.handoff_uri is None:
+            raise ProtocolError("the receiver announced no QEMU handoff address")
+        self.handoff.migrate(self.handoff_uri)  # a failure here: the destination has no device state, cannot run
+        self.dest_may_run = True  # from here on, never resume the source unless the receiver says its VM failed
+        while not self.handoff_event.wait(0.05):
+            error = self.failure.error
+            if error is not None:
+                raise OutcomeUnknown(
+                    f"lost the receiver while QEMU handed the VM over ({error}); the source stays stopped: "
+                    "check whether the destination VM runs before resuming either"
+                )
+        done = self.handoff_done
+        assert done is not None
+        if done.status != HANDOFF_RUNNING:
+            self.dest_may_run = False  # the receiver says its VM did not start: resuming the source is safe
+            raise QemuError(f"the destination QEMU did not start: {done.message}")
+        self.verbose("destination VM running")
 
     def _await_result(self, digest: bytes) -> None:
         while not self.result_event.wait(0.2):
@@ -552,6 +620,8 @@ class Sender:
             extra.update(self.view.cpu_report())
         if self.auto is not None:
             extra.update(self.auto.stats.as_json())
+        if self.handoff is not None:
+            extra["qemu-handoff"] = {"uri": self.handoff_uri, **self.handoff.steps}
         return report(snap, extra)
 
     # -- statistics and control ----------------------------------------------------------------------------------

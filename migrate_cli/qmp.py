@@ -1,0 +1,63 @@
+"""A minimal QMP client: QEMU's JSON monitor over a unix socket, one command at a time (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from .errors import QemuError
+
+
+class Qmp:
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise QemuError(f"QMP {path}: cannot connect: {exc.strerror or exc}") from None
+        self._file = self._sock.makefile("rwb")
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise QemuError(f"QMP {path}: not a QMP monitor (greeting {greeting!r})")
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            line = self._file.readline()
+        except OSError as exc:
+            raise QemuError(f"QMP {self.path}: {exc}") from None
+        if not line:
+            raise QemuError(f"QMP {self.path}: QEMU closed the monitor (did it exit?)")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        try:
+            self._file.write(json.dumps(message).encode() + b"\n")
+            self._file.flush()
+        except OSError as exc:
+            raise QemuError(f"QMP {self.path}: {command}: {exc}") from None
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                continue  # asynchronous events (STOP, RESUME, MIGRATION) interleave with replies
+            if "error" in reply:
+                desc = reply["error"].get("desc", reply["error"])
+                raise QemuError(f"QMP {command} failed: {desc}")
+            return reply.get("return")
+
+    def status(self) -> str:
+        return str(self.execute("query-status").get("status"))
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self._sock.close()
