@@ -5,8 +5,9 @@ What it measures
 ----------------
 One deterministic 'mixed' guest image (examples/make_guest_image.py: 40% zero, 25% text, 20% code, 15% random
 pages, in runs) is generated in /dev/shm. Every case is a fresh `vmmig recv` + `vmmig send` pair of processes on
-that image over 127.0.0.1: codecs none, zlib level 1 and zstd level 1, each at 1 and 2 threads (the same count for
---compress-threads and --decompress-threads). Two baselines move the same image in the same run:
+that image over 127.0.0.1: codecs none, zlib level 1, zstd level 1 and auto, each at 1 and 2 threads (the same
+count for --compress-threads and --decompress-threads) and over 1 and 2 channels (--channels). Two baselines
+move the same image in the same run:
 
 * ``socat``       -- plain copy: ``socat -u FILE:IMAGE TCP:...`` into ``socat -u TCP-LISTEN:... CREATE:DEST``;
 * ``zstd|socat``  -- ``zstd -1 -T2 -c IMAGE | socat`` into ``socat | zstd -d -c > DEST``.
@@ -83,7 +84,8 @@ TARGET_MBPS = 250.0  # zlib level 1, 2 threads, image MB/s by wall clock at --si
 TARGET_RSS_MIB = 150.0  # peak RssAnon per side, zlib level 1, 2 threads, at --size and --rss-size
 TARGET_CASE = "zlib-1 x2"
 
-CODECS: tuple[tuple[str, int | None], ...] = (("none", None), ("zlib", 1), ("zstd", 1))
+CODECS: tuple[tuple[str, int | None], ...] = (("none", None), ("zlib", 1), ("zstd", 1), ("auto", 1))
+CHANNELS: tuple[int, ...] = (1, 2)
 THREADS: tuple[int, ...] = (1, 2)
 SOCAT = "socat"
 ZSTD_PIPE = "zstd|socat"
@@ -405,13 +407,15 @@ def wait_ready(ready: Path, recv: Child) -> str:
         time.sleep(0.01)
 
 
-def case_name(codec: str, level: int | None, threads: int) -> str:
-    return f"{codec}{'' if level is None else f'-{level}'} x{threads}"
+def case_name(codec: str, level: int | None, threads: int, channels: int = 1) -> str:
+    return f"{codec}{'' if level is None else f'-{level}'} x{threads}" + (f" c{channels}" if channels > 1 else "")
 
 
-def run_case(image: Path, size: int, workdir: Path, codec: str, level: int | None, threads: int) -> Run:
+def run_case(
+    image: Path, size: int, workdir: Path, codec: str, level: int | None, threads: int, channels: int = 1
+) -> Run:
     """One fresh recv + send pair; verified by exit codes, matching digests and the destination's size."""
-    what = case_name(codec, level, threads)
+    what = case_name(codec, level, threads, channels)
     dest, ready = workdir / "dest.img", workdir / "ready"
     remove(dest, Path(f"{dest}.partial"), ready)
     level_args = [] if level is None else ["--level", str(level)]
@@ -425,7 +429,7 @@ def run_case(image: Path, size: int, workdir: Path, codec: str, level: int | Non
         address = wait_ready(ready, recv)
         started = time.perf_counter()
         send_argv = ["send", str(image), address, "--compress", codec, *level_args]
-        send_argv += ["--compress-threads", str(threads), "--json", "--quiet"]
+        send_argv += ["--compress-threads", str(threads), "--channels", str(channels), "--json", "--quiet"]
         send = Child(vmmig(*send_argv), workdir, "send")
         wait_all([send, recv], started + CASE_TIMEOUT, what)
         others = other_cpu(before, [send, recv])
@@ -857,9 +861,10 @@ def run_vmmig_cases(image: Path, size: int, workdir: Path, repeat: int) -> list[
     results = []
     for codec, level in CODECS:
         for threads in THREADS:
-            name = case_name(codec, level, threads)
-            once = functools.partial(run_case, image, size, workdir, codec, level, threads)
-            results.append(repeat_runs(name, "vmmig", size, repeat, once))
+            for channels in CHANNELS:
+                name = case_name(codec, level, threads, channels)
+                once = functools.partial(run_case, image, size, workdir, codec, level, threads, channels)
+                results.append(repeat_runs(name, "vmmig", size, repeat, once))
     return results
 
 
