@@ -18,7 +18,6 @@ END went out and before the verdict arrives, the outcome is unknown and the gues
 from __future__ import annotations
 
 import os
-import queue
 import secrets
 import sys
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import codec as codecs
-from .adaptive import AutoPolicy, Stopwatch
+from .adaptive import AutoPolicy
 from .control import ControlError, ControlServer
 from .digest import image_digest
 from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
@@ -49,6 +48,7 @@ from .errors import (
     peer_abort,
 )
 from .image import SourceImage
+from .passes import PassSender
 from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
 from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
@@ -58,26 +58,22 @@ from .protocol import (
     HANDOFF_RUNNING,
     RESULT_VERIFIED,
     Abort,
-    Encoding,
     End,
     Handoff,
     HandoffDone,
     Hello,
     Keepalive,
-    PassEnd,
     Result,
     Role,
     Welcome,
 )
 from .qemu import SourceHandoff, check_backend
 from .ratelimit import TokenBucket
-from .sender import SendPipeline, all_ranges, batch_ranges
+from .sender import SendPipeline
 from .stats import Stats
 from .tls import TlsOptions, wrap_client
 from .transport import Channel, connect, parse_address
 from .units import format_bytes, format_rate, parse_duration, parse_rate
-
-KEEPALIVE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -147,28 +143,6 @@ def usable_cpus() -> int:
 
 def notice(message: str) -> None:
     print(f"vmmig send: {message}", file=sys.stderr, flush=True)
-
-
-class PassShare:
-    """The batches of a pass still to be claimed by the channels' senders (one lock, one decrement a batch)."""
-
-    def __init__(self, batches: int) -> None:
-        self._left = batches
-        self._lock = threading.Lock()
-
-    def claim(self) -> bool:
-        with self._lock:
-            if self._left == 0:
-                return False
-            self._left -= 1
-            return True
-
-
-@dataclass
-class ChannelTotals:
-    batches: int = 0
-    normal: int = 0
-    wire: int = 0
 
 
 class Sender:
@@ -318,7 +292,10 @@ class Sender:
 
     def _copy(self, pipeline: SendPipeline, source: SourceImage, bucket: TokenBucket, stats: Stats) -> bytes:
         def send_pass(number: int, pages: np.ndarray | None, paused: bool) -> PassRecord:
-            return self._send_pass(pipeline, source, bucket, stats, number, pages, paused)
+            passes = PassSender(self.channels, pipeline, source, bucket, stats, self.failure, self.auto)
+            record = passes.send(number, pages, paused, self.throttle.percentage if self.throttle else 0)
+            self.batches_sent += passes.batches
+            return record
 
         tracker = self._make_tracker(source, pipeline.fingerprints)
         if self.opts.live:
@@ -359,96 +336,6 @@ class Sender:
     def _wrote_while_paused(self, pages: int) -> None:
         hint = " (QEMU: use --qmp, a SIGSTOP does not stop in-kernel devices)" if self.opts.pause_pid else ""
         raise PauseError(f"{pages} pages changed while the guest was paused: the pause did not stop its writes{hint}")
-
-    def _send_pass(
-        self,
-        pipeline: SendPipeline,
-        source: SourceImage,
-        bucket: TokenBucket,
-        stats: Stats,
-        number: int,
-        pages: np.ndarray | None,
-        paused: bool,
-    ) -> PassRecord:
-        """One pass: every channel's sender takes batches from the shared out queue until the pass is done.
-
-        Any channel can carry any batch (they are self-contained); one token bucket budgets them all. Each channel
-        then ends the pass with PASS_END and its own batch count, which the receiver's barrier adds up.
-        """
-        ranges = (
-            all_ranges(source.pages, pipeline.batch_pages)
-            if pages is None
-            else batch_ranges(pages, pipeline.batch_pages)
-        )
-        page_count = source.pages if pages is None else int(pages.size)
-        stats.begin_pass(number, page_count * source.page_size)
-        started = time.monotonic()
-        pipeline.feed(ranges)
-        share = PassShare(len(ranges))
-        totals = [ChannelTotals() for _ in self.channels]
-        threads = [
-            spawn(f"send-{i}", partial(self._send_share, each, pipeline, bucket, stats, share, totals[i]), self.failure)
-            for i, each in enumerate(self.channels[1:], start=1)
-        ]
-        try:
-            self._send_share(self.channels[0], pipeline, bucket, stats, share, totals[0])
-        finally:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.1)
-        self.failure.raise_if_set()
-        for each, total in zip(self.channels, totals, strict=True):
-            sent = each.send_frame(PassEnd(number, total.batches))
-            total.wire += sent
-            stats.add_wire(sent)
-        self.batches_sent += len(ranges)
-        return PassRecord(
-            number=number,
-            pages=page_count,
-            normal_pages=sum(t.normal for t in totals),
-            image_bytes=page_count * source.page_size,
-            wire_bytes=sum(t.wire for t in totals),
-            duration=time.monotonic() - started,
-            dirty_pages=page_count,
-            dirty_rate=0.0,
-            expected_downtime=None,
-            throttle=self.throttle.percentage if self.throttle else 0,
-            paused=paused,
-        )
-
-    def _send_share(
-        self,
-        channel: Channel,
-        pipeline: SendPipeline,
-        bucket: TokenBucket,
-        stats: Stats,
-        share: PassShare,
-        totals: ChannelTotals,
-    ) -> None:
-        """Send batches of the current pass on ``channel`` until the pass has none left to claim."""
-        while share.claim():
-            while True:
-                self.failure.raise_if_set()
-                try:
-                    batch = pipeline.out.get(timeout=0.1)  # short: a cancel is noticed within 100 ms
-                    break
-                except queue.Empty:
-                    if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
-                        stats.add_wire(channel.send_frame(Keepalive()))
-            frame = batch.frame
-            watch = Stopwatch()
-            bucket.consume(len(frame.data) + len(frame.zero_bitmap) + 28, self.failure.event)
-            sent = channel.send_frame(frame)
-            if self.auto is not None:
-                self.auto.note_wire(sent, watch.elapsed())
-            stats.add_wire(sent)
-            # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
-            stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
-            if batch.release:
-                batch.release()
-            totals.batches += 1
-            totals.normal += frame.normal_count
-            totals.wire += sent
 
     # -- guest control -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,144 @@
+"""Sending one pass over every channel: the network side of the sender.
+
+A pass is a list of batch ranges fed to the pipeline (sender.py). The calling thread drives channel 0 and one
+short-lived ``send-i`` thread drives each other channel: all take encoded batches from the same out queue, claim
+them from one per-pass counter, charge the one token bucket, and count each batch in the statistics once it is on
+the wire. Then every channel sends PASS_END with the number of batches it carried (the receiver's barrier adds
+them up). Any channel can carry any batch: batches are self-contained.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from .adaptive import AutoPolicy, Stopwatch
+from .image import SourceImage
+from .pipeline import Failure, spawn
+from .precopy import PassRecord
+from .protocol import Encoding, Keepalive, PassEnd
+from .ratelimit import TokenBucket
+from .sender import SendPipeline, all_ranges, batch_ranges
+from .stats import Stats
+from .transport import Channel
+
+KEEPALIVE_INTERVAL = 1.0
+FRAME_OVERHEAD = 28  # frame header + PAGES header, charged to the bucket with the data
+
+
+class PassShare:
+    """The batches of a pass still to be claimed by the channels' senders (one lock, one decrement a batch)."""
+
+    def __init__(self, batches: int) -> None:
+        self._left = batches
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._left == 0:
+                return False
+            self._left -= 1
+            return True
+
+
+@dataclass
+class ChannelTotals:
+    batches: int = 0
+    normal: int = 0
+    wire: int = 0
+
+
+class PassSender:
+    def __init__(
+        self,
+        channels: list[Channel],
+        pipeline: SendPipeline,
+        source: SourceImage,
+        bucket: TokenBucket,
+        stats: Stats,
+        failure: Failure,
+        auto: AutoPolicy | None,
+    ) -> None:
+        self.channels = channels
+        self.pipeline = pipeline
+        self.source = source
+        self.bucket = bucket
+        self.stats = stats
+        self.failure = failure
+        self.auto = auto
+        self.batches = 0  # batches sent by the last call to send()
+
+    def send(self, number: int, pages: np.ndarray | None, paused: bool, throttle: int) -> PassRecord:
+        """Send pass ``number``: every page (``pages`` None) or the given ones; returns its record."""
+        source, pipeline = self.source, self.pipeline
+        if pages is None:
+            ranges = all_ranges(source.pages, pipeline.batch_pages)
+        else:
+            ranges = batch_ranges(pages, pipeline.batch_pages)
+        page_count = source.pages if pages is None else int(pages.size)
+        self.stats.begin_pass(number, page_count * source.page_size)
+        started = time.monotonic()
+        pipeline.feed(ranges)
+        share = PassShare(len(ranges))
+        totals = [ChannelTotals() for _ in self.channels]
+        threads = [
+            spawn(f"send-{i}", partial(self._send_share, each, share, totals[i]), self.failure)
+            for i, each in enumerate(self.channels[1:], start=1)
+        ]
+        try:
+            self._send_share(self.channels[0], share, totals[0])
+        finally:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.1)
+        self.failure.raise_if_set()
+        for each, total in zip(self.channels, totals, strict=True):
+            sent = each.send_frame(PassEnd(number, total.batches))
+            total.wire += sent
+            self.stats.add_wire(sent)
+        self.batches = len(ranges)
+        return PassRecord(
+            number=number,
+            pages=page_count,
+            normal_pages=sum(t.normal for t in totals),
+            image_bytes=page_count * source.page_size,
+            wire_bytes=sum(t.wire for t in totals),
+            duration=time.monotonic() - started,
+            dirty_pages=page_count,
+            dirty_rate=0.0,
+            expected_downtime=None,
+            throttle=throttle,
+            paused=paused,
+        )
+
+    def _send_share(self, channel: Channel, share: PassShare, totals: ChannelTotals) -> None:
+        """Send batches of the current pass on ``channel`` until the pass has none left to claim."""
+        stats = self.stats
+        while share.claim():
+            while True:
+                self.failure.raise_if_set()
+                try:
+                    batch = self.pipeline.out.get(timeout=0.1)  # short: a cancel is noticed within 100 ms
+                    break
+                except queue.Empty:
+                    if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
+                        stats.add_wire(channel.send_frame(Keepalive()))
+            frame = batch.frame
+            watch = Stopwatch()
+            self.bucket.consume(len(frame.data) + len(frame.zero_bitmap) + FRAME_OVERHEAD, self.failure.event)
+            sent = channel.send_frame(frame)
+            if self.auto is not None:
+                self.auto.note_wire(sent, watch.elapsed())
+            stats.add_wire(sent)
+            # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
+            stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
+            if batch.release:
+                batch.release()
+            totals.batches += 1
+            totals.normal += frame.normal_count
+            totals.wire += sent
