@@ -96,7 +96,7 @@ class SourceHandoff:
             status = info.get("status")
             if status == "completed":
                 self.steps["qemu-migrate"] = round((time.monotonic() - started) * 1000, 3)
-                self.steps["device-state-bytes"] = int(info.get("ram", {}).get("transferred", 0))
+                self.steps["qemu-stream-bytes"] = int(info.get("ram", {}).get("transferred", 0))
                 return dict(info)
             if status in ("failed", "cancelled"):
                 raise QemuError(f"QEMU migrate (device state) {status}: {info.get('error-desc', 'no reason given')}")

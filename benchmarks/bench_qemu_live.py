@@ -1,0 +1,686 @@
+#!/usr/bin/env python3
+"""One running QEMU guest, live-migrated three ways on one machine: QEMU plain, QEMU multifd + zstd, vmmig QEMU mode.
+
+What it measures
+----------------
+The tiny TCG guest of ``examples/qemu`` (256 MiB of RAM in a ``share=on`` file on /dev/shm; prints ``HEARTBEAT n``
+every second, ``DATA OK n`` after re-checksumming 32 MiB it holds in RAM every third beat, and rewrites
+``--write-mb`` MiB of RAM every second) is booted afresh for every run (source QEMU until ``HEARTBEAT 3``, then a
+destination QEMU with ``-S -incoming defer`` and its own, empty RAM file), and moved over 127.0.0.1 by:
+
+* ``qemu plain`` -- QEMU's own live migration of all the RAM (no ``x-ignore-shared``: nobody pre-copies the
+  destination file). Both sides: ``migrate-set-parameters`` ``max-bandwidth`` 1 TiB/s (QEMU's default is 32 MiB/s)
+  and ``downtime-limit`` 300 ms; ``migrate-incoming tcp:127.0.0.1:PORT`` on the destination, ``migrate`` on the
+  source, ``query-migrate`` polled every 5 ms until ``completed``, then the destination's ``query-status`` until
+  it leaves ``inmigrate`` and ``cont`` (it is ``paused``: ``-S``).
+* ``qemu multifd-zstd`` -- the same with capability ``multifd``, ``multifd-channels`` 2 and ``multifd-compression``
+  zstd on both sides.
+* ``vmmig zlib``, ``vmmig zstd`` -- ``vmmig recv --listen 127.0.0.1:0 --ready-file F --in-place --qmp DEST.qmp
+  --json --quiet DEST.ram`` and ``vmmig send --live SRC.ram ADDR --qmp SRC.qmp --qemu-handoff --compress CODEC
+  --json --quiet``: vmmig pre-copies the RAM live, stops the source, sends the last pass, verifies it, lets QEMU
+  move only the device state (``x-ignore-shared``) and the receiver ``cont``s the destination.
+
+After every run the guest must continue on the destination: the source's serial log followed by the
+destination's must be one consecutive heartbeat sequence (no reboot, no gap) that goes past the source's last
+beat, and a ``DATA OK n`` with n greater than that beat (and no ``DATA BAD``) must follow on the destination.
+
+Columns
+-------
+* ``wall s`` -- QEMU: from the first ``migrate-set-*`` command to ``cont`` returned on the destination (the QEMUs
+  are already running). vmmig: from starting the ``send`` process until send and recv have both exited (interpreter
+  start-up, the QMP checks, the digest check and the handoff all count; recv was started and listening before).
+* ``total-time ms`` -- the tool's own: QEMU's ``total-time`` (``query-migrate`` on the source); vmmig's
+  ``total-time`` (first page to the end, handoff included).
+* ``downtime ms`` -- the tool's own: QEMU's ``downtime`` (source stop until it sent the last byte: the destination's
+  load and ``cont`` are not in it); vmmig's ``downtime`` (pause request until the destination QEMU runs).
+* ``stop->run ms`` -- QEMU only: the source's QMP ``STOP`` event to the destination's ``RESUME`` event (both QEMU
+  timestamps, one host clock), i.e. what the guest really lost, including this script's 5 ms polling and ``cont``;
+  the vmmig rows repeat vmmig's ``downtime``, which measures the same span.
+* ``wire MB`` -- the tool's own count, RAM + device state: QEMU's ``ram.transferred`` (caution: QEMU 7.2 counts
+  multifd pages *before* compression); vmmig's ``transferred`` + ``qemu-handoff.qemu-stream-bytes``.
+* ``IP MB`` -- measured alike for all: growth of ``IpExt OutOctets`` in /proc/net/netstat during the wall window
+  (all IP traffic of the machine, headers included; other jobs' traffic would inflate it).
+* ``passes`` -- vmmig: ``len(passes)``; QEMU: ``ram.dirty-sync-count`` in parentheses.
+* ``CPU s`` -- CPU seconds during the wall window of both QEMUs (the guest's TCG vCPU included) plus vmmig's send and
+  recv; ``other CPU s`` -- everything else on the machine in that window (about 0 on a quiet machine).
+* ``continued`` -- the guest check above, for every repeat.
+
+MB = 10^6 bytes. With ``--repeat N`` (default 3) the cases run in N interleaved rounds and medians are shown.
+Exit status 1 only if a migration failed or the guest did not continue; 0 otherwise.
+
+    .venv/bin/python benchmarks/bench_qemu_live.py [--quick] [--repeat 3] [--write-mb 4] [--cases ...] [--json F]
+
+Needs qemu-system-x86_64 and the guest built by ``examples/qemu/build_guest.sh`` (``examples/qemu/build/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SHM = Path("/dev/shm")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000
+MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" for QEMU
+DOWNTIME_LIMIT_MS = 300
+BOOT_TIMEOUT = 180.0
+READY_TIMEOUT = 30.0
+MIGRATE_TIMEOUT = 300.0
+CONTINUE_TIMEOUT = 60.0
+POLL = 0.005
+CASES = ("qemu plain", "qemu multifd-zstd", "vmmig zlib", "vmmig zstd")
+
+
+def load_run_guest() -> ModuleType:
+    path = REPO / "examples" / "qemu" / "run_guest.py"
+    spec = importlib.util.spec_from_file_location("run_guest", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_guest"] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+rg = load_run_guest()
+
+
+class BenchError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime (all threads) of a live process; 0.0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    with open("/proc/stat", encoding="ascii") as fh:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fh.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def ip_out_octets() -> int:
+    """IpExt OutOctets of this network namespace (loopback included)."""
+    with open("/proc/net/netstat", encoding="ascii") as fh:
+        lines = fh.read().splitlines()
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if header.startswith("IpExt:"):
+            table = dict(zip(header.split()[1:], values.split()[1:], strict=True))
+            return int(table["OutOctets"])
+    return 0
+
+
+@dataclass
+class Window:
+    """CPU and IP counters at the start of a case's wall window."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    busy0: float = field(default_factory=machine_busy_s)
+    own0: float = field(default_factory=own_cpu_s)
+    ip0: int = field(default_factory=ip_out_octets)
+
+
+def event_time(event: dict[str, Any]) -> float:
+    ts = event.get("timestamp", {})
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg", encoding="ascii") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vmmig child processes: own session, reaped by a thread with os.wait4 (exit time and rusage)
+
+
+class Child:
+    def __init__(self, argv: Sequence[str], workdir: Path, tag: str) -> None:
+        self.tag = tag
+        self.stdout_path = workdir / f"{tag}.out"
+        self.stderr_path = workdir / f"{tag}.err"
+        self.done = threading.Event()
+        self.ended: float | None = None
+        self.returncode: int | None = None
+        self.cpu_s: float | None = None
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                list(argv), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+            )
+        self.pid = self.proc.pid
+        threading.Thread(target=self._reap, name=f"reap-{tag}", daemon=True).start()
+
+    def _reap(self) -> None:
+        _, status, rusage = os.wait4(self.pid, 0)
+        self.ended = time.perf_counter()
+        self.cpu_s = rusage.ru_utime + rusage.ru_stime
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.returncode  # Popen must not wait for it again
+        self.done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self.done.wait(max(0.0, timeout))
+
+    def kill(self) -> None:
+        """SIGKILL this process by its PID unless it has been reaped already."""
+        if not self.done.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.done.wait(10.0)
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        text = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) if text else "(no stderr)"
+
+
+def vmmig(*args: str) -> list[str]:
+    return [sys.executable, "-m", "migrate_cli", *args]
+
+
+def parse_report(child: Child) -> dict[str, Any]:
+    text = child.stdout().strip()
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            report = json.loads(text.splitlines()[-1])
+        except (IndexError, json.JSONDecodeError) as exc:
+            raise BenchError(f"{child.tag} printed no JSON report ({exc}): {child.stderr_tail()}") from None
+    if not isinstance(report, dict):
+        raise BenchError(f"{child.tag}: the JSON report is not an object")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class Run:
+    case: str
+    round: int
+    error: str | None = None
+    boot_s: float | None = None
+    wall_s: float | None = None
+    total_time_ms: float | None = None
+    downtime_ms: float | None = None
+    stop_to_run_ms: float | None = None
+    wire_bytes: int | None = None
+    ip_bytes: int | None = None
+    passes: int | None = None
+    dirty_syncs: int | None = None
+    cpu_s: float | None = None
+    other_cpu_s: float | None = None
+    continued: bool | None = None
+    continued_detail: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.continued)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def qmp_status(qmp: Any) -> str:
+    return str(qmp.execute("query-status")["status"])
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = POLL) -> Any:
+    deadline = time.perf_counter() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.perf_counter() > deadline:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def start_dest(workdir: Path, ram: Path, write_mb: int) -> Any:
+    """A destination QEMU (-S -incoming defer) whose QMP answers 'inmigrate' and whose RAM file exists."""
+    dest = rg.start_guest(workdir, ram, "dest", write_mb)
+    with dest.qmp(timeout=READY_TIMEOUT) as qmp:
+        status = qmp_status(qmp)
+    if status != "inmigrate":
+        raise BenchError(f"destination QEMU is {status!r}, expected inmigrate")
+    size = rg.DEFAULT_MEM_MB * 1024 * 1024
+    wait_until(lambda: ram.exists() and ram.stat().st_size == size, READY_TIMEOUT, f"{ram} ({size} bytes)")
+    return dest
+
+
+def finish_window(run: Run, win: Window, t1: float, case_cpu: float) -> None:
+    run.wall_s = t1 - win.t0
+    run.ip_bytes = ip_out_octets() - win.ip0
+    run.cpu_s = case_cpu
+    run.other_cpu_s = max(0.0, machine_busy_s() - win.busy0 - (own_cpu_s() - win.own0) - case_cpu)
+
+
+def migrate_qemu(run: Run, src: Any, dst: Any, multifd: bool) -> None:
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    caps = [{"capability": "multifd", "state": True}] if multifd else []
+    params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS}
+    if multifd:
+        params.update({"multifd-channels": 2, "multifd-compression": "zstd"})
+    with src.qmp() as sq, dst.qmp() as dq:
+        if qmp_status(dq) != "inmigrate":
+            raise BenchError("destination QEMU is not inmigrate")
+        qemu_cpu0 = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
+        win = Window()
+        for q in (dq, sq):
+            if caps:
+                q.execute("migrate-set-capabilities", capabilities=caps)
+            q.execute("migrate-set-parameters", **params)
+        dq.execute("migrate-incoming", uri=uri)
+        sq.execute("migrate", uri=uri)
+
+        def finished() -> dict[str, Any] | None:
+            info: dict[str, Any] = sq.execute("query-migrate")
+            return info if info.get("status") in ("completed", "failed", "cancelled") else None
+
+        info = wait_until(finished, MIGRATE_TIMEOUT, "the source's query-migrate to finish")
+        if info["status"] != "completed":
+            raise BenchError(f"QEMU migration {info['status']}: {info.get('error-desc', 'no reason given')}")
+        dest_state = wait_until(lambda: (s := qmp_status(dq)) != "inmigrate" and s, 60.0, "destination to load")
+        if dest_state == "paused":
+            dq.execute("cont")
+        t1 = time.perf_counter()
+        case_cpu = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid) - qemu_cpu0
+        finish_window(run, win, t1, case_cpu)
+        run.detail["dest-status-after-load"] = dest_state
+        run.detail["dest-status"] = qmp_status(dq)
+        run.detail["source-status"] = qmp_status(sq)
+        ram = info.get("ram", {})
+        run.total_time_ms = info.get("total-time")
+        run.downtime_ms = info.get("downtime")
+        run.wire_bytes = ram.get("transferred")
+        run.dirty_syncs = ram.get("dirty-sync-count")
+        run.detail.update(
+            {
+                "setup-time": info.get("setup-time"),
+                "ram-total": ram.get("total"),
+                "ram-normal-pages": ram.get("normal"),
+                "ram-duplicate-pages": ram.get("duplicate"),
+                "ram-mbps": ram.get("mbps"),
+                "multifd-bytes": ram.get("multifd-bytes"),
+            }
+        )
+        stops = [e for e in sq.events if e.get("event") == "STOP"]
+        resumes = [e for e in dq.events if e.get("event") == "RESUME"]
+        if stops and resumes:
+            run.stop_to_run_ms = (event_time(resumes[-1]) - event_time(stops[-1])) * 1000
+        if run.detail["dest-status"] != "running":
+            raise BenchError(f"destination QEMU is {run.detail['dest-status']!r} after cont")
+
+
+def migrate_vmmig(run: Run, src: Any, dst: Any, codec: str, workdir: Path) -> None:
+    ready = workdir / "ready"
+    recv = send = None
+    try:
+        recv = Child(
+            vmmig(
+                "recv", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--in-place",
+                "--qmp", str(dst.qmp_path), "--json", "--quiet", str(dst.ram_path),
+            ),
+            workdir, "recv",
+        )  # fmt: skip
+
+        def listening() -> str | None:
+            if recv is not None and recv.done.is_set():
+                raise BenchError(f"vmmig recv exited {recv.returncode} before listening: {recv.stderr_tail()}")
+            return ready.read_text().strip() if ready.exists() else None
+
+        addr = wait_until(listening, READY_TIMEOUT, "vmmig recv to listen", interval=0.01)
+        qemu_cpu0 = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
+        recv_cpu0 = proc_cpu_s(recv.pid)
+        win = Window()
+        send = Child(
+            vmmig(
+                "send", "--live", str(src.ram_path), addr, "--qmp", str(src.qmp_path), "--qemu-handoff",
+                "--compress", codec, "--json", "--quiet",
+            ),
+            workdir, "send",
+        )  # fmt: skip
+        deadline = time.perf_counter() + MIGRATE_TIMEOUT
+        if not (send.wait(deadline - time.perf_counter()) and recv.wait(deadline - time.perf_counter())):
+            raise BenchError(f"vmmig did not finish within {MIGRATE_TIMEOUT:g}s")
+        assert send.ended is not None and recv.ended is not None
+        t1 = max(send.ended, recv.ended)
+        qemu_cpu = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid) - qemu_cpu0
+        case_cpu = qemu_cpu + (send.cpu_s or 0.0) + (recv.cpu_s or 0.0) - recv_cpu0
+        finish_window(run, win, t1, case_cpu)
+        if send.returncode != 0 or recv.returncode != 0:
+            raise BenchError(
+                f"vmmig send exited {send.returncode} ({send.stderr_tail()}), "
+                f"recv exited {recv.returncode} ({recv.stderr_tail()})"
+            )
+        report = parse_report(send)
+        recv_report = parse_report(recv)
+        handoff = report.get("qemu-handoff") or {}
+        run.total_time_ms = report.get("total-time")
+        run.downtime_ms = report.get("downtime")
+        run.stop_to_run_ms = run.downtime_ms
+        run.wire_bytes = int(report.get("transferred") or 0) + int(handoff.get("qemu-stream-bytes") or 0)
+        run.passes = len(report.get("passes") or [])
+        run.detail.update(
+            {
+                "setup-time": report.get("setup-time"),
+                "ram-transferred": report.get("transferred"),
+                "qemu-stream-bytes": handoff.get("qemu-stream-bytes"),
+                "qemu-migrate": handoff.get("qemu-migrate"),
+                "switchover": report.get("switchover"),
+                "recv-qemu-handoff": recv_report.get("qemu-handoff"),
+                "converged": report.get("converged"),
+                "compression-ratio": report.get("compression-ratio"),
+                "pass-pages": [p.get("pages") for p in report.get("passes") or []],
+                "send-cpu-s": send.cpu_s,
+                "recv-cpu-s": recv.cpu_s,
+            }
+        )
+        with src.qmp() as sq:
+            run.detail["source-status"] = qmp_status(sq)
+        with dst.qmp() as dq:
+            run.detail["dest-status"] = qmp_status(dq)
+        if run.detail["dest-status"] != "running":
+            raise BenchError(f"destination QEMU is {run.detail['dest-status']!r} after vmmig")
+    finally:
+        for child in (send, recv):
+            if child is not None:
+                child.kill()
+
+
+def check_continued(run: Run, src: Any, dst: Any) -> None:
+    """The guest continues on the destination: consecutive heartbeats past the source's last, then DATA OK."""
+    src_beats = rg.heartbeats(src.serial_log)
+    last = src_beats[-1] if src_beats else 0
+    combined = src.serial_log.with_name("combined.serial.log")
+    deadline = time.perf_counter() + CONTINUE_TIMEOUT
+    while True:
+        # a line the guest was printing at the pause is split between the logs: read them as one stream
+        combined.write_bytes(src.serial_log.read_bytes() + dst.serial_log.read_bytes())
+        beats = rg.heartbeats(combined)
+        checks = [(kind, n) for kind, n in rg.data_checks(dst.serial_log) if n > last]
+        ok_after = [n for kind, n in checks if kind == "OK"]
+        bad = [n for kind, n in checks if kind == "BAD"]
+        new = [n for n in beats if n > last]
+        if bad or (new and ok_after):
+            break
+        if not dst.alive():
+            run.continued, run.continued_detail = False, f"destination QEMU exited {dst.popen.returncode}"
+            return
+        if time.perf_counter() > deadline:
+            run.continued = False
+            run.continued_detail = f"source last {last}, destination beats {new[:5]}, no DATA OK after {last}"
+            return
+        time.sleep(0.2)
+    consecutive = beats == list(range(1, len(beats) + 1))
+    first = new[0] if new else None
+    run.continued = bool(consecutive and first == last + 1 and not bad and ok_after)
+    run.continued_detail = (
+        f"source last {last}, destination first {first}, DATA OK {ok_after[0] if ok_after else None}"
+        + (f", DATA BAD {bad}" if bad else "")
+        + ("" if consecutive else f", not consecutive: {beats[-12:]}")
+    )
+
+
+def run_case(case: str, rnd: int, args: argparse.Namespace, workdir: Path, ramdir: Path) -> Run:
+    run = Run(case, rnd)
+    tag = f"r{rnd}-{case.replace(' ', '-')}"
+    casedir = workdir / tag
+    casedir.mkdir()
+    src_ram, dst_ram = ramdir / f"{tag}-src.ram", ramdir / f"{tag}-dst.ram"
+    src = dst = None
+    try:
+        src = rg.start_guest(casedir, src_ram, "source", args.write_mb)
+        rg.wait_for_line(src.serial_log, r"^HEARTBEAT 3 ", BOOT_TIMEOUT, proc=src)
+        run.boot_s = time.monotonic() - src.started
+        dst = start_dest(casedir, dst_ram, args.write_mb)
+        if case.startswith("qemu "):
+            migrate_qemu(run, src, dst, multifd=case == "qemu multifd-zstd")
+        else:
+            migrate_vmmig(run, src, dst, case.split()[1], casedir)
+        check_continued(run, src, dst)
+    except (BenchError, TimeoutError, RuntimeError, OSError, rg.QmpError, KeyError, ValueError) as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+        for g in (src, dst):
+            if g is not None and not g.alive() and (err := g.stderr_text().strip()):
+                run.error += f"; {g.role} QEMU exited {g.popen.returncode}: {err[-300:]}"
+    finally:
+        for g in (dst, src):
+            if g is not None:
+                g.kill()
+        for p in (src_ram, dst_ram):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def median(runs: Sequence[Run], get: Callable[[Run], float | None]) -> float | None:
+    values = [v for r in runs if r.error is None and (v := get(r)) is not None]
+    return statistics.median(values) if values else None
+
+
+def mb(value: float | None) -> float | None:
+    return None if value is None else value / MB
+
+
+def run_line(r: Run) -> str:
+    if r.error is not None:
+        return f"  round {r.round} {r.case}: FAILED ({r.error})"
+    passes = f"passes {r.passes}" if r.passes is not None else f"dirty-sync-count {r.dirty_syncs}"
+    return (
+        f"  round {r.round} {r.case}: boot {fmt(r.boot_s)}s, wall {fmt(r.wall_s, '.2f')}s, "
+        f"total-time {fmt(r.total_time_ms, '.0f')}ms, downtime {fmt(r.downtime_ms, '.0f')}ms, "
+        f"stop->run {fmt(r.stop_to_run_ms, '.0f')}ms, wire {fmt(mb(r.wire_bytes))}MB, IP {fmt(mb(r.ip_bytes))}MB, "
+        f"{passes}, CPU {fmt(r.cpu_s)}s, other CPU {fmt(r.other_cpu_s)}s; "
+        f"continued: {'yes' if r.continued else 'no'} ({r.continued_detail})"
+    )
+
+
+def print_table(cases: Sequence[str], runs: Sequence[Run]) -> None:
+    head = [
+        "case", "wall s", "total-time ms", "downtime ms", "stop->run ms", "wire MB", "IP MB", "passes", "CPU s",
+        "other CPU s", "continued",
+    ]  # fmt: skip
+    rows = []
+    for case in cases:
+        rs = [r for r in runs if r.case == case]
+        good = [r for r in rs if r.error is None]
+        n_cont = sum(1 for r in rs if r.continued)
+        if not good:
+            rows.append([case, *["-"] * 9, f"no (0/{len(rs)})"])
+            continue
+        qemu = case.startswith("qemu ")
+        passes = median(rs, lambda r: r.dirty_syncs) if qemu else median(rs, lambda r: r.passes)
+        rows.append(
+            [
+                case,
+                fmt(median(rs, lambda r: r.wall_s), ".2f"),
+                fmt(median(rs, lambda r: r.total_time_ms), ".0f"),
+                fmt(median(rs, lambda r: r.downtime_ms), ".0f"),
+                fmt(median(rs, lambda r: r.stop_to_run_ms), ".0f"),
+                fmt(mb(median(rs, lambda r: r.wire_bytes))),
+                fmt(mb(median(rs, lambda r: r.ip_bytes))),
+                f"({fmt(passes, 'g')})" if qemu else fmt(passes, "g"),
+                fmt(median(rs, lambda r: r.cpu_s)),
+                fmt(median(rs, lambda r: r.other_cpu_s)),
+                ("yes" if n_cont == len(rs) else "no") + f" ({n_cont}/{len(rs)})",
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
+
+    def join(cells: Sequence[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+
+    print(join(head))
+    print(join(["-" * w for w in widths]))
+    for row in rows:
+        print(join(row))
+
+
+def detail_value(run: Run, key: str, sub: str | None = None) -> float | None:
+    v = run.detail.get(key)
+    if sub is not None:
+        v = v.get(sub) if isinstance(v, dict) else None
+    return float(v) if isinstance(v, int | float) else None
+
+
+def print_details(cases: Sequence[str], runs: Sequence[Run]) -> None:
+    print("\ndetails (medians):")
+    for case in cases:
+        rs = [each for each in runs if each.case == case and each.error is None]
+        if not rs:
+            continue
+
+        def med(key: str, sub: str | None = None, rs: list[Run] = rs) -> float | None:
+            return median(rs, lambda run: detail_value(run, key, sub))
+
+        if case.startswith("qemu "):
+            print(
+                f"  {case}: setup-time {fmt(med('setup-time'), '.0f')}ms, ram.total {fmt(mb(med('ram-total')))}MB, "
+                f"normal pages {fmt(med('ram-normal-pages'), '.0f')}, "
+                f"zero pages {fmt(med('ram-duplicate-pages'), '.0f')}, "
+                f"multifd-bytes {fmt(mb(med('multifd-bytes')))}MB, ram.mbps {fmt(med('ram-mbps'), '.0f')}"
+            )
+        else:
+            sw = {k: fmt(med("switchover", k), ".0f") for k in ("pause", "scan", "send", "verify")}
+            print(
+                f"  {case}: setup-time {fmt(med('setup-time'), '.0f')}ms, RAM wire {fmt(mb(med('ram-transferred')))}MB"
+                f", device state {fmt(med('qemu-stream-bytes'), '.0f')} B, qemu-migrate "
+                f"{fmt(med('qemu-migrate'), '.0f')}ms, switchover ms {sw} (verify = the rest of the downtime: "
+                f"digest check, device state, cont), compression-ratio {fmt(med('compression-ratio'), '.2f')}, "
+                f"send CPU {fmt(med('send-cpu-s'))}s, recv CPU {fmt(med('recv-cpu-s'))}s"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    ap.add_argument("--quick", action="store_true", help="one round (--repeat 1)")
+    ap.add_argument("--write-mb", type=int, default=4, help="MiB of RAM the guest rewrites every second (default 4)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument("--json", type=Path, help="also write every run as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in args.case_list if c not in CASES]
+    if unknown:
+        ap.error(f"unknown cases: {', '.join(unknown)}")
+    return args
+
+
+def benchmark(args: argparse.Namespace, workdir: Path, ramdir: Path) -> int:
+    version = subprocess.run([rg.QEMU, "--version"], capture_output=True, text=True, timeout=30).stdout
+    print(f"QEMU: {version.splitlines()[0] if version else 'unknown'} (TCG)")
+    print(f"guest: {rg.DEFAULT_MEM_MB} MiB RAM on /dev/shm, write_mb {args.write_mb}; kernel {rg.kernel_paths()[0]}")
+    print(f"cases: {', '.join(args.case_list)}; {args.repeat} interleaved round(s); {os.cpu_count()} CPUs")
+    print(f"load average at start: {loadavg()}", flush=True)
+    runs: list[Run] = []
+    for rnd in range(1, args.repeat + 1):
+        for case in args.case_list:
+            run = run_case(case, rnd, args, workdir, ramdir)
+            runs.append(run)
+            print(run_line(run), flush=True)
+    print(f"load average at end: {loadavg()}\n")
+    print_table(args.case_list, runs)
+    print_details(args.case_list, runs)
+    print(
+        "\nwall: QEMU = first migrate-set-* -> cont returned; vmmig = send started -> send and recv exited.\n"
+        "downtime: each tool's own (QEMU: source stop -> last byte sent; vmmig: pause -> destination running).\n"
+        "stop->run: QEMU STOP event (source) -> RESUME event (destination); vmmig rows repeat vmmig's downtime.\n"
+        "wire MB: QEMU ram.transferred (7.2 counts multifd pages before compression); vmmig RAM + device state.\n"
+        "IP MB: IpExt OutOctets growth during the wall window. passes: vmmig passes; (QEMU dirty-sync-count)."
+    )
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    failed = [r for r in runs if not r.ok]
+    if failed:
+        print(f"\nFAILED: {', '.join(f'round {r.round} {r.case}' for r in failed)} (exit status 1)")
+        return 1
+    return 0
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        rg.kernel_paths()
+    except FileNotFoundError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    if shutil.which(rg.QEMU) is None:
+        print(f"bench: {rg.QEMU} not found (apt-get install qemu-system-x86)", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)
+    workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-qemu-live-"))
+    ramdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-qemu-live-", dir=SHM))
+    try:
+        return benchmark(args, workdir, ramdir)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(ramdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
