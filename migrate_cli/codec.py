@@ -63,6 +63,10 @@ class _ZlibDecompressor:
         try:
             out = self._stream.decompress(data, size)
             leftover = len(self._stream.unconsumed_tail)
+            # All input consumed and exactly `size` out is not enough: a match crossing `size` leaves output
+            # pending inside the stream, which must be empty at a batch boundary.
+            if not leftover and len(out) == size:
+                leftover = len(self._stream.decompress(b"", 1))
         except zlib_ng.error as exc:
             self._stream = zlib_ng.decompressobj(-15)  # the old stream's state is undefined after an error
             raise IntegrityError(f"zlib decompression failed: {exc}") from None

@@ -131,6 +131,9 @@ class DestinationImage:
         self.page_size = page_size
         self.pages = size // page_size
         self._mmap: mmap.mmap | None = None
+        # What DEST holds, page by page (a fresh file is all zeros); kept current by write_batch. Allocated first:
+        # an image too large to track fails here, before any file exists.
+        self.fingerprints = fingerprint_array(self.pages, zero_fingerprint(page_size), dest)
         try:
             self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
@@ -155,8 +158,6 @@ class DestinationImage:
                 f"destination {self.partial}: cannot allocate {size} bytes: {exc.strerror}"
             ) from None
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
-        # What DEST holds, page by page (a fresh file is all zeros); kept current by write_batch.
-        self.fingerprints = np.full(self.pages, zero_fingerprint(page_size), dtype=np.uint64)
 
     def write_batch(
         self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
@@ -217,11 +218,31 @@ class DestinationImage:
         except OSError as exc:
             raise DestinationError(f"destination {self.partial}: flush failed: {exc.strerror}") from None
 
-    def publish(self) -> None:
-        """Rename DEST.partial to DEST (after verification) and make the rename durable."""
+    def publish(self, force: bool = False) -> None:
+        """Rename DEST.partial to DEST (after verification) and make the rename durable.
+
+        Without ``force`` a DEST that appeared during the migration is not replaced: link(2) fails on it.
+        """
         self.close()
         try:
-            os.rename(self.partial, self.dest)
+            if force:
+                os.rename(self.partial, self.dest)
+            else:
+                try:
+                    os.link(self.partial, self.dest)
+                    os.unlink(self.partial)
+                except FileExistsError:
+                    raise DestinationError(
+                        f"destination {self.dest} appeared during the migration: not replaced (use --force)"
+                    ) from None
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    if os.path.lexists(self.dest):  # no hard links here: check, then rename
+                        raise DestinationError(
+                            f"destination {self.dest} appeared during the migration: not replaced (use --force)"
+                        ) from None
+                    os.rename(self.partial, self.dest)
             dir_fd = os.open(os.path.dirname(os.path.abspath(self.dest)), os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
@@ -266,6 +287,8 @@ class InPlaceDestination(DestinationImage):
         self.pages = size // page_size
         self._mmap = None
         self.modified = False
+        # Unknown old content: fingerprints are filled as pass 1 writes every page.
+        self.fingerprints = fingerprint_array(self.pages, 0, dest)
         try:
             self._fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -284,8 +307,6 @@ class InPlaceDestination(DestinationImage):
             self._cleanup_fd()
             raise
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
-        # Unknown old content: fingerprints are filled as pass 1 writes every page.
-        self.fingerprints = np.zeros(self.pages, dtype=np.uint64)
 
     def write_batch(
         self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
@@ -293,11 +314,21 @@ class InPlaceDestination(DestinationImage):
         self.modified = True
         super().write_batch(start, count, zero_bitmap, data, indices)
 
-    def publish(self) -> None:
+    def publish(self, force: bool = False) -> None:
         self.close()  # written in place: nothing to rename
 
     def discard(self, keep_partial: bool = False) -> None:
         self.close()  # never delete someone else's file
+
+
+def fingerprint_array(pages: int, fill: int, dest: str) -> np.ndarray:
+    """8 bytes per page to track what DEST holds; a size the receiver cannot track is a destination error."""
+    try:
+        return np.full(pages, fill, dtype=np.uint64)
+    except (MemoryError, ValueError):
+        raise DestinationError(
+            f"destination {dest}: cannot track {pages} pages ({pages * 8} bytes of fingerprints): image too large"
+        ) from None
 
 
 def _is_memfd(path: str) -> bool:
@@ -325,7 +356,7 @@ class DiscardSink:
         self.size = size
         self.page_size = page_size
         self.pages = size // page_size
-        self.fingerprints = np.full(self.pages, zero_fingerprint(page_size), dtype=np.uint64)
+        self.fingerprints = fingerprint_array(self.pages, zero_fingerprint(page_size), "(discard)")
         self._zero = zero_fingerprint(page_size)
 
     def write_batch(
@@ -348,7 +379,7 @@ class DiscardSink:
     def flush(self) -> None:
         pass
 
-    def publish(self) -> None:
+    def publish(self, force: bool = False) -> None:
         pass
 
     def discard(self, keep_partial: bool = False) -> None:

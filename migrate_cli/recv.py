@@ -327,6 +327,10 @@ class Receiver:
         self.failure.add_waker(channel.wake_reader)  # a worker's error must not wait for the next frame
         try:
             hello, wire = channel.read_frame()
+            while isinstance(hello, Keepalive):
+                hello, wire = channel.read_frame()
+            if isinstance(hello, Abort):
+                raise peer_abort(hello.code, hello.message)
             if not isinstance(hello, Hello):
                 raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
         except MigrateError as exc:
@@ -436,7 +440,7 @@ class Receiver:
             raise IntegrityError(
                 f"digest mismatch: sender's image digest {end.digest.hex()}, destination hashes to {digest.hex()}"
             )
-        self.dest.publish()
+        self.dest.publish(force=self.opts.force)
         self.published = True
         self._stop_keepalive.set()
         channel.send_frame(Result(RESULT_VERIFIED, digest))
