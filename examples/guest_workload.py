@@ -19,7 +19,7 @@ Rate
 ``--rate`` is the total number of bytes written per second by all threads (``K M G`` are powers of 10, ``KiB MiB
 GiB`` powers of 2, a trailing ``/s`` is accepted); ``0`` means as fast as possible. Every thread gets an equal share
 and runs a token bucket on ``time.monotonic``: it writes whole pages in bursts of about 5 ms worth (1 to 64 pages)
-and sleeps until it has earned the next burst. The credit a thread can accumulate is capped at 100 ms worth, so after
+and sleeps until it has earned the next burst. The credit a thread can accumulate is capped at 10 ms worth, so after
 the process was stopped (SIGSTOP, as ``vmmig`` does for the switchover or to throttle a guest with a SIGSTOP/SIGCONT
 duty cycle) it resumes at its normal rate instead of catching up with a burst of writes for the time it was stopped.
 
@@ -88,7 +88,7 @@ RING_PAGES = 256  # saved page contents per thread, for restores
 RING_BYTES_MAX = 4 * 1024 * 1024  # fewer saved pages per thread when pages are large
 BURST_SECONDS = 0.005  # a rate-limited thread writes about this much time's worth of pages at once
 MAX_BURST_PAGES = 64  # and never more pages than this in one burst (also the burst at unlimited rate)
-MAX_CREDIT_SECONDS = 0.1  # token bucket cap: never catch up more than this much time's worth of writes
+MAX_CREDIT_SECONDS = 0.01  # token bucket cap: a stopped guest (SIGSTOP duty cycle) never catches up afterwards
 KINDS: tuple[str, ...] = ("overwrite", "zero", "restore")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")

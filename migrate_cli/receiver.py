@@ -16,6 +16,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+import numpy as np
+
 from . import codec as codecs
 from .errors import ProtocolError
 from .image import DestinationImage
@@ -73,6 +75,9 @@ class RecvPipeline:
         self.batches = 0  # submitted, over all passes and channels
         self._applied = 0
         self._applied_cond = threading.Condition()
+        # Pages already carried in the current pass: a page twice in one pass would race between workers.
+        self._seen = np.zeros(dest.pages, dtype=bool)
+        self._seen_lock = threading.Lock()
 
     def start(self) -> None:
         for i in range(self.threads):
@@ -98,10 +103,33 @@ class RecvPipeline:
                 f"PAGES frame uses codec id {frame.encoding}, but the session announced "
                 f"{self.codec.name}={int(self.codec.wire_id)} (known: {known})"
             )
+        try:
+            self._claim(frame)
+        except ProtocolError:
+            self.pool.give(buf)
+            raise
         self.stats.add_wire(wire_bytes)
         with self._count_lock:
             self.batches += 1
         put(self._work, (frame, buf), self.failure)
+
+    def _claim(self, frame: Pages) -> None:
+        with self._seen_lock:
+            if frame.indices is None:
+                region = self._seen[frame.start : frame.start + frame.count]
+                if region.any():
+                    raise ProtocolError(f"page {frame.start + int(np.argmax(region))} sent twice in one pass")
+                region[:] = True
+            else:
+                ids = frame.index_array()
+                if self._seen[ids].any():
+                    raise ProtocolError(f"page {int(ids[np.argmax(self._seen[ids])])} sent twice in one pass")
+                self._seen[ids] = True
+
+    def new_pass(self) -> None:
+        """Called at the pass barrier, with every channel waiting: the next pass may carry any page again."""
+        with self._seen_lock:
+            self._seen[:] = False
 
     def drain(self) -> None:
         """Block until every submitted batch is written: the pass barrier that makes 'last one wins' hold."""
@@ -175,6 +203,7 @@ class PassBarrier:
             self._batches += carried
             if self._arrived == self.channels:
                 self.pipeline.drain()
+                self.pipeline.new_pass()
                 self.completed, self._arrived = number, 0
                 self.on_pass(number, self._batches)
                 self._batches = 0

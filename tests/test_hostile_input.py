@@ -565,20 +565,31 @@ def zstd_bomb(announce: int | None) -> bytes:
 
 
 def wait_with_peak_memory(recv: Proc, timeout: float) -> tuple[int, str, int]:
-    """Like Proc.wait, but reap the process here to learn its peak resident memory (bytes, from wait4)."""
+    """Like Proc.wait, but also learn the receiver's peak resident memory (bytes).
+
+    From /proc/PID/status VmHWM, polled until the process ends: it is the high-water mark of the receiver's own
+    memory map. (wait4's ru_maxrss would also count what the forking pytest process held before exec.)
+    """
     deadline = time.monotonic() + timeout
+    peak = 0
     while True:
-        pid, status, usage = os.wait4(recv.popen.pid, os.WNOHANG)
+        try:
+            for line in Path(f"/proc/{recv.popen.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        pid, status, _usage = os.wait4(recv.popen.pid, os.WNOHANG)
         if pid:
             break
         assert time.monotonic() < deadline, "the receiver did not exit"
-        time.sleep(0.02)
+        time.sleep(0.005)
     recv.popen.returncode = os.waitstatus_to_exitcode(status)
     assert recv.popen.stdout is not None and recv.popen.stderr is not None
     err = recv.popen.stderr.read()
     recv.popen.stdout.close()
     recv.popen.stderr.close()
-    return recv.popen.returncode, err, usage.ru_maxrss * 1024
+    return recv.popen.returncode, err, peak
 
 
 @pytest.mark.parametrize(
@@ -912,3 +923,14 @@ def test_a_hello_for_an_image_too_large_to_track_is_refused_cleanly(
     word = last_word(peer)
     expect_failure(recv, dest, DESTINATION, "")
     assert isinstance(word, Abort) and word.code == DESTINATION
+
+
+def test_a_page_sent_twice_in_one_pass_is_refused(
+    procs: Processes, dest: Path, connect: Callable[[str], FakePeer]
+) -> None:
+    """Within a pass a page may travel once: two copies would race between the decompression workers."""
+    recv, peer = streaming(procs, dest, connect, hello(codec=Encoding.RAW))
+    peer.send(
+        Pages(0, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS), Pages(1, 2, Encoding.RAW, b"\x00", b"\x02" * 2 * PS)
+    )
+    expect_failure(recv, dest, PROTOCOL, "sent twice in one pass", peer)
