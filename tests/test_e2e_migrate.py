@@ -125,3 +125,27 @@ def test_sparse_destination_keeps_zero_pages_as_holes(procs: Processes, tmp_path
 def test_version_flag_shows_the_protocol_version(procs: Processes) -> None:
     code, out, _ = procs.run("--version")
     assert code == 0 and "protocol 1" in out
+
+
+def test_a_block_device_is_a_source_and_an_in_place_destination(procs: Processes, tmp_path: Path) -> None:
+    import subprocess
+
+    source_file = make_image(tmp_path / "src.img", 8 << 20, seed=3)
+    dest_file = tmp_path / "dst.img"
+    dest_file.write_bytes(bytes(8 << 20))
+    devices: list[str] = []
+    try:
+        for backing in (source_file, dest_file):
+            made = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+            if made.returncode != 0:
+                pytest.skip(f"no loop devices here: {made.stderr.strip()}")
+            devices.append(made.stdout.strip())
+        recv = procs.recv(Path(devices[1]), "--in-place")
+        code, _, err = procs.send(Path(devices[0]), recv.address).wait()
+        assert code == 0 and recv.wait()[0] == 0, err
+        subprocess.run(["sync"], check=False)
+        with open(devices[1], "rb") as fh:
+            assert fh.read(8 << 20) == source_file.read_bytes()
+    finally:
+        for device in devices:
+            subprocess.run(["losetup", "--detach", device], check=False)
