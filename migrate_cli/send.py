@@ -204,12 +204,26 @@ class Sender:
         )
         channels: list[Channel] = []
         try:
-            for _ in range(opts.channels):
+            session = secrets.token_bytes(16)
+            for index in range(opts.channels):
                 sock = connect(host, port, opts.connect_timeout)
                 if opts.tls is not None:
                     sock = wrap_client(sock, opts.tls, host, opts.handshake_timeout)
                 channels.append(Channel(sock, Role.SENDER, opts.io_timeout))
                 self.failure.add_waker(channels[-1].wake_reader)  # a cancel must not wait for the peer's next frame
+                # HELLO right away: the receiver takes the next channel (and its TLS handshake) only after this one's.
+                hello = Hello(
+                    page_size=opts.page_size,
+                    image_size=source.size,
+                    codec=self.codec.wire_id,
+                    level=self.level,
+                    session_id=session,
+                    batch_pages=batch_pages,
+                    channels=opts.channels,
+                    channel_index=index,
+                    features=FEATURE_QEMU_HANDOFF if self.handoff else 0,
+                )
+                stats.add_wire(channels[-1].send_frame(hello))
         except BaseException:
             for channel in channels:
                 channel.close()
@@ -223,20 +237,6 @@ class Sender:
         try:
             with live_display(stats, "send", info, self.display) as view:
                 self.view = view
-                session = secrets.token_bytes(16)
-                for index, each in enumerate(channels):
-                    hello = Hello(
-                        page_size=opts.page_size,
-                        image_size=source.size,
-                        codec=self.codec.wire_id,
-                        level=self.level,
-                        session_id=session,
-                        batch_pages=batch_pages,
-                        channels=len(channels),
-                        channel_index=index,
-                        features=FEATURE_QEMU_HANDOFF if self.handoff else 0,
-                    )
-                    stats.add_wire(each.send_frame(hello))
                 for each in channels:
                     self._await_welcome(each)
                 self.verbose("destination allocated: sending pages")

@@ -160,3 +160,12 @@ def test_a_silent_client_is_cut_at_the_handshake_timeout(procs: Processes, tmp_p
         sock.sendall(b"\x16\x03")  # the start of a TLS record, then nothing: a slow-loris
         code, _, err = recv.wait(20)
         assert code in (5, 15) and "handshake" in err and time.monotonic() - started < 5
+
+
+def test_tls_over_several_channels(procs: Processes, tmp_path: Path, image_8m: Path, pki: Path) -> None:
+    """Each channel does its own TLS handshake; the receiver takes them one after the other."""
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, *tls_args(pki, "127.0.0.1"), "--tls-peer-name", "sender.test")
+    code, _, err = procs.send(image_8m, recv.address, *tls_args(pki, "sender.test"), "--channels", "3").wait(60)
+    assert code == 0 and recv.wait()[0] == 0, err
+    assert dest.read_bytes() == image_8m.read_bytes()
