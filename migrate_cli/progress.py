@@ -148,7 +148,7 @@ class DisplayView:
         if snap.expected_downtime is not None:
             lines.append(
                 Text(
-                    f"dirty {format_rate(snap.dirty_rate)}  achieved {format_rate(snap.achieved_rate)}  "
+                    f"dirty {format_rate(snap.dirty_rate)}  pages moved {format_rate(snap.achieved_rate)}  "
                     f"expected downtime {snap.expected_downtime * 1000:.0f} ms"
                     + (f"  throttle {snap.throttle}%" if snap.throttle else ""),
                     style="yellow",
