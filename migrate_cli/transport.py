@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import select
 import socket
 import ssl
 import threading
@@ -128,6 +129,7 @@ class Channel:
         self.last_send = time.monotonic()
         self.closed = False
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_lock = threading.Lock()  # serialises SSL reads and writes of this channel (see _recv_some)
         self.index = 0  # channel number within the migration (HELLO's channel_index)
         self.hello_wire = 0  # bytes of its HELLO frame (for the statistics)
 
@@ -147,7 +149,8 @@ class Channel:
         with self._send_lock:
             try:
                 while self.tls and parts:
-                    self.sock.sendall(parts.pop())
+                    with self._tls_lock:
+                        self.sock.sendall(parts.pop())
                 while parts:
                     sent = self.sock.sendmsg(parts)
                     while parts and sent >= len(parts[0]):
@@ -168,11 +171,32 @@ class Channel:
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
+    def _recv_some(self, view: memoryview) -> int:
+        """One recv. Under TLS, wait for data outside the lock, then read under it.
+
+        One SSL object must never be used by two threads at once (OpenSSL), yet one thread reads a channel while
+        another writes it (keepalives, control frames): SSL reads and writes of a channel share ``_tls_lock``,
+        and a reader holds it only once data is there, so a writer never waits for the peer to speak.
+        """
+        if not self.tls:
+            return self.sock.recv_into(view)
+        assert isinstance(self.sock, ssl.SSLSocket)
+        deadline = time.monotonic() + self.io_timeout
+        while not self.sock.pending():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            readable, _, _ = select.select([self.sock], [], [], min(remaining, 1.0))
+            if readable:
+                break
+        with self._tls_lock:
+            return self.sock.recv_into(view)
+
     def _recv_exactly(self, view: memoryview, what: str) -> None:
         got = 0
         while got < len(view):
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self._recv_some(view[got:])
             except TimeoutError:
                 raise NetworkError(f"no data from peer for {self.io_timeout:g}s ({self._timeout_option})") from None
             except ConnectionResetError:
