@@ -33,7 +33,6 @@ from .errors import (
     MigrateError,
     NetworkError,
     PeerCancelled,
-    PeerError,
     ProtocolError,
     QemuError,
     UsageError,
@@ -147,7 +146,7 @@ class Receiver:
         except BaseException as exc:
             listener.close()
             for each in channels:
-                self._abort_one(each, exc)
+                each.abort(exc)
             if control:
                 control.close()
             self.stats_log.close(None)
@@ -200,7 +199,7 @@ class Receiver:
         except BaseException as exc:
             self.failure.set(exc)
             for each in channels:
-                self._abort_peer(each)
+                each.abort(self.failure.error)
             if self.dest is not None:
                 self.dest.discard(keep_partial=opts.keep_partial)
             error = self.failure.error or exc
@@ -335,7 +334,7 @@ class Receiver:
                 raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
         except MigrateError as exc:
             error = deadline.check(exc)
-            self._abort_one(channel, error)
+            channel.abort(error)
             raise error from None
         finally:
             deadline.cancel()
@@ -358,16 +357,6 @@ class Receiver:
             raise ProtocolError("a channel joined with another session or other parameters than the first")
         if other.channel_index in taken:
             raise ProtocolError(f"channel {other.channel_index} joined twice")
-
-    def _abort_one(self, channel: Channel, exc: BaseException) -> None:
-        if isinstance(exc, MigrateError) and not isinstance(exc, PeerError) and not channel.closed:
-            try:
-                channel.sock.settimeout(1.0)
-                channel.send_frame(Abort(int(exc.exit_code), str(exc)))
-            except (MigrateError, OSError):
-                pass
-            channel.close_after_abort()
-        channel.close()
 
     # -- the transfer --------------------------------------------------------------------------------------------
 
@@ -445,17 +434,6 @@ class Receiver:
         self._stop_keepalive.set()
         channel.send_frame(Result(RESULT_VERIFIED, digest))
         return digest
-
-    def _abort_peer(self, channel: Channel) -> None:
-        err = self.failure.error
-        if err is None or isinstance(err, PeerError) or channel.closed:
-            return
-        try:
-            channel.sock.settimeout(1.0)
-            channel.send_frame(Abort(int(err.exit_code), str(err)))
-        except (MigrateError, OSError):
-            return
-        channel.close_after_abort()
 
 
 def run(opts: RecvOptions) -> dict[str, Any]:

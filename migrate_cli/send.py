@@ -36,11 +36,9 @@ from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirt
 from .errors import (
     CancelledError,
     IntegrityError,
-    MigrateError,
     NetworkError,
     OutcomeUnknown,
     PauseError,
-    PeerError,
     ProtocolError,
     QemuError,
     SourceError,
@@ -270,7 +268,7 @@ class Sender:
             if isinstance(self.failure.error, NetworkError) and self._control is not None:
                 self._control.join(1.0)  # an ABORT with the peer's reason may be in flight: let it win
             for each in channels:
-                self._abort_peer(each)
+                each.abort(self.failure.error)
             pipeline.stop(2.0)
             self._settle_guest_after_failure()
             error = self.failure.error or exc
@@ -459,17 +457,6 @@ class Sender:
             raise IntegrityError(
                 f"digest mismatch: sent image digest {digest.hex()}, receiver computed {result.digest.hex()}"
             )
-
-    def _abort_peer(self, channel: Channel) -> None:
-        err = self.failure.error
-        if err is None or isinstance(err, PeerError) or channel.closed:
-            return
-        try:
-            channel.sock.settimeout(1.0)
-            channel.send_frame(Abort(int(err.exit_code), str(err)))
-        except (MigrateError, OSError):
-            return
-        channel.close_after_abort()
 
     # -- reporting -----------------------------------------------------------------------------------------------
 

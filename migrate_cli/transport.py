@@ -16,9 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import NetworkError, UsageError
+from .errors import MigrateError, NetworkError, PeerError, UsageError
 from .protocol import (
     HEADER_SIZE,
+    Abort,
     Conversation,
     Frame,
     FrameType,
@@ -231,6 +232,24 @@ class Channel:
     def wake_reader(self) -> None:
         """Make a thread blocked in ``read_frame`` return at once (it then sees the latched failure)."""
         socket.socket.shutdown(self.sock, socket.SHUT_RD)  # the plain socket call, also under TLS
+
+    def abort(self, error: BaseException | None) -> None:
+        """Tell the peer why we stop (ABORT with our exit code and message), then close so that it can read it.
+
+        Nothing is sent for an error the peer itself reported (PeerError) or that is not ours to explain.
+        """
+        if self.closed:
+            return
+        if isinstance(error, MigrateError) and not isinstance(error, PeerError):
+            try:
+                self.sock.settimeout(1.0)
+                self.send_frame(Abort(int(error.exit_code), str(error)))
+            except (MigrateError, OSError):
+                self.close()
+                return
+            self.close_after_abort()
+        else:
+            self.close()
 
     def close_after_abort(self, linger: float = 0.5) -> None:
         """Close so that an ABORT just sent is read by the peer: half-close, drain briefly, then close.
