@@ -51,7 +51,3 @@ def fingerprint_image(array: np.ndarray, page_size: int, threads: int = 1, chunk
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(work, range(0, pages, chunk_pages)))  # list(): re-raise worker exceptions here
     return fps
-
-
-def digest_of_image(array: np.ndarray, page_size: int, threads: int = 1) -> bytes:
-    return image_digest(fingerprint_image(array, page_size, threads))

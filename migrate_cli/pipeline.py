@@ -108,8 +108,3 @@ def spawn(name: str, target: Callable[[], None], failure: Failure) -> threading.
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
-
-
-def join_all(threads: list[threading.Thread], timeout: float = 5.0) -> None:
-    for thread in threads:
-        thread.join(timeout)

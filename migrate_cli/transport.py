@@ -122,7 +122,6 @@ class Channel:
     def __init__(self, sock: socket.socket, role: Role, io_timeout: float) -> None:
         self.sock = sock
         self.io_timeout = io_timeout
-        self._timeout_option = "--io-timeout"
         sock.settimeout(io_timeout)
         self.conversation = Conversation(role)
         self._send_lock = threading.Lock()
@@ -133,11 +132,6 @@ class Channel:
         self._tls_lock = threading.Lock()  # serialises SSL reads and writes of this channel (see _recv_some)
         self.index = 0  # channel number within the migration (HELLO's channel_index)
         self.hello_wire = 0  # bytes of its HELLO frame (for the statistics)
-
-    def set_timeout(self, seconds: float, option: str = "--io-timeout") -> None:
-        """Bound silence on this channel; errors name ``option`` (e.g. --handshake-timeout during the handshake)."""
-        self.io_timeout, self._timeout_option = seconds, option
-        self.sock.settimeout(seconds)
 
     # -- sending -------------------------------------------------------------------------------------------------
 
@@ -161,7 +155,7 @@ class Channel:
                         parts[0] = parts[0][sent:]
             except TimeoutError:
                 raise NetworkError(
-                    f"peer accepted no data for {self.io_timeout:g}s ({self._timeout_option}): it is stalled or gone"
+                    f"peer accepted no data for {self.io_timeout:g}s (--io-timeout): it is stalled or gone"
                 ) from None
             except (BrokenPipeError, ConnectionResetError):
                 raise NetworkError("connection lost: the peer closed it while we were sending") from None
@@ -199,7 +193,7 @@ class Channel:
             try:
                 n = self._recv_some(view[got:])
             except TimeoutError:
-                raise NetworkError(f"no data from peer for {self.io_timeout:g}s ({self._timeout_option})") from None
+                raise NetworkError(f"no data from peer for {self.io_timeout:g}s (--io-timeout)") from None
             except ConnectionResetError:
                 raise NetworkError("connection reset by peer") from None
             except ssl.SSLError as exc:
