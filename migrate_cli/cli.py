@@ -302,6 +302,27 @@ def main() -> None:
     help="Throttle the guest (SIGSTOP/SIGCONT duty cycle: 20%, +10% a pass, max 99%) while its dirty rate "
     "outruns the link. Needs --pause-pid.",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted migration of IMAGE to HOST:PORT (after a dropped link or a killed vmmig): "
+    "only pages the receiver lacks or that changed since are sent. Same image and options required.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="After a link fault (lost connection, silence, corrupted frame), reconnect and resume up to N times.",
+)
+@click.option("--retry-delay", type=DURATION, default="2s", show_default=True, help="Wait this long before each retry.")
+@click.option(
+    "--state-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where the session is recorded for --resume [default: $XDG_STATE_HOME/vmmig/send-<hash>.json, "
+    "~/.local/state without XDG_STATE_HOME].",
+)
 @with_common
 def send(
     source: str,
@@ -327,6 +348,10 @@ def send(
     on_no_converge: str,
     qemu_handoff: bool,
     auto_converge: bool,
+    resume: bool,
+    retries: int,
+    retry_delay: float,
+    state_file: str | None,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
@@ -351,6 +376,11 @@ def send(
     rest fits --downtime-limit. After success a paused guest stays paused (the destination holds its memory);
     after a failure it is resumed, except when the verdict was lost in transit (exit 11).
 
+    A link fault after the receiver accepted the session leaves it resumable: the receiver keeps DEST.partial and
+    waits (recv --resume-window), and `vmmig send --resume` with the same arguments sends only what is missing or
+    changed; --retries does that automatically. A live guest paused for the switchover is resumed at once and
+    the resumed session starts again in pre-copy.
+
     \b
     Examples:
       vmmig send /dev/shm/vm.ram desthost:4444
@@ -359,6 +389,8 @@ def send(
       vmmig send --live /dev/shm/vm.ram desthost:4444 --pause-pid 4242 --downtime-limit 300ms
       vmmig send --live /proc/4242/fd/7 desthost:4444 --qmp /run/vm1.qmp
       vmmig send --live vm.ram desthost:4444 --pause-cmd 'virsh suspend vm1' --unpause-cmd 'virsh resume vm1'
+      vmmig send /dev/shm/vm.ram desthost:4444 --retries 5 --retry-delay 2s
+      vmmig send /dev/shm/vm.ram desthost:4444 --resume        # after a kill or a lost link
     """
     selected = codecs.by_name(codecs.DEFAULT_CODEC if codec == "auto" else codec)
     if level is not None and level not in selected.levels:
@@ -402,6 +434,10 @@ def send(
         verbose=verbose,
         tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
         handshake_timeout=handshake_timeout,
+        resume=resume,
+        retries=retries,
+        retry_delay=retry_delay,
+        state_file=state_file,
     )
     _execute("send", debug, lambda: run(opts))
 
@@ -462,6 +498,20 @@ def send(
     is_flag=True,
     help="Decode and verify everything but keep nothing (no DEST): measures the link and the pipeline.",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Adopt DEST.partial and its state file left by an interrupted migration and wait for its sender "
+    "(vmmig send --resume, or --retries) to continue it.",
+)
+@click.option(
+    "--resume-window",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="After the link drops, keep listening this long for the same session to resume (0: exit at once). "
+    "DEST.partial and its state file are kept either way.",
+)
 @with_common
 def recv(
     destination: str | None,
@@ -476,6 +526,8 @@ def recv(
     on_failure: str,
     in_place: bool,
     discard: bool,
+    resume: bool,
+    resume_window: float,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
@@ -492,8 +544,11 @@ def recv(
     """Receive one migration into DEST, then exit.
 
     Pages are written into DEST.partial (created beside DEST, allocated at full size before the sender starts),
-    which is renamed to DEST only after its digest matches the sender's. On failure DEST.partial is removed
-    (unless --keep-partial) and DEST is never created. A ready line with the bound address goes to stderr.
+    which is renamed to DEST only after its digest matches the sender's. DEST is never created unverified.
+    When the link drops (lost connection, silence, a corrupted frame), DEST.partial and DEST.partial.state are
+    kept and the receiver waits --resume-window for the sender to resume; `vmmig recv --resume DEST` adopts them
+    later (after a crash too). Any other failure removes DEST.partial (unless --keep-partial). A ready line with
+    the bound address goes to stderr.
 
     \b
     Examples:
@@ -501,6 +556,7 @@ def recv(
       vmmig recv --listen 0.0.0.0:4444 --insecure /dev/shm/vm.ram
       vmmig recv --listen 127.0.0.1:0 --ready-file port.txt out.img
       vmmig recv --discard --control /run/vmmig-recv.sock          # measure the link, keep nothing
+      vmmig recv --resume /dev/shm/vm.ram                          # continue an interrupted migration
     """
     from .recv import RecvOptions, run
 
@@ -532,6 +588,8 @@ def recv(
         verbose=verbose,
         tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
         handshake_timeout=handshake_timeout,
+        resume=resume,
+        resume_window=resume_window,
     )
     _execute("recv", debug, lambda: run(opts))
 

@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     DEST_MODIFIED = 13  # --in-place destination modified but unverified
     PAUSE = 14  # pausing, resuming or throttling the source guest failed
     AUTH = 15  # TLS: the peer failed authentication, or does not speak TLS when we do (or the reverse)
+    RESUME_REFUSED = 16  # --resume: nothing to resume, or the session belongs to another image or other options
     SIGINT = 130  # interrupted (Ctrl-C), after cleanup
     SIGTERM = 143  # terminated, after cleanup
 
@@ -35,6 +36,8 @@ class MigrateError(Exception):
     """Base of every error vmmig reports to the user as one line."""
 
     exit_code: ExitCode = ExitCode.INTERNAL
+    # A fault of the link, not of the data or the ends: the session can continue with --resume (docs/RESUME.md).
+    resumable: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -58,6 +61,7 @@ class DestinationError(MigrateError):
 
 class NetworkError(MigrateError):
     exit_code = ExitCode.NETWORK
+    resumable = True
 
 
 class ProtocolError(MigrateError):
@@ -72,14 +76,21 @@ class IntegrityError(MigrateError):
     exit_code = ExitCode.INTEGRITY
 
 
+class CorruptFrame(IntegrityError):
+    """A frame failed its CRC: the link damaged it. Nothing of it was applied, so the session can resume."""
+
+    resumable = True
+
+
 class PeerError(MigrateError):
     """The peer aborted and sent its reason; we relay it with a ``peer:`` prefix."""
 
     exit_code = ExitCode.PEER
 
-    def __init__(self, message: str, peer_code: int = 0) -> None:
+    def __init__(self, message: str, peer_code: int = 0, resumable: bool = False) -> None:
         super().__init__(f"peer: {message}")
         self.peer_code = peer_code
+        self.resumable = resumable  # the peer said it keeps the session (ABORT flag)
 
 
 class CancelledError(MigrateError):
@@ -94,9 +105,25 @@ class PeerCancelled(PeerError):
     exit_code = ExitCode.CANCELLED
 
 
-def peer_abort(code: int, message: str) -> PeerError:
+class PeerResumeRefused(PeerError):
+    """The receiver refused a resume: this end exits with the resume-refused code too."""
+
+    exit_code = ExitCode.RESUME_REFUSED
+
+
+def peer_abort(code: int, message: str, resumable: bool = False) -> PeerError:
     """The error for an ABORT frame received from the peer."""
-    return PeerCancelled(message, code) if code == ExitCode.CANCELLED else PeerError(message, code)
+    if code == ExitCode.CANCELLED:
+        return PeerCancelled(message, code)
+    if code == ExitCode.RESUME_REFUSED:
+        return PeerResumeRefused(message, code)
+    return PeerError(message, code, resumable)
+
+
+class ResumeRefused(MigrateError):
+    """``--resume`` cannot continue: no interrupted session, or one for another image or other options."""
+
+    exit_code = ExitCode.RESUME_REFUSED
 
 
 class NoConvergence(MigrateError):

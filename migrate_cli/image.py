@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .digest import fingerprint_pages, image_digest, zero_fingerprint
+from .digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
 from .errors import DestinationError, SourceError
 
 DEFAULT_PAGE_SIZE = 4096
@@ -113,12 +113,21 @@ def check_destination(dest: str, force: bool, in_place: bool = False) -> None:
         raise DestinationError(f"destination {dest} already exists (use --force to overwrite it)")
     if os.path.isdir(dest):
         raise DestinationError(f"destination {dest} is a directory")
+    state = partial + ".state"  # resume.receiver_state_path
     if os.path.lexists(partial):
         if not force:
+            if os.path.lexists(state):
+                raise DestinationError(
+                    f"leftover {partial} from an interrupted migration: `vmmig recv --resume {dest}` continues it "
+                    "(or use --force to remove it and start over)"
+                )
             raise DestinationError(
-                f"leftover {partial} from an earlier migration (use --force to remove it and start over)"
+                f"leftover {partial} from an earlier migration (use --force to remove it and start over; "
+                "without its state file it cannot be resumed)"
             )
         os.unlink(partial)  # unlink never follows a symlink
+    if force and os.path.lexists(state):
+        os.unlink(state)
 
 
 class DestinationImage:
@@ -158,6 +167,39 @@ class DestinationImage:
                 f"destination {self.partial}: cannot allocate {size} bytes: {exc.strerror}"
             ) from None
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    @classmethod
+    def adopt(cls, dest: str, size: int, page_size: int) -> DestinationImage:
+        """Open the DEST.partial an interrupted migration left (``recv --resume``); its content is kept as it is."""
+        self = cls.__new__(cls)
+        self.dest, self.partial, self.size, self.page_size = dest, partial_path(dest), size, page_size
+        self.pages = size // page_size
+        self._mmap = None
+        self.fingerprints = fingerprint_array(self.pages, 0, dest)
+        try:
+            self._fd = os.open(self.partial, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DestinationError(f"cannot open {self.partial} to resume: {exc.strerror}") from None
+        try:
+            actual = os.fstat(self._fd).st_size
+            if actual != size:
+                raise DestinationError(
+                    f"{self.partial} is {actual} bytes, but its state file says {size}: it cannot be resumed"
+                )
+            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
+        except OSError as exc:
+            self._cleanup_fd()
+            raise DestinationError(f"cannot map {self.partial}: {exc.strerror}") from None
+        except DestinationError:
+            self._cleanup_fd()
+            raise
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        return self
+
+    def refingerprint(self, threads: int) -> np.ndarray:
+        """Fingerprint what DEST.partial holds now, read back from the file: the truth a resume starts from."""
+        self.fingerprints[:] = fingerprint_image(self.array, self.page_size, threads)
+        return self.fingerprints
 
     def write_batch(
         self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None

@@ -119,6 +119,7 @@ class Precopy:
         notice: Callable[[str], None] = lambda _msg: None,
         on_pass: Callable[[PassRecord], None] = lambda _record: None,
         clock: Callable[[], float] = time.monotonic,
+        first_pass: Callable[[], np.ndarray | None] = lambda: None,
     ) -> None:
         self.policy = policy
         self.tracker = tracker
@@ -131,6 +132,7 @@ class Precopy:
         self.notice = notice
         self.on_pass = on_pass
         self.clock = clock
+        self.first_pass = first_pass  # pages of pass 1: None for all; a resumed session gives what differs
         self.result = LiveResult()
         self.paused = False
         self._last_step: float | None = None
@@ -150,7 +152,7 @@ class Precopy:
         """Send passes until switchover; returns with the guest paused and the last pass sent."""
         started = self.clock()
         self.tracker.start()
-        self._record(self.send_pass(1, None, False))
+        self._record(self.send_pass(1, self.first_pass(), False))
         previous_scan = started
         while True:
             scan_start = self.clock()

@@ -18,7 +18,7 @@ from enum import Enum, IntEnum
 import numpy as np
 from zlib_ng import zlib_ng
 
-from .errors import IntegrityError, ProtocolError
+from .errors import CorruptFrame, IntegrityError, ProtocolError
 
 PROTOCOL_VERSION = 1
 FRAME_MAGIC = 0x564D  # "VM"
@@ -42,6 +42,7 @@ class FrameType(IntEnum):
     PAGES = 0x10
     PASS_END = 0x11
     PAGE_LIST = 0x12
+    RESUME_STATE = 0x13
     END = 0x20
     RESULT = 0x21
     HANDOFF = 0x22
@@ -75,9 +76,14 @@ _END = struct.Struct("!QQ16s")
 _RESULT = struct.Struct("!B3x16s")
 _ABORT = struct.Struct("!H")
 _HANDOFF_DONE = struct.Struct("!B")
+_RESUME_STATE = struct.Struct("!QIB3x")
 MAX_URI = 256
+RESUME_CHUNK_PAGES = 131072  # fingerprints per RESUME_STATE frame: 1 MiB before compression
 
 FEATURE_QEMU_HANDOFF = 1  # HELLO feature: after RESULT, hand the VM over with QEMU's own migration (qemu.py)
+FEATURE_RESUME = 2  # HELLO feature: this continues an interrupted session (same session id); see resume.py
+
+FLAG_RESUMABLE = 0x01  # ABORT header flag: the sender of the ABORT keeps the session for a resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,20 @@ class Abort:
 
     code: int
     message: str
+    resumable: bool = False  # header flag FLAG_RESUMABLE: reconnect with FEATURE_RESUME to continue
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeState:
+    """Receiver -> sender (after WELCOME, resumed sessions only): what DEST.partial holds, page by page.
+
+    ``fingerprints`` are the xxh3-64 fingerprints (digest.py) of pages ``first``.. ``first + count - 1`` as read back
+    from DEST.partial; the frames cover the image in order and ``last`` marks the final one.
+    """
+
+    first: int
+    fingerprints: np.ndarray  # uint64, little-endian on the wire, zlib-compressed
+    last: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +218,7 @@ class HandoffDone:
 HANDOFF_RUNNING = 0
 HANDOFF_FAILED = 1
 
-Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort | Handoff | HandoffDone
+Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort | Handoff | HandoffDone | ResumeState
 
 # Largest payload each small frame may announce (HELLO: room for a longer HELLO of a later version, so that the
 # version can still be read and named).
@@ -212,6 +232,8 @@ MAX_LENGTH: dict[FrameType, int] = {
     FrameType.ABORT: _ABORT.size + MAX_ABORT_MESSAGE,
     FrameType.HANDOFF: MAX_URI,
     FrameType.HANDOFF_DONE: _HANDOFF_DONE.size + MAX_ABORT_MESSAGE,
+    # zlib's worst case for 1 MiB of incompressible fingerprints is a few hundred bytes over it
+    FrameType.RESUME_STATE: _RESUME_STATE.size + RESUME_CHUNK_PAGES * 8 + 4096,
 }
 
 RESULT_VERIFIED = 0
@@ -221,9 +243,9 @@ RESULT_DIGEST_MISMATCH = 1
 # --- encoding -----------------------------------------------------------------------------------------------------
 
 
-def _header(frame_type: FrameType, payload_parts: list[bytes | bytearray | memoryview]) -> bytes:
+def _header(frame_type: FrameType, payload_parts: list[bytes | bytearray | memoryview], flags: int = 0) -> bytes:
     length = sum(len(p) for p in payload_parts)
-    head = struct.pack("!HBBI", FRAME_MAGIC, frame_type, 0, length)
+    head = struct.pack("!HBBI", FRAME_MAGIC, frame_type, flags, length)
     crc = zlib_ng.crc32(head)
     for part in payload_parts:
         crc = zlib_ng.crc32(part, crc)
@@ -233,6 +255,7 @@ def _header(frame_type: FrameType, payload_parts: list[bytes | bytearray | memor
 def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
     """Encode a frame as a list of buffers to hand to ``sendmsg`` without joining (PAGES data is not copied)."""
     parts: list[bytes | bytearray | memoryview]
+    flags = 0
     match frame:
         case Hello():
             parts = [
@@ -281,9 +304,17 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
         case Abort():
             parts = [_ABORT.pack(frame.code) + frame.message.encode("utf-8", "replace")[:MAX_ABORT_MESSAGE]]
             frame_type = FrameType.ABORT
+            flags = FLAG_RESUMABLE if frame.resumable else 0
+        case ResumeState():
+            count = len(frame.fingerprints)
+            if not 1 <= count <= RESUME_CHUNK_PAGES:
+                raise ValueError(f"RESUME_STATE carries 1..{RESUME_CHUNK_PAGES} fingerprints, not {count}")
+            raw = np.ascontiguousarray(frame.fingerprints, dtype="<u8").tobytes()
+            parts = [_RESUME_STATE.pack(frame.first, count, int(frame.last)), zlib_ng.compress(raw, 1)]
+            frame_type = FrameType.RESUME_STATE
         case _:
             raise TypeError(f"not a frame: {frame!r}")
-    return [_header(frame_type, parts), *parts]
+    return [_header(frame_type, parts, flags), *parts]
 
 
 def encode(frame: Frame) -> bytes:
@@ -299,6 +330,7 @@ class Header:
     length: int
     crc: int
     raw: bytes
+    flags: int = 0
 
 
 def parse_header(data: bytes | bytearray | memoryview) -> Header:
@@ -314,20 +346,20 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         kind = FrameType(frame_type)
     except ValueError:
         raise ProtocolError(f"unknown frame type 0x{frame_type:02x}") from None
-    if flags != 0:
+    if flags != 0 and not (kind is FrameType.ABORT and flags == FLAG_RESUMABLE):
         raise ProtocolError(f"{kind.name} frame has unknown flags 0x{flags:02x}")
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"{kind.name} frame announces {length} payload bytes, more than the limit {MAX_PAYLOAD}")
     if length > MAX_LENGTH.get(kind, MAX_PAYLOAD):
         # Small frames have small payloads: nothing is buffered for a lie (before authentication too).
         raise ProtocolError(f"{kind.name} frame announces {length} payload bytes, at most {MAX_LENGTH[kind]} allowed")
-    return Header(kind, length, crc, bytes(data[:8]))
+    return Header(kind, length, crc, bytes(data[:8]), flags)
 
 
 def check_crc(header: Header, payload: bytes | bytearray | memoryview) -> None:
     crc = zlib_ng.crc32(payload, zlib_ng.crc32(header.raw))
     if crc != header.crc:
-        raise IntegrityError(f"CRC mismatch in {header.frame_type.name} frame ({len(payload)} bytes): stream corrupted")
+        raise CorruptFrame(f"CRC mismatch in {header.frame_type.name} frame ({len(payload)} bytes): stream corrupted")
 
 
 def _need(kind: FrameType, payload: bytes | bytearray | memoryview, size: int, exact: bool = True) -> None:
@@ -435,7 +467,20 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
         message = bytes(payload[_ABORT.size :]).decode("utf-8", "replace")
         # The peer's text reaches a terminal: keep it to one printable line.
         message = "".join(ch if ch.isprintable() else "?" for ch in message)
-        return Abort(code=code, message=message)
+        return Abort(code=code, message=message, resumable=bool(header.flags & FLAG_RESUMABLE))
+    if kind is FrameType.RESUME_STATE:
+        _need(kind, payload, _RESUME_STATE.size, exact=False)
+        first, count, last = _RESUME_STATE.unpack_from(payload)
+        if not 1 <= count <= RESUME_CHUNK_PAGES or last > 1:
+            raise ProtocolError(f"RESUME_STATE frame has {count} fingerprints (1..{RESUME_CHUNK_PAGES}), last={last}")
+        inflater = zlib_ng.decompressobj()
+        try:
+            raw = inflater.decompress(bytes(payload[_RESUME_STATE.size :]), count * 8)
+        except zlib_ng.error as exc:
+            raise IntegrityError(f"RESUME_STATE frame does not decompress: {exc}") from None
+        if len(raw) != count * 8 or inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+            raise ProtocolError(f"RESUME_STATE frame does not hold exactly {count} fingerprints")
+        return ResumeState(first, np.frombuffer(raw, dtype="<u8").astype(np.uint64), bool(last))
     raise AssertionError(f"unhandled frame type {kind!r}")
 
 
@@ -503,7 +548,11 @@ TRANSITIONS: dict[Role, dict[State, dict[FrameType, State]]] = {
     },
     Role.SENDER: {  # frames that arrive from the receiver
         State.HANDSHAKE: {FrameType.WELCOME: State.STREAMING},
-        State.STREAMING: {FrameType.HANDOFF: State.STREAMING, FrameType.RESULT: State.DONE},
+        State.STREAMING: {
+            FrameType.RESUME_STATE: State.STREAMING,
+            FrameType.HANDOFF: State.STREAMING,
+            FrameType.RESULT: State.DONE,
+        },
         State.DONE: {FrameType.HANDOFF_DONE: State.DONE},
     },
 }

@@ -35,6 +35,7 @@ from .errors import (
     PeerCancelled,
     ProtocolError,
     QemuError,
+    ResumeRefused,
     UsageError,
     peer_abort,
 )
@@ -43,6 +44,7 @@ from .pipeline import Failure, spawn
 from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
     FEATURE_QEMU_HANDOFF,
+    FEATURE_RESUME,
     HANDOFF_FAILED,
     HANDOFF_RUNNING,
     RESULT_DIGEST_MISMATCH,
@@ -63,6 +65,7 @@ from .protocol import (
 from .qemu import DestHandoff, check_backend
 from .qmp import Qmp
 from .receiver import PassBarrier, RecvPipeline
+from .resume import ReceiverState, resume_frames
 from .send import usable_cpus
 from .stats import Stats
 from .tls import TlsOptions, wrap_server
@@ -94,6 +97,24 @@ class RecvOptions:
     control: str | None = None
     stats_path: str | None = None
     verbose: bool = False
+    resume: bool = False  # adopt DEST.partial and its state file left by an interrupted migration
+    resume_window: float = 60.0  # seconds to wait for the sender to come back after the link drops
+
+
+class StreamLost(Exception):
+    """An attempt ended by a link fault; DEST.partial and its state are kept and the session may continue."""
+
+    def __init__(self, error: MigrateError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ResumeWindowExpired(NetworkError):
+    """Nobody resumed the parked session within --resume-window."""
+
+
+class ResumeKept(MigrateError):
+    """The final error of a session left resumable on disk (its exit code is that of the cause)."""
 
 
 class Receiver:
@@ -112,8 +133,13 @@ class Receiver:
         self.finished = False  # END arrived: the other channels' closing is expected
         self.published = False
         self.handoff: DestHandoff | None = None
+        self.state: ReceiverState | None = None  # the session kept on disk for a resume (resume.py)
+        self.parked = False  # a session waits for its sender to come back
+        self.resumes = 0
+        self.lost: MigrateError | None = None  # what dropped the link the session waits to resume after
 
     def run(self) -> dict[str, Any]:
+        """The session: listen, then attempts until one verifies; a dropped link parks the session for a resume."""
         opts = self.opts
         host, port = parse_address(opts.listen)
         if not opts.insecure and opts.tls is None and not is_loopback(host):
@@ -121,42 +147,117 @@ class Receiver:
                 f"refusing to listen on non-loopback address {host} without TLS (--tls-cert, --tls-key, --tls-ca) "
                 "or --insecure: guest memory would cross the network unencrypted"
             )
-        if not opts.discard:
+        if opts.resume:
+            if opts.discard or opts.in_place or opts.qmp:
+                raise UsageError("--resume cannot be combined with --discard, --in-place or --qmp")
+            self.state = ReceiverState.load(opts.destination)
+            self.dest = DestinationImage.adopt(opts.destination, self.state.image_size, self.state.page_size)
+            self.parked = True
+        elif not opts.discard:
             check_destination(opts.destination, opts.force, in_place=opts.in_place)
-        listener = listen(host, port)
+        try:
+            listener = listen(host, port)
+        except BaseException:
+            if self.dest is not None:
+                self.dest.close()
+            raise
         control = (
             ControlServer(opts.control, {"status": self._ctl_status, "cancel": self._ctl_cancel})
             if opts.control
             else None
         )
+        bound = format_address(*listener.getsockname()[:2])
+        self._announce(bound)
+        self.stats_log.start()
+        window_end: float | None = None
+        try:
+            while True:
+                try:
+                    result = self._attempt(listener, bound, window_end)
+                    break
+                except StreamLost as lost:
+                    listener.close()
+                    self.lost = lost.error
+                    if opts.resume_window <= 0:
+                        raise self._kept(lost.error) from None
+                    window_end = time.monotonic() + opts.resume_window
+                    self.notice(
+                        f"{lost.error}: keeping {self.dest.partial if self.dest else 'DEST.partial'}; waiting up to "
+                        f"{opts.resume_window:g}s for the sender to resume (send --resume or --retries)"
+                    )
+                    listener = listen(*parse_address(bound))
+        except BaseException as exc:
+            error = exc if isinstance(exc, MigrateError) else self.failure.error or exc
+            if isinstance(error, MigrateError) and self.parked and self.dest is not None:
+                # A session waits for a resume: whatever ended the wait, its files stay for `recv --resume`.
+                self.dest.close()
+                if not isinstance(exc, ResumeKept):
+                    error = self._kept(error)
+            elif self.dest is not None:
+                self.dest.discard(keep_partial=opts.keep_partial)
+                if not opts.keep_partial:
+                    ReceiverState.remove(opts.destination)
+            if isinstance(self.dest, InPlaceDestination) and self.dest.modified and not self.published:
+                error = DestinationModified(opts.destination, error)
+            self.stats.finish("cancelled" if isinstance(error, CancelledError | PeerCancelled) else "failed")
+            self._close_side_channels(control, {"status": self.stats.status, "error": str(error), "role": "recv"})
+            raise error from None
+        finally:
+            listener.close()
+        self._close_side_channels(control, result)
+        if opts.json:
+            print_json(result)
+        return result
+
+    def _kept(self, error: MigrateError) -> MigrateError:
+        """The final error of a session whose DEST.partial stays for `vmmig recv --resume`, saying so."""
+        partial = self.dest.partial if self.dest is not None else self.opts.destination + ".partial"
+        if isinstance(error, ResumeWindowExpired) and self.lost is not None:
+            cause = f"{self.lost}; no sender resumed within --resume-window {self.opts.resume_window:g}s"
+            code = self.lost.exit_code
+        else:
+            cause, code = str(error), error.exit_code
+        kept = ResumeKept(
+            f"{cause}; {partial} and its state file are kept: "
+            f"`vmmig recv --resume {self.opts.destination}` continues the migration"
+        )
+        kept.exit_code = code
+        return kept
+
+    def _attempt(self, listener: socket.socket, bound: str, window_end: float | None) -> dict[str, Any]:
+        """One connection of the sender (all its channels): handshake, transfer, verify. Raises StreamLost when
+        the link fails and the session can continue."""
+        opts = self.opts
+        self.failure = Failure()
+        self._stop_keepalive = threading.Event()
+        self.finished = False
+        self.channels = []
         channels: list[Channel] = []
         try:
-            bound = format_address(*listener.getsockname()[:2])
-            self._announce(bound)
-            conn = accept(listener, poll=self.failure.raise_if_set)
-            self.stats_log.start()
+            conn = accept(listener, poll=partial(self._poll_wait, window_end))
             # The handshake of every channel (TLS, HELLO, the other channels joining) is bounded as a whole.
             handshake_end = time.monotonic() + opts.handshake_timeout
             channel, hello = self._handshake(conn, handshake_end)
             channels.append(channel)
+            self._check_resume(hello)
             while len(channels) < hello.channels:
                 extra, extra_hello = self._handshake(self._accept_more(listener, handshake_end), handshake_end)
                 channels.append(extra)
                 self._check_joining(hello, extra_hello, {c.index for c in channels[:-1]})
         except BaseException as exc:
-            listener.close()
             for each in channels:
                 each.abort(exc)
-            if control:
-                control.close()
-            self.stats_log.close(None)
             raise (self.failure.error or exc) if isinstance(exc, MigrateError) else exc from None
         listener.close()  # connections beyond the announced channels are refused from here on
         channels.sort(key=lambda c: c.index)
         self.channels = channels
         channel = channels[0]
         stats = self.stats
-        self.verbose("sender connected" + (f" ({len(channels)} channels)" if len(channels) > 1 else ""))
+        resuming = self.state is not None
+        self.verbose(
+            ("sender resumed" if resuming else "sender connected")
+            + (f" ({len(channels)} channels)" if len(channels) > 1 else "")
+        )
         try:
             stats.add_wire(sum(c.hello_wire for c in channels))
             codec = codecs.by_wire_id(hello.codec)
@@ -166,24 +267,32 @@ class Receiver:
             self.codec_name = codec.name
             stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
             handoff_uri = self._prepare_handoff(hello, channel)
-            spawn("keepalive", self._keepalive, self.failure)
+            spawn("keepalive", partial(self._keepalive, self._stop_keepalive), self.failure)
             where = "(discard)" if opts.discard else opts.destination
-            info = f"{bound} → {where}  codec {codec.name}  threads {self.threads}"
+            info = f"{bound} → {where}  codec {codec.name}  threads {self.threads}" + ("  resumed" if resuming else "")
             with live_display(stats, "recv", info, self.display) as view:
                 self.view = view
                 if view:
-                    view.phase = "allocating"
-                if opts.discard:
-                    self.dest = DiscardSink(hello.image_size, hello.page_size)
-                elif opts.in_place:
-                    self.dest = InPlaceDestination(opts.destination, hello.image_size, hello.page_size)
-                else:
-                    self.dest = DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
+                    view.phase = "reading DEST.partial" if resuming else "allocating"
+                if self.dest is None:
+                    self._create_destination(hello)
+                assert self.dest is not None
+                if resuming:
+                    assert isinstance(self.dest, DestinationImage)
+                    fingerprints = self.dest.refingerprint(self.threads)
+                    self.parked = False
                 for each in channels:
                     each.send_frame(Welcome())
+                if resuming:
+                    for frame in resume_frames(fingerprints):
+                        stats.add_wire(channel.send_frame(frame))
+                    self.resumes += 1
                 if handoff_uri:
                     channel.send_frame(Handoff(handoff_uri))
-                self.verbose(f"destination allocated ({format_bytes(hello.image_size)}): receiving pages")
+                self.verbose(
+                    f"destination {'read back' if resuming else 'allocated'} ({format_bytes(hello.image_size)}): "
+                    "receiving pages"
+                )
                 if view:
                     view.phase = "transfer"
                 stats.restart_clock()
@@ -198,25 +307,30 @@ class Receiver:
                     view.phase = "verified"
         except BaseException as exc:
             self.failure.set(exc)
-            for each in channels:
-                each.abort(self.failure.error)
-            if self.dest is not None:
-                self.dest.discard(keep_partial=opts.keep_partial)
             error = self.failure.error or exc
-            if isinstance(self.dest, InPlaceDestination) and self.dest.modified and not self.published:
-                error = DestinationModified(opts.destination, error)
-            stats.finish("cancelled" if isinstance(error, CancelledError | PeerCancelled) else "failed")
-            self._close_side_channels(control, {"status": stats.status, "error": str(error), "role": "recv"})
+            if self._can_park(error):
+                error.resumable = True  # our ABORT says so: the sender may reconnect with --resume
+                for each in channels:
+                    each.abort(error)
+                assert isinstance(self.dest, DestinationImage)
+                with contextlib.suppress(MigrateError):
+                    self.dest.flush()
+                self.parked = True
+                raise StreamLost(error) from None
+            for each in channels:
+                each.abort(error)
             raise error from None
         finally:
             self._stop_keepalive.set()
             self.finished = True
             for each in channels:
                 each.close()
+        if self.state is not None:
+            ReceiverState.remove(opts.destination)
         snap = stats.snapshot()
         if not opts.quiet:
             print("vmmig recv: " + summary_line("received", snap, digest.hex()), file=sys.stderr)
-        result = report(
+        return report(
             snap,
             {
                 "role": "recv",
@@ -225,14 +339,66 @@ class Receiver:
                 "digest": digest.hex(),
                 "destination": None if opts.discard else opts.destination,
                 "discard": opts.discard,
+                "resumes": self.resumes,
                 **({"qemu-handoff": {"uri": self.handoff.uri, **self.handoff.steps}} if self.handoff else {}),
                 **(self.view.cpu_report() if self.view is not None else {}),
             },
         )
-        self._close_side_channels(control, result)
-        if opts.json:
-            print_json(result)
-        return result
+
+    # -- resume --------------------------------------------------------------------------------------------------
+
+    def _create_destination(self, hello: Hello) -> None:
+        opts = self.opts
+        if opts.discard:
+            self.dest = DiscardSink(hello.image_size, hello.page_size)
+        elif opts.in_place:
+            self.dest = InPlaceDestination(opts.destination, hello.image_size, hello.page_size)
+        else:
+            self.dest = DestinationImage(opts.destination, hello.image_size, hello.page_size, opts.sparse)
+            if self.handoff is None:
+                state = ReceiverState(
+                    hello.session_id.hex(), hello.image_size, hello.page_size, hello.codec, hello.batch_pages
+                )
+                state.save(opts.destination)  # from here on a dropped link leaves a resumable DEST.partial
+                self.state = state
+
+    def _check_resume(self, hello: Hello) -> None:
+        """A resuming sender needs a kept session with its id and parameters; a fresh one needs none."""
+        wants = bool(hello.features & FEATURE_RESUME)
+        if self.state is None:
+            if wants:
+                raise ResumeRefused(
+                    "this receiver has no interrupted session to resume: start it with `vmmig recv --resume DEST` "
+                    "where a DEST.partial was kept, or the sender without --resume"
+                )
+            return
+        if not wants:
+            raise ResumeRefused(
+                f"this receiver keeps interrupted session {self.state.session[:12]} for a resume: "
+                "start the sender with --resume (or this receiver without --resume, with --force)"
+            )
+        why = self.state.mismatch(hello.session_id, hello.image_size, hello.page_size, hello.codec, hello.batch_pages)
+        if why is not None:
+            raise ResumeRefused(f"cannot resume: {why}")
+
+    def _can_park(self, error: MigrateError) -> bool:
+        """Keep the session for a resume: only for a link fault, only for a DEST.partial that has a state file."""
+        return (
+            error.resumable
+            and self.state is not None
+            and type(self.dest) is DestinationImage
+            and self.handoff is None
+            and not self.published
+        )
+
+    def _poll_wait(self, window_end: float | None) -> None:
+        self.failure.raise_if_set()
+        if window_end is not None and time.monotonic() > window_end:
+            raise ResumeWindowExpired("the sender did not come back")
+
+    def notice(self, message: str) -> None:
+        if not self.opts.quiet:
+            print(f"vmmig recv: {message}", file=sys.stderr, flush=True)
 
     # -- QEMU mode ----------------------------------------------------------------------------------------------
 
@@ -302,8 +468,8 @@ class Receiver:
                 fh.write(bound + "\n")
             os.replace(tmp, self.opts.ready_file)  # readers never see a half-written file
 
-    def _keepalive(self) -> None:
-        while not self._stop_keepalive.wait(KEEPALIVE_INTERVAL / 4):
+    def _keepalive(self, stop: threading.Event) -> None:
+        while not stop.wait(KEEPALIVE_INTERVAL / 4):
             if self.failure.is_set():
                 return
             for channel in self.channels:
@@ -329,7 +495,7 @@ class Receiver:
             while isinstance(hello, Keepalive):
                 hello, wire = channel.read_frame()
             if isinstance(hello, Abort):
-                raise peer_abort(hello.code, hello.message)
+                raise peer_abort(hello.code, hello.message, hello.resumable)
             if not isinstance(hello, Hello):
                 raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
         except MigrateError as exc:
@@ -416,7 +582,7 @@ class Receiver:
                 self.finished = True
                 return frame
             elif isinstance(frame, Abort):
-                raise peer_abort(frame.code, frame.message)
+                raise peer_abort(frame.code, frame.message, frame.resumable)
             else:
                 self.stats.add_wire(wire)
 

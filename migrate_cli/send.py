@@ -22,6 +22,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -36,6 +37,7 @@ from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirt
 from .errors import (
     CancelledError,
     IntegrityError,
+    MigrateError,
     NetworkError,
     OutcomeUnknown,
     PauseError,
@@ -53,6 +55,7 @@ from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
 from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
     FEATURE_QEMU_HANDOFF,
+    FEATURE_RESUME,
     HANDOFF_RUNNING,
     RESULT_VERIFIED,
     Abort,
@@ -62,11 +65,13 @@ from .protocol import (
     Hello,
     Keepalive,
     Result,
+    ResumeState,
     Role,
     Welcome,
 )
 from .qemu import SourceHandoff, check_backend
 from .ratelimit import TokenBucket
+from .resume import ResumeCollector, SenderState, default_sender_state_path
 from .sender import SendPipeline
 from .stats import Stats
 from .tls import TlsOptions, wrap_client
@@ -110,6 +115,11 @@ class SendOptions:
     control: str | None = None
     stats_path: str | None = None
     verbose: bool = False
+    # resume (resume.py)
+    resume: bool = False  # continue the interrupted session recorded in the state file
+    retries: int = 0  # reconnect and resume this many times after a link fault
+    retry_delay: float = 2.0
+    state_file: str | None = None  # default: $XDG_STATE_HOME/vmmig/send-<key>.json
 
     def check(self) -> None:
         """Reject option combinations once, up front (QEMU's migrate_caps_check)."""
@@ -130,6 +140,13 @@ class SendOptions:
             raise UsageError("--qemu-handoff needs --qmp (the source QEMU's monitor)")
         if not 1 <= self.channels <= 16:
             raise UsageError("--channels must be between 1 and 16")
+        if self.retries < 0:
+            raise UsageError("--retries must be 0 or more")
+        if self.qemu_handoff and (self.resume or self.retries):
+            raise UsageError("--qemu-handoff cannot be resumed: drop --resume and --retries")
+
+    def state_path(self) -> str:
+        return self.state_file or default_sender_state_path(self.source)
 
 
 def usable_cpus() -> int:
@@ -144,9 +161,12 @@ def notice(message: str) -> None:
 
 
 class Sender:
-    def __init__(self, opts: SendOptions) -> None:
+    def __init__(self, opts: SendOptions, resume: bool = False, resumes: int = 0) -> None:
         opts.check()
         self.opts = opts
+        self.resuming = resume or opts.resume
+        self.resumes = resumes  # how many times this migration was resumed, this run included
+        self.session_started = False  # the receiver WELCOMEd this session: a link fault leaves it resumable
         # auto = zlib-ng, applied per batch only when it pays (adaptive.py)
         self.codec = codecs.by_name(codecs.DEFAULT_CODEC if opts.codec == "auto" else opts.codec)
         self.auto = AutoPolicy(opts.threads or usable_cpus(), cap=opts.max_bandwidth) if opts.codec == "auto" else None
@@ -202,7 +222,8 @@ class Sender:
         )
         channels: list[Channel] = []
         try:
-            session = secrets.token_bytes(16)
+            state = self._session_state(source, batch_pages)
+            session = bytes.fromhex(state.session)
             for index in range(opts.channels):
                 sock = connect(host, port, opts.connect_timeout)
                 if opts.tls is not None:
@@ -219,7 +240,7 @@ class Sender:
                     batch_pages=batch_pages,
                     channels=opts.channels,
                     channel_index=index,
-                    features=FEATURE_QEMU_HANDOFF if self.handoff else 0,
+                    features=(FEATURE_QEMU_HANDOFF if self.handoff else 0) | (FEATURE_RESUME if self.resuming else 0),
                 )
                 stats.add_wire(channels[-1].send_frame(hello))
         except BaseException:
@@ -237,6 +258,11 @@ class Sender:
                 self.view = view
                 for each in channels:
                     self._await_welcome(each)
+                if self.resuming:
+                    self._await_resume_state(channel, pipeline)
+                elif self.handoff is None:
+                    state.save(opts.state_path())  # a kill -9 from here on can be resumed
+                self.session_started = True
                 self.verbose("destination allocated: sending pages")
                 if view:
                     view.phase = "transfer"
@@ -272,6 +298,10 @@ class Sender:
             pipeline.stop(2.0)
             self._settle_guest_after_failure()
             error = self.failure.error or exc
+            if self.session_started and error.resumable and self.handoff is None:
+                error = ResumableFailure(error, opts.state_path())
+            elif self.session_started:
+                SenderState.remove(opts.state_path())  # the receiver drops the session too
             stats.finish("failed" if not isinstance(error, CancelledError) else "cancelled")
             self._close_side_channels(control, {"status": stats.status, "error": str(error), **self._identity()})
             raise error from None
@@ -280,6 +310,7 @@ class Sender:
                 each.close()
             source.close()
         pipeline.stop()
+        SenderState.remove(opts.state_path())
         result = self._report(stats, digest)
         self._close_side_channels(control, result)
         if self.opts.json:
@@ -296,6 +327,9 @@ class Sender:
             return record
 
         tracker = self._make_tracker(source, pipeline.fingerprints)
+        # A resumed session starts from what the receiver holds (pipeline.fingerprints came from RESUME_STATE):
+        # its first pass sends only the pages that are missing there or differ, found by the dirty scan.
+        first: Callable[[], np.ndarray | None] = tracker.scan if self.resuming else lambda: None
         if self.opts.live:
             assert self.pauser is not None
             if self.opts.auto_converge:
@@ -304,7 +338,7 @@ class Sender:
             precopy = Precopy(
                 self.policy, tracker, send_pass, self.pauser, source.page_size, stats,
                 abort_on_no_converge=self.opts.on_no_converge == "abort", throttle=self.throttle, notice=notice,
-                on_pass=self.on_pass,
+                on_pass=self.on_pass, first_pass=first,
             )  # fmt: skip
             self.live = precopy.result
             try:
@@ -320,9 +354,9 @@ class Sender:
         if self.pauser is not None:  # stop-and-copy: every copy is taken while the guest is paused
             self.pauser.pause()
             self.paused = True
-            self.on_pass(send_pass(1, None, True))
+            self.on_pass(send_pass(1, first(), True))
             return image_digest(pipeline.fingerprints)
-        self.on_pass(send_pass(1, None, False))
+        self.on_pass(send_pass(1, first(), False))
         changed = tracker.scan()  # a plain copy: the image must not have changed while it was sent
         if changed.size:
             raise SourceError(
@@ -348,7 +382,9 @@ class Sender:
         return None
 
     def _make_tracker(self, source: SourceImage, sent: np.ndarray) -> DirtyTracker:
-        if self.opts.dirty_tracking == "soft-dirty":
+        if self.opts.dirty_tracking == "soft-dirty" and self.resuming:
+            notice("a resumed session compares fingerprints with the receiver's: using fingerprint tracking")
+        elif self.opts.dirty_tracking == "soft-dirty":
             assert self.opts.pause_pid is not None
             if soft_dirty_supported():
                 try:
@@ -391,9 +427,40 @@ class Sender:
             if isinstance(frame, Welcome):
                 return
             if isinstance(frame, Abort):
-                raise peer_abort(frame.code, frame.message)
+                raise peer_abort(frame.code, frame.message, frame.resumable)
             if not isinstance(frame, Keepalive):
                 raise ProtocolError(f"expected WELCOME, got {type(frame).__name__}")
+
+    def _await_resume_state(self, channel: Channel, pipeline: SendPipeline) -> None:
+        """Read the receiver's RESUME_STATE frames: what DEST.partial holds becomes what was sent."""
+        collector = ResumeCollector(len(pipeline.fingerprints))
+        while True:
+            frame, wire = channel.read_frame()
+            self.stats.add_wire(wire)
+            if isinstance(frame, ResumeState):
+                if collector.add(frame):
+                    break
+            elif isinstance(frame, Abort):
+                raise peer_abort(frame.code, frame.message, frame.resumable)
+            elif not isinstance(frame, Keepalive):
+                raise ProtocolError(f"expected RESUME_STATE, got {type(frame).__name__}")
+        pipeline.fingerprints[:] = collector.fingerprints
+        self.verbose("resuming: the receiver reported what it holds")
+
+    def _session_state(self, source: SourceImage, batch_pages: int) -> SenderState:
+        """This run's session: a new one, or (resuming) the interrupted one, refused if anything differs."""
+        opts = self.opts
+        st = os.stat(opts.source)
+        current = SenderState(
+            session=secrets.token_bytes(16).hex(), source=opts.source, device=st.st_dev, inode=st.st_ino,
+            image_size=source.size, page_size=opts.page_size, codec=opts.codec, level=self.level,
+            batch_pages=batch_pages, destination=opts.destination,
+        )  # fmt: skip
+        if not self.resuming:
+            return current
+        saved = SenderState.load(opts.state_path(), opts.source, opts.destination)
+        saved.check_same(current)
+        return saved
 
     def _read_control(self, channel: Channel) -> None:
         """Read the receiver's frames until its RESULT; an ABORT or a lost connection fails the migration.
@@ -408,7 +475,7 @@ class Sender:
                     raise Stopped from None  # latched already, or the migration is over and channels close
                 raise
             if isinstance(frame, Abort):
-                raise peer_abort(frame.code, frame.message)
+                raise peer_abort(frame.code, frame.message, frame.resumable)
             if isinstance(frame, Handoff):
                 self.handoff_uri = frame.uri
             elif isinstance(frame, HandoffDone):
@@ -482,7 +549,9 @@ class Sender:
             if self.paused and self.pauser is not None:
                 downtime = f" after {snap.downtime * 1000:.0f}ms of downtime" if snap.downtime is not None else ""
                 notice(f"guest left paused on the source{downtime}: the destination holds its memory")
-        extra: dict[str, Any] = {**self._identity(), "max-bandwidth": opts.max_bandwidth or 0, "digest": digest_hex}
+        extra: dict[str, Any] = {
+            **self._identity(), "max-bandwidth": opts.max_bandwidth or 0, "digest": digest_hex, "resumes": self.resumes
+        }  # fmt: skip
         if self.live is not None:
             passes = self.live.passes
             extra["cpu-throttle-percentage"] = max((p.throttle for p in passes), default=0)
@@ -552,5 +621,30 @@ class Sender:
         return "cancelling"
 
 
+class ResumableFailure(MigrateError):
+    """A link fault after the session started: the receiver keeps it, and so does our state file."""
+
+    resumable = True
+
+    def __init__(self, cause: MigrateError, state_path: str) -> None:
+        super().__init__(f"{cause}; the session can continue: vmmig send --resume (state in {state_path})")
+        self.exit_code = cause.exit_code
+        self.cause = cause
+
+
 def run(opts: SendOptions) -> dict[str, Any]:
-    return Sender(opts).run()
+    """One migration; with --retries, a link fault is followed by a reconnect that resumes the session."""
+    resume, resumes = opts.resume, int(opts.resume)
+    for attempt in range(opts.retries + 1):
+        sender = Sender(opts, resume=resume, resumes=resumes)
+        try:
+            return sender.run()
+        except MigrateError as exc:
+            if not exc.resumable or attempt == opts.retries:
+                raise
+            # Resume only a session the receiver knows; a failure before its WELCOME starts over.
+            if resume or sender.session_started:
+                resume, resumes = True, resumes + 1
+            notice(f"{getattr(exc, 'cause', exc)}; retry {attempt + 1} of {opts.retries} in {opts.retry_delay:g}s")
+            time.sleep(opts.retry_delay)
+    raise AssertionError("unreachable")

@@ -237,7 +237,7 @@ class Channel:
         if isinstance(error, MigrateError) and not isinstance(error, PeerError):
             try:
                 self.sock.settimeout(1.0)
-                self.send_frame(Abort(int(error.exit_code), str(error)))
+                self.send_frame(Abort(int(error.exit_code), str(error), error.resumable))
             except (MigrateError, OSError):
                 self.close()
                 return

@@ -62,7 +62,9 @@ def parse_rate(text: str) -> int | None:
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``"300ms"`` -> 0.3, ``"2s"`` -> 2.0, ``"1m"`` -> 60.0. A unit is required."""
+    """Parse ``"300ms"`` -> 0.3, ``"2s"`` -> 2.0, ``"1m"`` -> 60.0. A unit is required, except for a plain 0."""
+    if text.strip() == "0":
+        return 0.0
     match = _DURATION_RE.match(text)
     if not match:
         raise ValueError(f"invalid duration {text!r}: a number with a unit is required, such as 300ms, 2s, 1m, 1h")

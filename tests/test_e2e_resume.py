@@ -1,0 +1,286 @@
+"""Resume: a link fault or a killed vmmig does not send a migration back to zero.
+
+The receiver keeps DEST.partial and DEST.partial.state when the link drops and waits --resume-window for the same
+session; `recv --resume DEST` adopts them after a crash. The sender records its session in a state file; `send
+--resume` (or --retries) reconnects, learns what DEST.partial holds, and sends only what is missing or changed.
+The end-to-end digest is unchanged: every completion below is also compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Processes, make_image
+from .faultproxy import FaultProxy
+from .test_e2e_live import Guest, start_guest
+
+MiB = 1 << 20
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def report(out: str) -> dict:
+    return json.loads(out) if out.strip() else {}
+
+
+def kept(dest: Path) -> bool:
+    return Path(f"{dest}.partial").exists() and Path(f"{dest}.partial.state").exists()
+
+
+def assert_clean_success(dest: Path, source: Path) -> None:
+    assert dest.read_bytes() == source.read_bytes()
+    assert not Path(f"{dest}.partial").exists() and not Path(f"{dest}.partial.state").exists()
+
+
+@pytest.fixture
+def live_guests() -> Iterator[list[Guest]]:
+    started: list[Guest] = []
+    yield started
+    for guest in started:
+        guest.kill()
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    return make_image(tmp_path / "vm.ram", 16 * MiB, profile="random", seed=7)
+
+
+# --- link faults, healed by --retries -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "at", "cause"),
+    [("cut", 6 * MiB, "connection"), ("flip", 5 * MiB, "CRC mismatch"), ("stall", 6 * MiB, "--io-timeout")],
+)
+def test_a_link_fault_is_resumed_by_retries_and_only_the_rest_is_sent(
+    procs: Processes, tmp_path: Path, source: Path, fault: str, at: int, cause: str
+) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, "--json", "--io-timeout", "2s")
+    proxy = FaultProxy(recv.address, fault, at=at)
+    try:
+        send = procs.send(
+            source, proxy.address, "--json", "--compress", "none", "--retries", "2", "--retry-delay", "200ms",
+            "--io-timeout", "2s", "--state-file", str(tmp_path / "send.state"),
+        )  # fmt: skip
+        code, out, err = send.wait(90)
+        recv_code, recv_out, recv_err = recv.wait(30)
+    finally:
+        proxy.close()
+    assert (code, recv_code) == (0, 0), err + recv_err
+    assert proxy.fired.is_set() and proxy.connections == 2
+    assert cause in err and "retry 1 of 2" in err
+    sent, received = report(out), report(recv_out)
+    assert sent["resumes"] == 1 and received["resumes"] == 1
+    # The resumed connection carries about what the first one did not deliver, not the whole image again.
+    assert sent["transferred"] < 16 * MiB - at + 4 * MiB, sent["transferred"]
+    assert_clean_success(dest, source)
+    assert not (tmp_path / "send.state").exists()
+
+
+# --- killed processes ---------------------------------------------------------------------------------------------
+
+
+def test_a_killed_sender_is_resumed_with_send_resume(procs: Processes, tmp_path: Path, source: Path) -> None:
+    dest, state = tmp_path / "dest.img", tmp_path / "send.state"
+    recv = procs.recv(dest, "--json", "--resume-window", "30s")
+    args = ("--compress", "none", "--state-file", str(state))
+    first = procs.send(source, recv.address, "--max-bandwidth", "8M", *args)
+    time.sleep(1.2)
+    os.kill(first.popen.pid, signal.SIGKILL)
+    first.wait()
+    assert state.exists() and kept(dest), "a kill -9 leaves both ends' state for the resume"
+    code, out, err = procs.send(source, recv.address, "--resume", "--json", *args).wait(60)
+    recv_code, recv_out, recv_err = recv.wait(30)
+    assert (code, recv_code) == (0, 0), err + recv_err
+    assert "waiting up to 30s for the sender to resume" in recv_err
+    resumed = report(out)
+    assert resumed["resumes"] == 1 and report(recv_out)["resumes"] == 1
+    assert resumed["transferred"] < 16 * MiB - 4 * MiB, "about 1 s at 8 MB/s was delivered before the kill"
+    assert_clean_success(dest, source)
+    assert not state.exists()
+
+
+def test_a_killed_receiver_is_adopted_by_recv_resume(procs: Processes, tmp_path: Path, source: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest)
+    send = procs.send(
+        source, recv.address, "--json", "--compress", "none", "--max-bandwidth", "8M", "--retries", "20",
+        "--retry-delay", "250ms", "--state-file", str(tmp_path / "send.state"),
+    )  # fmt: skip
+    time.sleep(1.2)
+    os.kill(recv.popen.pid, signal.SIGKILL)
+    recv.wait()
+    assert kept(dest)
+    again = procs.recv(dest, "--resume", "--json", listen=recv.address)
+    code, out, err = send.wait(60)
+    again_code, again_out, again_err = again.wait(30)
+    assert (code, again_code) == (0, 0), err + again_err
+    assert report(out)["resumes"] == 1 and report(again_out)["resumes"] == 1
+    assert_clean_success(dest, source)
+
+
+def test_an_expired_resume_window_keeps_the_partial_for_recv_resume(
+    procs: Processes, tmp_path: Path, source: Path
+) -> None:
+    dest, state = tmp_path / "dest.img", tmp_path / "send.state"
+    recv = procs.recv(dest, "--resume-window", "500ms")
+    args = ("--compress", "zlib", "--state-file", str(state))
+    first = procs.send(source, recv.address, "--max-bandwidth", "8M", *args)
+    time.sleep(1.0)
+    os.kill(first.popen.pid, signal.SIGKILL)
+    first.wait()
+    code, _, err = recv.wait(30)
+    assert code == 5 and "no sender resumed within --resume-window 0.5s" in one_line(err)
+    assert f"vmmig recv --resume {dest}" in one_line(err)
+    assert kept(dest) and not dest.exists()
+    # A later receiver adopts what is there; the sender continues the same session.
+    again = procs.recv(dest, "--resume")
+    code, _, err = procs.send(source, again.address, "--resume", *args).wait(60)
+    again_code, _, again_err = again.wait(30)
+    assert (code, again_code) == (0, 0), err + again_err
+    assert_clean_success(dest, source)
+
+
+def test_a_leftover_resumable_partial_is_refused_naming_resume(procs: Processes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest.img"
+    Path(f"{dest}.partial").write_bytes(bytes(4096))
+    Path(f"{dest}.partial.state").write_text("{}")
+    code, _, err = procs.run("recv", "--listen", "127.0.0.1:0", str(dest))
+    assert code == 4 and f"vmmig recv --resume {dest}" in one_line(err)
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+
+
+def interrupted(procs: Processes, tmp_path: Path, source: Path, *args: str) -> tuple[Path, Path]:
+    """A session cut short by a kill -9 of the sender; the receiver is left waiting (returned proc not needed)."""
+    dest, state = tmp_path / "dest.img", tmp_path / "send.state"
+    recv = procs.recv(dest, "--resume-window", "0")
+    first = procs.send(source, recv.address, "--max-bandwidth", "8M", "--state-file", str(state), *args)
+    time.sleep(1.0)
+    os.kill(first.popen.pid, signal.SIGKILL)
+    first.wait()
+    code, _, err = recv.wait(30)
+    assert code == 5 and kept(dest), err
+    return dest, state
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [(("--compress", "zstd"), "--compress"), (("--page-size", "8KiB"), "--page-size"), (("other",), "source file")],
+    ids=["codec", "page-size", "other-image"],
+)
+def test_a_resume_with_another_image_or_options_is_refused(
+    procs: Processes, tmp_path: Path, source: Path, change: tuple[str, ...], named: str
+) -> None:
+    dest, state = interrupted(procs, tmp_path, source, "--compress", "none")
+    again = procs.recv(dest, "--resume")
+    image, options = source, ["--compress", "none"]
+    if change == ("other",):
+        image = make_image(tmp_path / "other.ram", 16 * MiB, profile="random", seed=8)
+    else:
+        options = list(change)
+    code, _, err = procs.send(image, again.address, "--resume", "--state-file", str(state), *options).wait(30)
+    assert code == 16 and named in one_line(err) and "cannot resume" in one_line(err)
+    assert state.exists() and kept(dest), "a refused resume destroys nothing"
+
+
+def test_a_receiver_refuses_a_resume_of_another_session(procs: Processes, tmp_path: Path, source: Path) -> None:
+    dest, state = interrupted(procs, tmp_path, source, "--compress", "none")
+    data = json.loads(state.read_text())
+    data["session"] = "00" * 16
+    state.write_text(json.dumps(data))
+    again = procs.recv(dest, "--resume")
+    code, _, err = procs.send(source, again.address, "--resume", "--compress", "none", "--state-file", str(state)).wait(
+        30
+    )
+    again_code, _, again_err = again.wait(30)
+    assert code == 16 and "is not the interrupted session" in one_line(err)
+    assert again_code == 16 and kept(dest), again_err
+
+
+def test_a_fresh_receiver_refuses_a_resuming_sender(procs: Processes, tmp_path: Path, source: Path) -> None:
+    _, state = interrupted(procs, tmp_path, source, "--compress", "none")
+    fresh = procs.recv(tmp_path / "elsewhere.img")
+    code, _, err = procs.send(source, fresh.address, "--resume", "--compress", "none", "--state-file", str(state)).wait(
+        30
+    )
+    fresh_code, _, _ = fresh.wait(30)
+    assert code == 16 and "no interrupted session to resume" in one_line(err)
+    assert fresh_code == 16 and not (tmp_path / "elsewhere.img.partial").exists()
+
+
+def test_resume_with_nothing_to_resume_is_refused_on_both_ends(procs: Processes, tmp_path: Path, source: Path) -> None:
+    code, _, err = procs.run("send", str(source), "127.0.0.1:9", "--resume", "--state-file", str(tmp_path / "none"))
+    assert code == 16 and "no interrupted migration" in one_line(err)
+    code, _, err = procs.run("recv", "--resume", "--listen", "127.0.0.1:0", str(tmp_path / "dest.img"))
+    assert code == 16 and "nothing to resume" in one_line(err)
+
+
+def test_a_cancel_is_not_resumable_and_removes_everything(procs: Processes, tmp_path: Path, source: Path) -> None:
+    """An operator's cancel is not a link fault: no retry, no state files, no partial."""
+    dest, state, ctl = tmp_path / "dest.img", tmp_path / "send.state", tmp_path / "ctl"
+    recv = procs.recv(dest)
+    send = procs.send(
+        source, recv.address, "--retries", "3", "--state-file", str(state), "--control", str(ctl),
+        "--max-bandwidth", "8M",
+    )  # fmt: skip
+    time.sleep(1.0)
+    assert procs.run("ctl", str(ctl), "cancel")[0] == 0
+    code, _, err = send.wait(30)
+    recv_code, _, _ = recv.wait(30)
+    assert (code, recv_code) == (9, 9) and "retry" not in err
+    assert not state.exists() and not Path(f"{dest}.partial").exists() and not Path(f"{dest}.partial.state").exists()
+
+
+# --- live ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_link_lost_while_paused_resumes_the_guest_and_precopy(
+    procs: Processes,
+    live_guests: list[Guest],
+    tmp_path: Path,
+) -> None:
+    image = make_image(tmp_path / "vm.ram", 16 * MiB, seed=3)
+    guest = start_guest(live_guests, image, tmp_path, "--rate", "4M")
+    dest, log, flag = tmp_path / "dest.ram", tmp_path / "hooks.log", tmp_path / "paused"
+    recv = procs.recv(dest)
+    proxy = FaultProxy(recv.address, "none", at=-1)
+
+    def cut_at_first_pause() -> None:
+        while not flag.exists():
+            time.sleep(0.01)
+        proxy.cut_now()
+
+    threading.Thread(target=cut_at_first_pause, daemon=True).start()
+    # The pause hook lingers, so the cut lands while the guest is paused, before the last pages went out.
+    pause = f"kill -STOP {guest.pid}; echo pause >> {log}; touch {flag}; sleep 0.5"
+    unpause = f"kill -CONT {guest.pid}; echo unpause >> {log}"
+    try:
+        send = procs.send(
+            image, proxy.address, "--json", "--live", "--pause-cmd", pause, "--unpause-cmd", unpause,
+            "--max-bandwidth", "40M", "--retries", "2", "--retry-delay", "200ms",
+            "--state-file", str(tmp_path / "send.state"),
+        )  # fmt: skip
+        code, out, err = send.wait(90)
+        recv_code, _, recv_err = recv.wait(30)
+    finally:
+        proxy.close()
+    assert (code, recv_code) == (0, 0), err + recv_err
+    assert log.read_text().split() == ["pause", "unpause", "pause"], "the guest ran again between the attempts"
+    assert "guest resumed on the source" in err
+    result = report(out)
+    assert result["resumes"] == 1 and result["mode"] == "live"
+    assert guest.is_paused() and dest.read_bytes() == image.read_bytes()
