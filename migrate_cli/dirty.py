@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -41,20 +42,33 @@ class DirtyTracker(Protocol):
         ...
 
 
+def _no_guard() -> None:
+    pass
+
+
 class FingerprintTracker:
     name = "fingerprint"
 
-    def __init__(self, image: np.ndarray, page_size: int, sent: np.ndarray, threads: int = 1) -> None:
+    def __init__(
+        self,
+        image: np.ndarray,
+        page_size: int,
+        sent: np.ndarray,
+        threads: int = 1,
+        guard: Callable[[], None] = _no_guard,
+    ) -> None:
         self.image = image
         self.page_size = page_size
         self.sent = sent
         self.threads = threads
+        self.guard = guard  # raises if the image can no longer be read whole (SourceImage.check_size)
         self._live = np.empty(0, dtype=np.uint64)
 
     def start(self) -> None:
         pass
 
     def scan(self) -> np.ndarray:
+        self.guard()
         self._live = fingerprint_image(self.image, self.page_size, self.threads)
         return np.flatnonzero(self._live != self.sent)
 

@@ -66,13 +66,30 @@ class SourceImage:
                 self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
             except OSError as exc:
                 raise SourceError(f"source {path}: cannot map: {exc.strerror}") from None
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        # Kept open to notice a source that shrinks while mapped: touching a page past its new end would raise
+        # SIGBUS, which Python cannot turn into an error, so readers call check_size() first.
+        self._fd = fd if stat.S_ISREG(st.st_mode) else -1
+        if self._fd < 0:
             os.close(fd)
         self.size = size
         self.pages = size // page_size
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
 
+    def check_size(self) -> None:
+        """Raise SourceError if the file behind the mapping is now shorter than the image (it was truncated)."""
+        if self._fd >= 0 and (now := os.fstat(self._fd).st_size) < self.size:
+            raise SourceError(
+                f"source {self.path} shrank from {self.size} to {now} bytes while it was being sent: "
+                "it is not a guest memory image any more"
+            )
+
     def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         del self.array
         try:
             self._mmap.close()

@@ -282,7 +282,7 @@ class Receiver:
                     fingerprints = self.dest.refingerprint(self.threads)
                     self.parked = False
                 for each in channels:
-                    each.send_frame(Welcome())
+                    each.send_frame(Welcome(features=FEATURE_RESUME if resuming else 0))
                 if resuming:
                     for frame in resume_frames(fingerprints):
                         stats.add_wire(channel.send_frame(frame))
@@ -366,11 +366,8 @@ class Receiver:
         """A resuming sender needs a kept session with its id and parameters; a fresh one needs none."""
         wants = bool(hello.features & FEATURE_RESUME)
         if self.state is None:
-            if wants:
-                raise ResumeRefused(
-                    "this receiver has no interrupted session to resume: start it with `vmmig recv --resume DEST` "
-                    "where a DEST.partial was kept, or the sender without --resume"
-                )
+            if wants:  # nothing kept here: the session starts afresh (WELCOME without FEATURE_RESUME says so)
+                self.verbose("the sender asks to resume, but nothing is kept here: starting afresh")
             return
         if not wants:
             raise ResumeRefused(

@@ -41,8 +41,10 @@ from .errors import (
     NetworkError,
     OutcomeUnknown,
     PauseError,
+    PeerResumeRefused,
     ProtocolError,
     QemuError,
+    ResumeRefused,
     SourceError,
     UsageError,
     peer_abort,
@@ -165,7 +167,7 @@ class Sender:
         opts.check()
         self.opts = opts
         self.resuming = resume or opts.resume
-        self.resumes = resumes  # how many times this migration was resumed, this run included
+        self.resumes = resumes  # how many times the receiver continued this migration (this run counts once done)
         self.session_started = False  # the receiver WELCOMEd this session: a link fault leaves it resumable
         # auto = zlib-ng, applied per batch only when it pays (adaptive.py)
         self.codec = codecs.by_name(codecs.DEFAULT_CODEC if opts.codec == "auto" else opts.codec)
@@ -223,6 +225,8 @@ class Sender:
         channels: list[Channel] = []
         try:
             state = self._session_state(source, batch_pages)
+            if self.handoff is None:
+                state.save(opts.state_path())  # before HELLO: a kill -9 at any later moment can be resumed
             session = bytes.fromhex(state.session)
             for index in range(opts.channels):
                 sock = connect(host, port, opts.connect_timeout)
@@ -256,12 +260,13 @@ class Sender:
         try:
             with live_display(stats, "send", info, self.display) as view:
                 self.view = view
-                for each in channels:
-                    self._await_welcome(each)
-                if self.resuming:
+                welcomes = [self._await_welcome(each) for each in channels]
+                if self.resuming and welcomes[0].features & FEATURE_RESUME:
                     self._await_resume_state(channel, pipeline)
-                elif self.handoff is None:
-                    state.save(opts.state_path())  # a kill -9 from here on can be resumed
+                    self.resumes += 1
+                elif self.resuming:
+                    notice("the receiver holds nothing of this session: sending everything")
+                    self.resuming = False
                 self.session_started = True
                 self.verbose("destination allocated: sending pages")
                 if view:
@@ -300,7 +305,7 @@ class Sender:
             error = self.failure.error or exc
             if self.session_started and error.resumable and self.handoff is None:
                 error = ResumableFailure(error, opts.state_path())
-            elif self.session_started:
+            elif not error.resumable and not isinstance(error, ResumeRefused | PeerResumeRefused):
                 SenderState.remove(opts.state_path())  # the receiver drops the session too
             stats.finish("failed" if not isinstance(error, CancelledError) else "cancelled")
             self._close_side_channels(control, {"status": stats.status, "error": str(error), **self._identity()})
@@ -393,7 +398,7 @@ class Sender:
                     notice(f"soft-dirty tracking unavailable ({exc}): using fingerprint tracking")
             else:
                 notice("this kernel does not track soft-dirty pages: using fingerprint tracking")
-        return FingerprintTracker(source.array, source.page_size, sent, self.threads)
+        return FingerprintTracker(source.array, source.page_size, sent, self.threads, source.check_size)
 
     def _settle_guest_after_failure(self) -> None:
         """Resume the guest if it is paused and the destination never confirmed; never when the outcome is unknown."""
@@ -413,7 +418,7 @@ class Sender:
 
     # -- protocol phases -----------------------------------------------------------------------------------------
 
-    def _await_welcome(self, channel: Channel) -> None:
+    def _await_welcome(self, channel: Channel) -> Welcome:
         while True:
             try:
                 frame, _ = channel.read_frame()
@@ -425,7 +430,7 @@ class Sender:
                     ) from None
                 raise
             if isinstance(frame, Welcome):
-                return
+                return frame
             if isinstance(frame, Abort):
                 raise peer_abort(frame.code, frame.message, frame.resumable)
             if not isinstance(frame, Keepalive):
@@ -634,7 +639,7 @@ class ResumableFailure(MigrateError):
 
 def run(opts: SendOptions) -> dict[str, Any]:
     """One migration; with --retries, a link fault is followed by a reconnect that resumes the session."""
-    resume, resumes = opts.resume, int(opts.resume)
+    resume, resumes = opts.resume, 0
     for attempt in range(opts.retries + 1):
         sender = Sender(opts, resume=resume, resumes=resumes)
         try:
@@ -642,9 +647,8 @@ def run(opts: SendOptions) -> dict[str, Any]:
         except MigrateError as exc:
             if not exc.resumable or attempt == opts.retries:
                 raise
-            # Resume only a session the receiver knows; a failure before its WELCOME starts over.
-            if resume or sender.session_started:
-                resume, resumes = True, resumes + 1
+            # The same session id again: the receiver continues it if it holds it, or starts it afresh.
+            resume, resumes = True, sender.resumes
             notice(f"{getattr(exc, 'cause', exc)}; retry {attempt + 1} of {opts.retries} in {opts.retry_delay:g}s")
             time.sleep(opts.retry_delay)
     raise AssertionError("unreachable")

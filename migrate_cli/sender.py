@@ -108,6 +108,7 @@ class SendPipeline:
 
     def _encode(self, item: Batch, free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None) -> EncodedBatch:
         ps = self.source.page_size
+        self.source.check_size()  # one fstat per batch, instead of a SIGBUS on a truncated file
         pages2d = self.source.array.reshape(self.source.pages, ps)
         buf: np.ndarray | None = None
         if isinstance(item, tuple):  # a contiguous range: scan the live mapping, copy out only non-zero pages

@@ -105,3 +105,9 @@ def image_8m(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def assert_no_destination(dest: Path) -> None:
     assert not dest.exists(), f"{dest} must not exist after a failed migration"
     assert not Path(str(dest) + ".partial").exists(), f"{dest}.partial must be removed after a failure"
+
+
+def assert_resumable(dest: Path) -> None:
+    """A link fault: no DEST, but DEST.partial and its state file kept for `vmmig recv --resume`."""
+    assert not dest.exists(), f"{dest} must not exist after a failed migration"
+    assert Path(f"{dest}.partial").exists() and Path(f"{dest}.partial.state").exists(), "kept for a resume"

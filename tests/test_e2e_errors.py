@@ -1,4 +1,6 @@
-"""Every failure cause ends with one clear line, its documented exit code, and no DEST (nor DEST.partial).
+"""Every failure cause ends with one clear line, its documented exit code, and no DEST. DEST.partial is removed,
+except after a link fault (lost connection, silence, corrupted frame), when it stays with its state file for
+`vmmig recv --resume` (tests/test_e2e_resume.py).
 
 Exit codes (migrate_cli/errors.py): 2 usage, 3 source, 4 destination, 5 network, 6 protocol, 7 integrity,
 8 peer (relayed with a "peer:" prefix), 130/143 signals.
@@ -32,7 +34,7 @@ from migrate_cli.protocol import (
     encode,
 )
 
-from .conftest import Processes, assert_no_destination, make_image
+from .conftest import Processes, assert_no_destination, assert_resumable, make_image
 from .fakepeer import FakePeer
 from .faultproxy import FaultProxy
 
@@ -119,17 +121,19 @@ def test_sender_refuses_a_receiver_reporting_a_different_digest(
 
 
 def test_a_flipped_bit_on_the_wire_is_a_crc_mismatch(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
+    """A corrupted frame is a link fault: nothing of it was applied, and DEST.partial stays for a resume."""
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
+    recv = procs.recv(dest, "--resume-window", "0")
     proxy = FaultProxy(recv.address, "flip", at=300_000)
     try:
         send_code, _, send_err = procs.send(image_8m, proxy.address, "--compress", "none").wait()
         recv_code, _, recv_err = recv.wait()
     finally:
         proxy.close()
-    assert recv_code == 7 and "CRC mismatch" in one_line(recv_err)
+    assert recv_code == 7 and "CRC mismatch" in one_line(recv_err) and "recv --resume" in one_line(recv_err)
     assert send_code == 8 and one_line(send_err).startswith("vmmig send: peer: CRC mismatch")
-    assert_no_destination(dest)
+    assert "vmmig send --resume" in one_line(send_err)
+    assert_resumable(dest)
 
 
 # --- network ----------------------------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ def test_a_flipped_bit_on_the_wire_is_a_crc_mismatch(procs: Processes, tmp_path:
 
 def test_a_truncated_stream_fails_both_ends(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
+    recv = procs.recv(dest, "--resume-window", "0")
     proxy = FaultProxy(recv.address, "cut", at=200_000)
     try:
         send_code, _, send_err = procs.send(image_8m, proxy.address).wait()
@@ -147,24 +151,22 @@ def test_a_truncated_stream_fails_both_ends(procs: Processes, tmp_path: Path, im
     assert recv_code == 5 and ("truncated" in one_line(recv_err) or "closed by peer" in recv_err)
     assert send_code == 5, send_err
     one_line(send_err)
-    assert_no_destination(dest)
+    assert_resumable(dest)
 
 
 @pytest.mark.parametrize("victim", ["send", "recv"])
 def test_a_peer_killed_mid_transfer_is_a_network_error(procs: Processes, tmp_path: Path, victim: str) -> None:
     source = make_image(tmp_path / "random.img", 8 << 20, profile="random")
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
-    send = procs.send(source, recv.address, "--max-bandwidth", "2M")
+    recv = procs.recv(dest, "--resume-window", "0")
+    send = procs.send(source, recv.address, "--max-bandwidth", "2M", "--state-file", str(tmp_path / "send.state"))
     time.sleep(1.0)
     killed, survivor = (send, recv) if victim == "send" else (recv, send)
     os.kill(killed.popen.pid, signal.SIGKILL)
     code, _, err = survivor.wait()
     assert code == 5, err
     assert any(word in one_line(err) for word in ("closed", "truncated", "lost", "reset"))
-    if victim == "send":
-        assert_no_destination(dest)
-    assert not dest.exists()
+    assert_resumable(dest)
 
 
 def test_connection_refused_gives_up_after_the_connect_timeout(
@@ -191,7 +193,7 @@ def test_a_silent_receiver_trips_the_io_timeout(procs: Processes, image_8m: Path
 
 def test_a_silent_sender_trips_the_receivers_io_timeout(procs: Processes, tmp_path: Path) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, "--io-timeout", "1s")
+    recv = procs.recv(dest, "--io-timeout", "1s", "--resume-window", "0")
     peer = FakePeer.connect(recv.address)
     code, _, err = recv.wait()
     peer.close()
@@ -342,8 +344,8 @@ def test_a_full_disk_fails_at_allocation_before_any_page_is_sent(
 def test_signals_cancel_cleanly(procs: Processes, tmp_path: Path, victim: str, signum: int, expected: int) -> None:
     source = make_image(tmp_path / "random.img", 8 << 20, profile="random")
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
-    send = procs.send(source, recv.address, "--max-bandwidth", "2M")
+    recv = procs.recv(dest, "--resume-window", "0")
+    send = procs.send(source, recv.address, "--max-bandwidth", "2M", "--state-file", str(tmp_path / "send.state"))
     time.sleep(1.0)
     target, other = (recv, send) if victim == "recv" else (send, recv)
     os.kill(target.popen.pid, signum)

@@ -38,6 +38,12 @@ def kept(dest: Path) -> bool:
     return Path(f"{dest}.partial").exists() and Path(f"{dest}.partial.state").exists()
 
 
+def missing_bytes(source: Path, partial: Path, page: int = 4096) -> int:
+    """Bytes of the pages DEST.partial does not hold yet, compared page by page with the source."""
+    a, b = source.read_bytes(), partial.read_bytes()
+    return sum(page for i in range(0, len(a), page) if a[i : i + page] != b[i : i + page])
+
+
 def assert_clean_success(dest: Path, source: Path) -> None:
     assert dest.read_bytes() == source.read_bytes()
     assert not Path(f"{dest}.partial").exists() and not Path(f"{dest}.partial.state").exists()
@@ -101,13 +107,16 @@ def test_a_killed_sender_is_resumed_with_send_resume(procs: Processes, tmp_path:
     os.kill(first.popen.pid, signal.SIGKILL)
     first.wait()
     assert state.exists() and kept(dest), "a kill -9 leaves both ends' state for the resume"
+    missing = missing_bytes(source, Path(f"{dest}.partial"))
+    assert missing < 16 * MiB, "some pages had arrived before the kill"
     code, out, err = procs.send(source, recv.address, "--resume", "--json", *args).wait(60)
     recv_code, recv_out, recv_err = recv.wait(30)
     assert (code, recv_code) == (0, 0), err + recv_err
     assert "waiting up to 30s for the sender to resume" in recv_err
     resumed = report(out)
     assert resumed["resumes"] == 1 and report(recv_out)["resumes"] == 1
-    assert resumed["transferred"] < 16 * MiB - 4 * MiB, "about 1 s at 8 MB/s was delivered before the kill"
+    # Only what was missing goes again (plus frame headers and the receiver's fingerprints): the issue's 5%.
+    assert resumed["transferred"] <= missing * 1.05 + 64 * 1024, (resumed["transferred"], missing)
     assert_clean_success(dest, source)
     assert not state.exists()
 
@@ -211,15 +220,28 @@ def test_a_receiver_refuses_a_resume_of_another_session(procs: Processes, tmp_pa
     assert again_code == 16 and kept(dest), again_err
 
 
-def test_a_fresh_receiver_refuses_a_resuming_sender(procs: Processes, tmp_path: Path, source: Path) -> None:
+def test_a_fresh_receiver_starts_a_resuming_sender_afresh(procs: Processes, tmp_path: Path, source: Path) -> None:
+    """The receiver kept nothing (another host, or its files were removed): everything is missing, so everything
+    is sent, under the same session; the sender says so."""
     _, state = interrupted(procs, tmp_path, source, "--compress", "none")
     fresh = procs.recv(tmp_path / "elsewhere.img")
-    code, _, err = procs.send(source, fresh.address, "--resume", "--compress", "none", "--state-file", str(state)).wait(
-        30
-    )
-    fresh_code, _, _ = fresh.wait(30)
-    assert code == 16 and "no interrupted session to resume" in one_line(err)
-    assert fresh_code == 16 and not (tmp_path / "elsewhere.img.partial").exists()
+    resume = ("--resume", "--json", "--compress", "none", "--state-file", str(state))
+    code, out, err = procs.send(source, fresh.address, *resume).wait(30)
+    fresh_code, _, fresh_err = fresh.wait(30)
+    assert (code, fresh_code) == (0, 0), err + fresh_err
+    assert "the receiver holds nothing of this session: sending everything" in err
+    assert report(out)["resumes"] == 0 and report(out)["transferred"] > 16 * MiB
+    assert_clean_success(tmp_path / "elsewhere.img", source)
+
+
+def test_a_parked_receiver_refuses_a_fresh_sender(procs: Processes, tmp_path: Path, source: Path) -> None:
+    """A new session must not overwrite one that waits to be resumed."""
+    dest, _ = interrupted(procs, tmp_path, source, "--compress", "none")
+    again = procs.recv(dest, "--resume")
+    code, _, err = procs.send(source, again.address, "--compress", "none", "--state-file", str(tmp_path / "x")).wait(30)
+    again_code, _, _ = again.wait(30)
+    assert code == 16 and "start the sender with --resume" in one_line(err)
+    assert again_code == 16 and kept(dest)
 
 
 def test_resume_with_nothing_to_resume_is_refused_on_both_ends(procs: Processes, tmp_path: Path, source: Path) -> None:

@@ -58,11 +58,12 @@ from migrate_cli.protocol import (
     encode,
 )
 
-from .conftest import Proc, Processes, assert_no_destination
+from .conftest import Proc, Processes, assert_no_destination, assert_resumable
 from .fakepeer import FakePeer
 
 PS = 4096
-TIMEOUTS = ("--io-timeout", "2s", "--handshake-timeout", "2s")
+# --resume-window 0: a link fault ends the receiver at once (keeping DEST.partial for a resume, checked below).
+TIMEOUTS = ("--io-timeout", "2s", "--handshake-timeout", "2s", "--resume-window", "0")
 EXIT_WITHIN = 15.0  # seconds: a bound on how long any case may take to end, far above the 2 s timeouts
 
 DESTINATION = ExitCode.DESTINATION
@@ -209,8 +210,12 @@ def send_regardless(peer: FakePeer, *frames: Frame | bytes) -> None:
         peer.send(*frames)
 
 
-def expect_failure(recv: Proc, dest: Path, code: int, fragment: str, peer: FakePeer | None = None) -> str:
-    """The receiver exits ``code`` with one line containing ``fragment``, and leaves no DEST nor DEST.partial.
+def expect_failure(
+    recv: Proc, dest: Path, code: int, fragment: str, peer: FakePeer | None = None, resumable: bool = False
+) -> str:
+    """The receiver exits ``code`` with one line containing ``fragment``, and leaves no DEST nor DEST.partial;
+    a ``resumable`` fault (the link's: a cut or a corrupted frame after the handshake) leaves DEST.partial and its
+    state file for `vmmig recv --resume`, and says so.
 
     With ``peer``, a protocol or integrity failure must also reach the sender as an ABORT with the same code and
     message (recv.py: "any failure ... tells the sender why with ABORT").
@@ -225,7 +230,11 @@ def expect_failure(recv: Proc, dest: Path, code: int, fragment: str, peer: FakeP
     if peer is not None and code in (PROTOCOL, INTEGRITY):
         assert isinstance(word, Abort), f"no ABORT reached the sender (got {word!r})"
         assert word.code == code and word.message in line
-    assert_no_destination(dest)
+    if resumable:
+        assert_resumable(dest)
+        assert "vmmig recv --resume" in line
+    else:
+        assert_no_destination(dest)
     return line
 
 
@@ -342,7 +351,7 @@ def test_a_stream_cut_anywhere_is_a_network_error(
     recv = start(procs, dest)
     peer = connect(recv.address)
     feed_prefix(peer, cut)
-    expect_failure(recv, dest, NETWORK, message, peer)
+    expect_failure(recv, dest, NETWORK, message, peer, resumable=cut >= HELLO_LENGTH)
 
 
 # --- lengths ---------------------------------------------------------------------------------------------------
@@ -531,7 +540,7 @@ def test_a_corrupt_batch_is_an_integrity_error(
 ) -> None:
     recv, peer = streaming(procs, dest, connect, hello(codec=session_codec))
     peer.send(frame)
-    expect_failure(recv, dest, INTEGRITY, message, peer)
+    expect_failure(recv, dest, INTEGRITY, message, peer, resumable=message.startswith("CRC mismatch"))
 
 
 # --- decompression bombs ---------------------------------------------------------------------------------------
