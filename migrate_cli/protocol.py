@@ -310,7 +310,10 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
             if not 1 <= count <= RESUME_CHUNK_PAGES:
                 raise ValueError(f"RESUME_STATE carries 1..{RESUME_CHUNK_PAGES} fingerprints, not {count}")
             raw = np.ascontiguousarray(frame.fingerprints, dtype="<u8").tobytes()
-            parts = [_RESUME_STATE.pack(frame.first, count, int(frame.last)), zlib_ng.compress(raw, 1)]
+            packed = zlib_ng.compress(raw, 1)
+            if len(packed) > len(raw) + 1024:  # level 1 can grow random data by ~0.4%: store it instead
+                packed = zlib_ng.compress(raw, 0)
+            parts = [_RESUME_STATE.pack(frame.first, count, int(frame.last)), packed]
             frame_type = FrameType.RESUME_STATE
         case _:
             raise TypeError(f"not a frame: {frame!r}")

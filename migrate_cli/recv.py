@@ -73,6 +73,7 @@ from .transport import Channel, Deadline, accept, format_address, is_loopback, l
 from .units import format_bytes
 
 KEEPALIVE_INTERVAL = 1.0
+CHECKPOINT_INTERVAL = 5.0  # seconds between flushes of a resumable DEST.partial
 
 
 @dataclass(frozen=True)
@@ -466,9 +467,16 @@ class Receiver:
             os.replace(tmp, self.opts.ready_file)  # readers never see a half-written file
 
     def _keepalive(self, stop: threading.Event) -> None:
+        """KEEPALIVE on quiet channels; and every CHECKPOINT_INTERVAL, DEST.partial to disk, so that a crash of
+        the host loses at most that much of a resumable session (a crash of vmmig alone loses nothing)."""
+        checkpoint = time.monotonic()
         while not stop.wait(KEEPALIVE_INTERVAL / 4):
             if self.failure.is_set():
                 return
+            if self.state is not None and time.monotonic() - checkpoint >= CHECKPOINT_INTERVAL:
+                checkpoint = time.monotonic()
+                if isinstance(self.dest, DestinationImage) and self.dest.array.size:
+                    self.dest.flush()
             for channel in self.channels:
                 if channel.last_send + KEEPALIVE_INTERVAL <= time.monotonic():
                     channel.send_frame(Keepalive())
