@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test test-full lint bench bench-quick fuzz clean
+.PHONY: demo test test-full soak lint bench bench-quick fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ test: $(STAMP)  ## lint, then the test suite (under 10 minutes)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-full: $(STAMP)  ## every test, the slow ones too
+test-full: $(STAMP)  ## every test, the slow ones too, then the full soak
 	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/soak.py --runs 200
+
+soak: $(STAMP)  ## 200 migrations of small images, a random fault each; prints the seed that replays a failure
+	$(BIN)/python tests/soak.py --runs 200
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,12 +36,14 @@ bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat 
 	$(BIN)/python benchmarks/bench_cap.py
 	$(BIN)/python benchmarks/bench_qemu.py
 	$(BIN)/python benchmarks/bench_qemu_live.py
+	$(BIN)/python benchmarks/bench_resume.py
 
 bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python benchmarks/bench_transfer.py --quick
 	$(BIN)/python benchmarks/bench_live.py --quick
 	$(BIN)/python benchmarks/bench_tls.py --quick
 	$(BIN)/python benchmarks/bench_cap.py --quick
+	$(BIN)/python benchmarks/bench_resume.py --quick
 
 fuzz: $(STAMP)  ## fuzz the sans-IO decoder for 10 minutes (atheris if it installs, else hypothesis)
 	-$(BIN)/python -m pip install --quiet --disable-pip-version-check atheris
