@@ -95,6 +95,25 @@ def test_a_link_fault_is_resumed_by_retries_and_only_the_rest_is_sent(
     assert not (tmp_path / "send.state").exists()
 
 
+def test_a_multi_channel_migration_resumes_on_all_its_channels(procs: Processes, tmp_path: Path, source: Path) -> None:
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, "--json")
+    proxy = FaultProxy(recv.address, "cut", at=4 * MiB)  # channel 0 is the first connection: it is cut
+    try:
+        send = procs.send(
+            source, proxy.address, "--json", "--compress", "zstd", "--channels", "2", "--retries", "2",
+            "--retry-delay", "200ms", "--state-file", str(tmp_path / "send.state"),
+        )  # fmt: skip
+        code, out, err = send.wait(90)
+        recv_code, recv_out, recv_err = recv.wait(30)
+    finally:
+        proxy.close()
+    assert (code, recv_code) == (0, 0), err + recv_err
+    assert proxy.connections == 4, "two channels, twice"
+    assert report(out)["resumes"] == 1 and report(recv_out)["resumes"] == 1
+    assert_clean_success(dest, source)
+
+
 # --- killed processes ---------------------------------------------------------------------------------------------
 
 
