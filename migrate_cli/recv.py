@@ -189,10 +189,10 @@ class Receiver:
                     listener = listen(*parse_address(bound))
         except BaseException as exc:
             error = exc if isinstance(exc, MigrateError) else self.failure.error or exc
-            if isinstance(error, MigrateError) and self.parked and self.dest is not None:
+            if self.parked and self.dest is not None:
                 # A session waits for a resume: whatever ended the wait, its files stay for `recv --resume`.
                 self.dest.close()
-                if not isinstance(exc, ResumeKept):
+                if isinstance(error, MigrateError) and not isinstance(exc, ResumeKept):
                     error = self._kept(error)
             elif self.dest is not None:
                 self.dest.discard(keep_partial=opts.keep_partial)
