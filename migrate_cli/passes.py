@@ -27,7 +27,7 @@ from .sender import SendPipeline, all_ranges, batch_ranges
 from .stats import Stats
 from .transport import Channel
 
-KEEPALIVE_INTERVAL = 1.0
+KEEPALIVE_INTERVAL = 0.5  # as the receiver's: any --io-timeout >= 1s holds on a healthy link
 FRAME_OVERHEAD = 28  # frame header + PAGES header, charged to the bucket with the data
 
 

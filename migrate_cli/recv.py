@@ -69,10 +69,19 @@ from .resume import ReceiverState, resume_frames
 from .send import usable_cpus
 from .stats import Stats
 from .tls import TlsOptions, wrap_server
-from .transport import Channel, Deadline, accept, format_address, is_loopback, listen, parse_address
+from .transport import (
+    Channel,
+    ClosedBetweenFrames,
+    Deadline,
+    accept,
+    format_address,
+    is_loopback,
+    listen,
+    parse_address,
+)
 from .units import format_bytes
 
-KEEPALIVE_INTERVAL = 1.0
+KEEPALIVE_INTERVAL = 0.5  # a quiet channel gets a KEEPALIVE this often, so any --io-timeout >= 1s holds
 CHECKPOINT_INTERVAL = 5.0  # seconds between flushes of a resumable DEST.partial
 
 
@@ -235,10 +244,17 @@ class Receiver:
         self.channels = []
         channels: list[Channel] = []
         try:
-            conn = accept(listener, poll=partial(self._poll_wait, window_end))
-            # The handshake of every channel (TLS, HELLO, the other channels joining) is bounded as a whole.
-            handshake_end = time.monotonic() + opts.handshake_timeout
-            channel, hello = self._handshake(conn, handshake_end)
+            while True:
+                conn = accept(listener, poll=partial(self._poll_wait, window_end))
+                # The handshake of every channel (TLS, HELLO, the other channels joining) is bounded as a whole.
+                handshake_end = time.monotonic() + opts.handshake_timeout
+                try:
+                    channel, hello = self._handshake(conn, handshake_end)
+                    break
+                except ClosedBetweenFrames:
+                    # Closed without a byte: a health check, a port scan, or a sender killed before its HELLO.
+                    self.verbose("a connection closed before sending anything: still listening")
+                    self.failure = Failure()
             channels.append(channel)
             self._check_resume(hello)
             while len(channels) < hello.channels:
@@ -470,7 +486,7 @@ class Receiver:
         """KEEPALIVE on quiet channels; and every CHECKPOINT_INTERVAL, DEST.partial to disk, so that a crash of
         the host loses at most that much of a resumable session (a crash of vmmig alone loses nothing)."""
         checkpoint = time.monotonic()
-        while not stop.wait(KEEPALIVE_INTERVAL / 4):
+        while not stop.wait(0.1):
             if self.failure.is_set():
                 return
             if self.state is not None and time.monotonic() - checkpoint >= CHECKPOINT_INTERVAL:

@@ -61,6 +61,10 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
+class ClosedBetweenFrames(NetworkError):
+    """The peer closed cleanly where a frame would start (before HELLO: a health check or a port scan)."""
+
+
 def listen(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -202,7 +206,7 @@ class Channel:
                 raise NetworkError(f"connection lost: {exc.strerror}") from None
             if n == 0:
                 if got == 0 and what == "header":
-                    raise NetworkError("connection closed by peer before the migration finished")
+                    raise ClosedBetweenFrames("connection closed by peer before the migration finished")
                 raise NetworkError(f"stream truncated: connection closed in the middle of a {what}")
             got += n
 
