@@ -26,7 +26,7 @@ from .image import SourceImage
 from .units import format_bytes, format_rate
 
 DEFAULT_LINK = 1.25e9  # 10 Gb/s
-BATCH_BYTES = 256 * 1024
+BATCH_BYTES = 1024 * 1024  # as send's default --batch-size
 
 
 @dataclass

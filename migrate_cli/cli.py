@@ -213,7 +213,7 @@ def main() -> None:
 @click.option(
     "--batch-size",
     type=SIZE,
-    default="256KiB",
+    default="1MiB",
     show_default=True,
     help="Bytes of pages per batch: the unit of compression, framing and CRC.",
 )

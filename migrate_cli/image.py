@@ -5,9 +5,10 @@ MAP_SHARED read-only: never read whole into memory, so a running guest's writes 
 relies on that).
 
 Destination: ``DEST.partial`` is created beside DEST (O_EXCL | O_NOFOLLOW, mode 0600), allocated at full size
-before the sender is welcomed (a full disk fails here, not half-way), mapped with MAP_POPULATE (receiving into
-untouched memory runs at half speed), filled batch by batch, flushed, and renamed to DEST only after the digest
-matched. Nothing else ever creates DEST.
+before the sender is welcomed (a full disk fails here, not half-way), mapped (not populated: the page-table work
+then happens in the decompression workers, in parallel and overlapped with the transfer, and never for pages that
+stay zero), filled batch by batch, flushed, and renamed to DEST only after the digest matched. Nothing else ever
+creates DEST.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class DestinationImage:
         self._mmap: mmap.mmap | None = None
         # What DEST holds, page by page (a fresh file is all zeros); kept current by write_batch. Allocated first:
         # an image too large to track fails here, before any file exists.
-        self.fingerprints = fingerprint_array(self.pages, zero_fingerprint(page_size), dest)
+        self._zero_fp = zero_fingerprint(page_size)
+        self.fingerprints = fingerprint_array(self.pages, self._zero_fp, dest)
         try:
             self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
@@ -171,8 +173,7 @@ class DestinationImage:
                 os.ftruncate(self._fd, size)
             else:
                 os.posix_fallocate(self._fd, 0, size)
-            flags = mmap.MAP_SHARED | (0 if sparse else mmap.MAP_POPULATE)
-            self._mmap = mmap.mmap(self._fd, size, flags=flags)
+            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
         except OSError as exc:
             self._cleanup_fd()
             os.unlink(self.partial)
@@ -192,7 +193,8 @@ class DestinationImage:
         self.dest, self.partial, self.size, self.page_size = dest, partial_path(dest), size, page_size
         self.pages = size // page_size
         self._mmap = None
-        self.fingerprints = fingerprint_array(self.pages, 0, dest)
+        self._zero_fp = zero_fingerprint(page_size)
+        self.fingerprints = fingerprint_array(self.pages, 0, dest)  # unknown until refingerprint()
         try:
             self._fd = os.open(self.partial, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -226,6 +228,9 @@ class DestinationImage:
         ``data`` holds the non-zero pages in order; zero pages become zeros. The fingerprints are read back from the
         mapping (not from ``data``), so the end digest is computed over DEST itself, incrementally: at END only
         hashing the fingerprint array remains, which keeps the receiver's share of a live downtime small.
+
+        A zero page is neither read nor written where the fingerprint array says DEST holds zeros there already
+        (a fresh file is all zeros): on a typical guest that skips 40% of the pages, their page faults included.
         """
         zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
         if indices is not None:
@@ -234,36 +239,45 @@ class DestinationImage:
         ps = self.page_size
         base = start * ps
         region = self.array[base : base + count * ps]
+        fps = self.fingerprints[start : start + count]
         if not zero.any():
             region[:] = np.frombuffer(data, dtype=np.uint8)
-        else:
-            src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
-            pos = 0
-            # Walk runs of equal kind: one slice copy per run, not per page.
-            edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
-            bounds = [0, *edges.tolist(), count]
-            for lo, hi in itertools.pairwise(bounds):
+            fingerprint_pages(region, ps, fps)
+            return
+        src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
+        pos = 0
+        # Walk runs of equal kind: one slice copy per run, not per page.
+        edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
+        bounds = [0, *edges.tolist(), count]
+        for lo, hi in itertools.pairwise(bounds):
+            if zero[lo]:
+                held = np.flatnonzero(fps[lo:hi] != self._zero_fp)
+                if held.size:  # only pages that hold something else are zeroed
+                    region.reshape(count, ps)[lo + held] = 0
+                fps[lo:hi] = self._zero_fp
+            else:
                 dst = region[lo * ps : hi * ps]
-                if zero[lo]:
-                    if dst.any():  # a fresh file is zero already; only write where something was
-                        dst[:] = 0
-                else:
-                    n = (hi - lo) * ps
-                    assert src is not None
-                    dst[:] = src[pos : pos + n]
-                    pos += n
-        fingerprint_pages(region, ps, self.fingerprints[start : start + count])
+                n = (hi - lo) * ps
+                assert src is not None
+                dst[:] = src[pos : pos + n]
+                pos += n
+                fingerprint_pages(dst, ps, fps[lo:hi])
 
     def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview) -> None:
         ps = self.page_size
         pages2d = self.array.reshape(self.pages, ps)
-        if not zero.all():
-            pages2d[ids[~zero]] = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
-        if zero.any():
-            pages2d[ids[zero]] = 0
-        fps = np.empty(ids.size, dtype=np.uint64)
-        fingerprint_pages(pages2d[ids], ps, fps)  # read back from DEST (a gathered copy)
-        self.fingerprints[ids] = fps
+        normal_ids = ids[~zero]
+        if normal_ids.size:
+            pages2d[normal_ids] = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
+            fps = np.empty(normal_ids.size, dtype=np.uint64)
+            fingerprint_pages(pages2d[normal_ids], ps, fps)  # read back from DEST (a gathered copy)
+            self.fingerprints[normal_ids] = fps
+        zero_ids = ids[zero]
+        if zero_ids.size:
+            stale = zero_ids[self.fingerprints[zero_ids] != self._zero_fp]
+            if stale.size:
+                pages2d[stale] = 0
+            self.fingerprints[zero_ids] = self._zero_fp
 
     def digest(self, threads: int) -> bytes:
         """The image digest over DEST.partial's own content, as fingerprinted after each write (see write_batch)."""
@@ -346,7 +360,9 @@ class InPlaceDestination(DestinationImage):
         self.pages = size // page_size
         self._mmap = None
         self.modified = False
-        # Unknown old content: fingerprints are filled as pass 1 writes every page.
+        # Unknown old content: fingerprints are filled as pass 1 writes every page (0 is never a zero page's
+        # fingerprint, so write_batch zeroes every zero page too).
+        self._zero_fp = zero_fingerprint(page_size)
         self.fingerprints = fingerprint_array(self.pages, 0, dest)
         try:
             self._fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)

@@ -90,7 +90,7 @@ class SendOptions:
     threads: int = 0  # 0 = number of usable CPUs
     max_bandwidth: int | None = None
     page_size: int = 4096
-    batch_size: int = 256 * 1024
+    batch_size: int = 1024 * 1024  # per-batch costs dominate below ~1 MiB (benchmarks/README.md)
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
     channels: int = 1

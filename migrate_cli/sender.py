@@ -108,9 +108,11 @@ class SendPipeline:
 
     def _encode(self, item: Batch, free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None) -> EncodedBatch:
         ps = self.source.page_size
+        # The buffer first: waiting for it can take long (backpressure), and the mapping is read only after.
+        buf = get_free(free, self.failure)
         self.source.check_size()  # one fstat per batch, instead of a SIGBUS on a truncated file
         pages2d = self.source.array.reshape(self.source.pages, ps)
-        buf: np.ndarray | None = None
+        gathered = not isinstance(item, tuple)
         if isinstance(item, tuple):  # a contiguous range: scan the live mapping, copy out only non-zero pages
             start, count = item
             ids = np.arange(start, start + count)
@@ -119,7 +121,6 @@ class SendPipeline:
         else:  # scattered pages (a later pass): gathering them is the copy out of the mapping
             ids, count = item, len(item)
             start = int(ids[0])
-            buf = get_free(free, self.failure)
             region = buf[: count * ps].reshape(count, ps)
             np.take(pages2d, ids, axis=0, out=region)
             indices = ids.astype(">u8").tobytes()
@@ -128,11 +129,9 @@ class SendPipeline:
         bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
         self.fingerprints[ids[~nonzero]] = self._zero_fp
         if normal == 0:
-            if buf is not None:
-                free.put(buf)
+            free.put(buf)
             return EncodedBatch(Pages(start, count, Encoding.RAW, bitmap, b"", indices), None)
-        if buf is None:
-            buf = get_free(free, self.failure)
+        if not gathered:
             copy = buf[: normal * ps].reshape(normal, ps)
             if normal == count:
                 np.copyto(copy, region)
