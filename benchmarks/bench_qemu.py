@@ -46,8 +46,9 @@ RAM at machine init; the number of changed pages is shown if it did). Every vmmi
 byte for byte (and send and recv must report the same digest).
 
 With ``--repeat N`` the cases run in N interleaved rounds and medians are reported. Targets (PASS/FAIL, MB/s wall):
-vmmig zlib >= 4x QEMU compress and >= 2.2x QEMU multifd-zlib, vmmig zstd >= 0.9x QEMU multifd-zstd, vmmig none >=
-0.5x QEMU multifd-none. The exit status is 0 whatever the targets say; 1 when a migration failed or a copy differs.
+vmmig zlib >= 4x QEMU compress and >= 2.2x QEMU multifd-zlib, vmmig auto >= 3x QEMU multifd-zlib, vmmig zstd >=
+0.9x QEMU multifd-zstd, vmmig none >= 0.5x QEMU multifd-none. The exit status is 0 whatever the targets say; 1
+when a migration failed or a copy differs.
 
     python benchmarks/bench_qemu.py [--size 1GiB] [--repeat 3] [--quick] [--json out.json]
 
@@ -116,7 +117,7 @@ QEMU_CASES: dict[str, tuple[list[str], dict[str, Any]]] = {
     ),
     "qemu plain": ([], {}),
 }
-VMMIG_CASES: dict[str, str] = {"vmmig none": "none", "vmmig zlib": "zlib", "vmmig zstd": "zstd"}
+VMMIG_CASES: dict[str, str] = {"vmmig none": "none", "vmmig zlib": "zlib", "vmmig zstd": "zstd", "vmmig auto": "auto"}
 VMMIG_THREADS = 2
 VMMIG_LEVEL = 1
 # Order of one round (interleaved: each vmmig case next to its QEMU counterparts).
@@ -124,6 +125,7 @@ ROUND: tuple[str, ...] = (
     "qemu compress",
     "vmmig zlib",
     "qemu multifd-zlib",
+    "vmmig auto",
     "qemu multifd-zstd",
     "vmmig zstd",
     "qemu multifd-none",
@@ -134,11 +136,17 @@ ROUND: tuple[str, ...] = (
 TARGETS: tuple[tuple[str, str, float], ...] = (
     ("vmmig zlib", "qemu compress", 4.0),
     ("vmmig zlib", "qemu multifd-zlib", 2.2),
+    ("vmmig auto", "qemu multifd-zlib", 3.0),
     ("vmmig zstd", "qemu multifd-zstd", 0.9),
     ("vmmig none", "qemu multifd-none", 0.5),
 )
 # Counterpart shown in the table's 'x QEMU' columns.
-COUNTERPART = {"vmmig zlib": "qemu multifd-zlib", "vmmig zstd": "qemu multifd-zstd", "vmmig none": "qemu multifd-none"}
+COUNTERPART = {
+    "vmmig zlib": "qemu multifd-zlib",
+    "vmmig auto": "qemu multifd-zlib",
+    "vmmig zstd": "qemu multifd-zstd",
+    "vmmig none": "qemu multifd-none",
+}
 
 
 class BenchError(Exception):
