@@ -37,6 +37,7 @@ bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat 
 	$(BIN)/python benchmarks/bench_qemu.py
 	$(BIN)/python benchmarks/bench_qemu_live.py
 	$(BIN)/python benchmarks/bench_resume.py
+	$(BIN)/python benchmarks/bench_auto.py
 
 bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python benchmarks/bench_transfer.py --quick
@@ -44,6 +45,7 @@ bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python benchmarks/bench_tls.py --quick
 	$(BIN)/python benchmarks/bench_cap.py --quick
 	$(BIN)/python benchmarks/bench_resume.py --quick
+	$(BIN)/python benchmarks/bench_auto.py --quick
 
 fuzz: $(STAMP)  ## fuzz the sans-IO decoder for 10 minutes (atheris if it installs, else hypothesis)
 	-$(BIN)/python -m pip install --quiet --disable-pip-version-check atheris
