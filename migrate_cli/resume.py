@@ -174,6 +174,19 @@ class SenderState:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
+    @staticmethod
+    def read_raw(path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    @staticmethod
+    def write_raw(path: str, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            write_json_atomically(path, json.loads(data))
+
     def check_same(self, other: SenderState) -> None:
         """Refuse to resume with another image or other options than the interrupted session had."""
         for name, ours, theirs in (

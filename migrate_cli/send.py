@@ -41,10 +41,8 @@ from .errors import (
     NetworkError,
     OutcomeUnknown,
     PauseError,
-    PeerResumeRefused,
     ProtocolError,
     QemuError,
-    ResumeRefused,
     SourceError,
     UsageError,
     peer_abort,
@@ -169,6 +167,7 @@ class Sender:
         self.resuming = resume or opts.resume
         self.resumes = resumes  # how many times the receiver continued this migration (this run counts once done)
         self.session_started = False  # the receiver WELCOMEd this session: a link fault leaves it resumable
+        self._previous_state: bytes | None = None  # the state file this (new) session replaced
         # auto = zlib-ng, applied per batch only when it pays (adaptive.py)
         self.codec = codecs.by_name(codecs.DEFAULT_CODEC if opts.codec == "auto" else opts.codec)
         self.auto = AutoPolicy(opts.threads or usable_cpus(), cap=opts.max_bandwidth) if opts.codec == "auto" else None
@@ -226,6 +225,8 @@ class Sender:
         try:
             state = self._session_state(source, batch_pages)
             if self.handoff is None:
+                if not self.resuming:  # an interrupted session's record survives a new run that never starts
+                    self._previous_state = SenderState.read_raw(opts.state_path())
                 state.save(opts.state_path())  # before HELLO: a kill -9 at any later moment can be resumed
             session = bytes.fromhex(state.session)
             for index in range(opts.channels):
@@ -250,6 +251,7 @@ class Sender:
         except BaseException:
             for channel in channels:
                 channel.close()
+            self._restore_previous_state()
             self._close_side_channels(control, None)
             source.close()
             raise
@@ -305,7 +307,9 @@ class Sender:
             error = self.failure.error or exc
             if self.session_started and error.resumable and self.handoff is None:
                 error = ResumableFailure(error, opts.state_path())
-            elif not error.resumable and not isinstance(error, ResumeRefused | PeerResumeRefused):
+            elif not self.session_started:
+                self._restore_previous_state()
+            elif not error.resumable:
                 SenderState.remove(opts.state_path())  # the receiver drops the session too
             stats.finish("failed" if not isinstance(error, CancelledError) else "cancelled")
             self._close_side_channels(control, {"status": stats.status, "error": str(error), **self._identity()})
@@ -451,6 +455,11 @@ class Sender:
                 raise ProtocolError(f"expected RESUME_STATE, got {type(frame).__name__}")
         pipeline.fingerprints[:] = collector.fingerprints
         self.verbose("resuming: the receiver reported what it holds")
+
+    def _restore_previous_state(self) -> None:
+        """A new session that never started (refused, unreachable) gives the state file back to the one before."""
+        if self._previous_state is not None:
+            SenderState.write_raw(self.opts.state_path(), self._previous_state)
 
     def _session_state(self, source: SourceImage, batch_pages: int) -> SenderState:
         """This run's session: a new one, or (resuming) the interrupted one, refused if anything differs."""

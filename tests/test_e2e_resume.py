@@ -254,13 +254,22 @@ def test_a_fresh_receiver_starts_a_resuming_sender_afresh(procs: Processes, tmp_
 
 
 def test_a_parked_receiver_refuses_a_fresh_sender(procs: Processes, tmp_path: Path, source: Path) -> None:
-    """A new session must not overwrite one that waits to be resumed."""
-    dest, _ = interrupted(procs, tmp_path, source, "--compress", "none")
+    """A new session must not overwrite one that waits to be resumed, and the refused run gives the sender's state
+    file back to the interrupted session, so that `send --resume` still continues it."""
+    dest, state = interrupted(procs, tmp_path, source, "--compress", "none")
+    before = state.read_text()
     again = procs.recv(dest, "--resume")
-    code, _, err = procs.send(source, again.address, "--compress", "none", "--state-file", str(tmp_path / "x")).wait(30)
+    code, _, err = procs.send(source, again.address, "--compress", "none", "--state-file", str(state)).wait(30)
     again_code, _, _ = again.wait(30)
     assert code == 16 and "start the sender with --resume" in one_line(err)
     assert again_code == 16 and kept(dest)
+    assert state.read_text() == before
+    again = procs.recv(dest, "--resume")
+    code, _, err = procs.send(source, again.address, "--resume", "--compress", "none", "--state-file", str(state)).wait(
+        60
+    )
+    assert (code, again.wait(30)[0]) == (0, 0), err
+    assert_clean_success(dest, source)
 
 
 def test_resume_with_nothing_to_resume_is_refused_on_both_ends(procs: Processes, tmp_path: Path, source: Path) -> None:
