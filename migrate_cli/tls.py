@@ -55,6 +55,13 @@ def _context(opts: TlsOptions, purpose: ssl.Purpose) -> ssl.SSLContext:
     return ctx
 
 
+class TlsHandshakeLost(AuthError):
+    """The handshake ended without a verdict (closed, reset, timed out): a refusal or a link fault, which cannot
+    be told apart, so --retries may try again (a real refusal fails the same way each time)."""
+
+    resumable = True
+
+
 def _explain(exc: BaseException, peer: str) -> AuthError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = exc.verify_message or str(exc)
@@ -79,9 +86,11 @@ def _explain(exc: BaseException, peer: str) -> AuthError:
     if "CERTIFICATE_EXPIRED" in text or "certificate expired" in text:
         return AuthError(f"TLS: {peer} rejected our certificate as expired")
     if isinstance(exc, TimeoutError):
-        return AuthError(f"TLS: handshake with {peer} timed out (--handshake-timeout)")
+        return TlsHandshakeLost(f"TLS: handshake with {peer} timed out (--handshake-timeout)")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or "EOF" in text:
-        return AuthError(f"TLS: {peer} closed the connection during the handshake (does it use TLS, and trust us?)")
+        return TlsHandshakeLost(
+            f"TLS: {peer} closed the connection during the handshake (does it use TLS, and trust us?)"
+        )
     return AuthError(f"TLS: handshake with {peer} failed: {text}")
 
 

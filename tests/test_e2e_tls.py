@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .conftest import Processes, assert_no_destination
+from .conftest import Processes, assert_no_destination, make_image
+from .faultproxy import FaultProxy
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,24 @@ def test_tls_over_several_channels(procs: Processes, tmp_path: Path, image_8m: P
     code, _, err = procs.send(image_8m, recv.address, *tls_args(pki, "sender.test"), "--channels", "3").wait(60)
     assert code == 0 and recv.wait()[0] == 0, err
     assert dest.read_bytes() == image_8m.read_bytes()
+
+
+def test_a_tls_migration_whose_link_is_cut_resumes(procs: Processes, tmp_path: Path, pki: Path) -> None:
+    """Resume needs nothing of TLS but a new handshake: the reconnection authenticates again, both ways."""
+    source = make_image(tmp_path / "vm.ram", 16 << 20, profile="random", seed=9)
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, *tls_args(pki, "127.0.0.1"), "--tls-peer-name", "sender.test", "--json")
+    proxy = FaultProxy(recv.address, "cut", at=6 << 20)
+    try:
+        send = procs.send(
+            source, proxy.address, *tls_args(pki, "sender.test"), "--compress", "none", "--json", "--retries", "2",
+            "--retry-delay", "200ms", "--state-file", str(tmp_path / "send.state"),
+        )  # fmt: skip
+        code, out, err = send.wait(60)
+        recv_code, recv_out, recv_err = recv.wait(30)
+    finally:
+        proxy.close()
+    assert (code, recv_code) == (0, 0), err + recv_err
+    assert proxy.fired.is_set() and proxy.connections == 2
+    assert json.loads(out)["resumes"] == 1 and json.loads(recv_out)["resumes"] == 1
+    assert dest.read_bytes() == source.read_bytes()
