@@ -560,6 +560,7 @@ class Receiver:
             end = self._read_channel(self.channels[0], hello, pipeline, barrier)
             assert end is not None
             pipeline.finish()
+            stats.begin_pass(max(1, barrier.completed), 0)  # the report names the last pass, not the next one
         except BaseException as exc:
             self.failure.set(exc)  # first error wins: if a worker failed first, that one is kept
             pipeline.abandon()

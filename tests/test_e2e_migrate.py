@@ -31,6 +31,7 @@ def test_each_codec_and_thread_count_delivers_an_identical_image(
     assert sent["duplicate"] + sent["normal"] == (8 << 20) // 4096
     assert sent["duplicate"] > 0, "the mixed image has zero pages and they must be counted"
     assert sent["transferred"] == received["transferred"]
+    assert sent["pass"] == received["pass"] == 1, "one pass, reported as such on both ends"
     if codec == "none":
         assert sent["transferred"] > sent["normal-bytes"]
     else:
