@@ -306,7 +306,7 @@ class Sender:
             self._settle_guest_after_failure()
             error = self.failure.error or exc
             if self.session_started and error.resumable and self.handoff is None:
-                error = ResumableFailure(error, opts.state_path())
+                error = ResumableFailure(error, opts.state_path(), self.end_sent)
             elif not self.session_started:
                 self._restore_previous_state()
             elif not error.resumable:
@@ -640,8 +640,13 @@ class ResumableFailure(MigrateError):
 
     resumable = True
 
-    def __init__(self, cause: MigrateError, state_path: str) -> None:
-        super().__init__(f"{cause}; the session can continue: vmmig send --resume (state in {state_path})")
+    def __init__(self, cause: MigrateError, state_path: str, end_sent: bool = False) -> None:
+        verdict = (
+            "the receiver may have verified and published DEST before the link dropped (check it); if it still waits, "
+            if end_sent
+            else ""
+        )
+        super().__init__(f"{cause}; {verdict}the session can continue: vmmig send --resume (state in {state_path})")
         self.exit_code = cause.exit_code
         self.cause = cause
 
