@@ -562,6 +562,11 @@ class Receiver:
             pipeline.finish()
             stats.begin_pass(max(1, barrier.completed), 0)  # the report names the last pass, not the next one
         except BaseException as exc:
+            if isinstance(exc, MigrateError) and exc.resumable and not self.failure.is_set():
+                # The link failed, not the data: apply the batches that arrived intact (CRC-checked, queued) so
+                # that a resume does not send them again. A worker's own error still wins.
+                with contextlib.suppress(MigrateError):
+                    pipeline.finish()
             self.failure.set(exc)  # first error wins: if a worker failed first, that one is kept
             pipeline.abandon()
             raise
