@@ -661,8 +661,10 @@ def run(opts: SendOptions) -> dict[str, Any]:
         except MigrateError as exc:
             if not exc.resumable or attempt == opts.retries:
                 raise
-            # The same session id again: the receiver continues it if it holds it, or starts it afresh.
-            resume, resumes = True, sender.resumes
+            # This session's id again (the receiver continues it if it holds it, or starts it afresh), unless the
+            # state file went back to an older interrupted session: then a new session again.
+            resume = resume or sender.session_started or sender._previous_state is None
+            resumes = sender.resumes
             notice(f"{getattr(exc, 'cause', exc)}; retry {attempt + 1} of {opts.retries} in {opts.retry_delay:g}s")
             time.sleep(opts.retry_delay)
     raise AssertionError("unreachable")
