@@ -19,6 +19,7 @@ import itertools
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -190,30 +191,50 @@ class DestinationImage:
     def adopt(cls, dest: str, size: int, page_size: int) -> DestinationImage:
         """Open the DEST.partial an interrupted migration left (``recv --resume``); its content is kept as it is."""
         self = cls.__new__(cls)
-        self.dest, self.partial, self.size, self.page_size = dest, partial_path(dest), size, page_size
+        self._map_existing(
+            dest, partial_path(dest), size, page_size, os.O_NOFOLLOW,
+            opening=f"cannot open {partial_path(dest)} to resume",
+            mapping=f"cannot map {partial_path(dest)}",
+            wrong_size=lambda actual: (
+                f"{partial_path(dest)} is {actual} bytes, but its state file says {size}: it cannot be resumed"
+            ),
+        )  # fmt: skip
+        return self
+
+    def _map_existing(
+        self,
+        dest: str,
+        path: str,
+        size: int,
+        page_size: int,
+        flags: int,
+        opening: str,
+        mapping: str,
+        wrong_size: Callable[[int], str],
+    ) -> None:
+        """Map an existing file (or device) of exactly ``size`` bytes read-write, its content unknown: the
+        fingerprints start at 0, which no page hashes to (an adopted DEST.partial, an --in-place DEST)."""
+        self.dest, self.partial, self.size, self.page_size = dest, path, size, page_size
         self.pages = size // page_size
         self._mmap = None
         self._zero_fp = zero_fingerprint(page_size)
-        self.fingerprints = fingerprint_array(self.pages, 0, dest)  # unknown until refingerprint()
+        self.fingerprints = fingerprint_array(self.pages, 0, dest)
         try:
-            self._fd = os.open(self.partial, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
         except OSError as exc:
-            raise DestinationError(f"cannot open {self.partial} to resume: {exc.strerror}") from None
+            raise DestinationError(f"{opening}: {exc.strerror}") from None
         try:
-            actual = os.fstat(self._fd).st_size
+            actual = destination_size(self._fd)
             if actual != size:
-                raise DestinationError(
-                    f"{self.partial} is {actual} bytes, but its state file says {size}: it cannot be resumed"
-                )
+                raise DestinationError(wrong_size(actual))
             self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
         except OSError as exc:
             self._cleanup_fd()
-            raise DestinationError(f"cannot map {self.partial}: {exc.strerror}") from None
+            raise DestinationError(f"{mapping}: {exc.strerror}") from None
         except DestinationError:
             self._cleanup_fd()
             raise
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
-        return self
 
     def refingerprint(self, threads: int) -> np.ndarray:
         """Fingerprint what DEST.partial holds now, read back from the file: the truth a resume starts from."""
@@ -353,35 +374,16 @@ class InPlaceDestination(DestinationImage):
     """
 
     def __init__(self, dest: str, size: int, page_size: int) -> None:
-        self.dest = dest
-        self.partial = dest
-        self.size = size
-        self.page_size = page_size
-        self.pages = size // page_size
-        self._mmap = None
         self.modified = False
-        # Unknown old content: fingerprints are filled as pass 1 writes every page (0 is never a zero page's
-        # fingerprint, so write_batch zeroes every zero page too).
-        self._zero_fp = zero_fingerprint(page_size)
-        self.fingerprints = fingerprint_array(self.pages, 0, dest)
-        try:
-            self._fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise DestinationError(f"destination {dest}: cannot open for writing: {exc.strerror}") from None
-        try:
-            actual = destination_size(self._fd)
-            if actual != size:
-                raise DestinationError(
-                    f"destination {dest} is {actual} bytes, but the image is {size} bytes: --in-place needs them equal"
-                )
-            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
-        except OSError as exc:
-            self._cleanup_fd()
-            raise DestinationError(f"destination {dest}: cannot map: {exc.strerror}") from None
-        except DestinationError:
-            self._cleanup_fd()
-            raise
-        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        # Unknown old content: pass 1 writes every page (a fingerprint of 0 makes write_batch zero the zero pages).
+        self._map_existing(
+            dest, dest, size, page_size, 0,
+            opening=f"destination {dest}: cannot open for writing",
+            mapping=f"destination {dest}: cannot map",
+            wrong_size=lambda actual: (
+                f"destination {dest} is {actual} bytes, but the image is {size} bytes: --in-place needs them equal"
+            ),
+        )  # fmt: skip
 
     def write_batch(
         self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None

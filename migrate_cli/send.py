@@ -167,7 +167,7 @@ class Sender:
         self.resuming = resume or opts.resume
         self.resumes = resumes  # how many times the receiver continued this migration (this run counts once done)
         self.session_started = False  # the receiver WELCOMEd this session: a link fault leaves it resumable
-        self._previous_state: bytes | None = None  # the state file this (new) session replaced
+        self.replaced_state: bytes | None = None  # the state file this (new) session replaced
         # auto = zlib-ng, applied per batch only when it pays (adaptive.py)
         self.codec = codecs.by_name(codecs.DEFAULT_CODEC if opts.codec == "auto" else opts.codec)
         self.auto = AutoPolicy(opts.threads or usable_cpus(), cap=opts.max_bandwidth) if opts.codec == "auto" else None
@@ -226,7 +226,7 @@ class Sender:
             state = self._session_state(source, batch_pages)
             if self.handoff is None:
                 if not self.resuming:  # an interrupted session's record survives a new run that never starts
-                    self._previous_state = SenderState.read_raw(opts.state_path())
+                    self.replaced_state = SenderState.read_raw(opts.state_path())
                 state.save(opts.state_path())  # before HELLO: a kill -9 at any later moment can be resumed
             session = bytes.fromhex(state.session)
             for index in range(opts.channels):
@@ -251,7 +251,7 @@ class Sender:
         except BaseException:
             for channel in channels:
                 channel.close()
-            self._restore_previous_state()
+            self._restore_replaced_state()
             self._close_side_channels(control, None)
             source.close()
             raise
@@ -308,7 +308,7 @@ class Sender:
             if self.session_started and error.resumable and self.handoff is None:
                 error = ResumableFailure(error, opts.state_path(), self.end_sent)
             elif not self.session_started:
-                self._restore_previous_state()
+                self._restore_replaced_state()
             elif not error.resumable:
                 SenderState.remove(opts.state_path())  # the receiver drops the session too
             stats.finish("failed" if not isinstance(error, CancelledError) else "cancelled")
@@ -456,10 +456,10 @@ class Sender:
         pipeline.fingerprints[:] = collector.fingerprints
         self.verbose("resuming: the receiver reported what it holds")
 
-    def _restore_previous_state(self) -> None:
+    def _restore_replaced_state(self) -> None:
         """A new session that never started (refused, unreachable) gives the state file back to the one before."""
-        if self._previous_state is not None:
-            SenderState.write_raw(self.opts.state_path(), self._previous_state)
+        if self.replaced_state is not None:
+            SenderState.write_raw(self.opts.state_path(), self.replaced_state)
 
     def _session_state(self, source: SourceImage, batch_pages: int) -> SenderState:
         """This run's session: a new one, or (resuming) the interrupted one, refused if anything differs."""
@@ -663,7 +663,7 @@ def run(opts: SendOptions) -> dict[str, Any]:
                 raise
             # This session's id again (the receiver continues it if it holds it, or starts it afresh), unless the
             # state file went back to an older interrupted session: then a new session again.
-            resume = resume or sender.session_started or sender._previous_state is None
+            resume = resume or sender.session_started or sender.replaced_state is None
             resumes = sender.resumes
             notice(f"{getattr(exc, 'cause', exc)}; retry {attempt + 1} of {opts.retries} in {opts.retry_delay:g}s")
             time.sleep(opts.retry_delay)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+
+from .faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,4 +114,46 @@ def assert_no_destination(dest: Path) -> None:
 def assert_resumable(dest: Path) -> None:
     """A link fault: no DEST, but DEST.partial and its state file kept for `vmmig recv --resume`."""
     assert not dest.exists(), f"{dest} must not exist after a failed migration"
-    assert Path(f"{dest}.partial").exists() and Path(f"{dest}.partial.state").exists(), "kept for a resume"
+    assert resume_files_kept(dest), "kept for a resume"
+
+
+def last_line(err: str) -> str:
+    """The last non-empty line of a process's stderr: where vmmig's one-line error is."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def json_report(out: str) -> dict[str, Any]:
+    """A process's --json report, or {} when it printed none (a failed run)."""
+    return json.loads(out) if out.strip() else {}
+
+
+def resume_files_kept(dest: Path) -> bool:
+    return Path(f"{dest}.partial").exists() and Path(f"{dest}.partial.state").exists()
+
+
+@dataclass
+class Outcome:
+    """Both ends of a migration that went through a FaultProxy."""
+
+    proxy: FaultProxy
+    send_code: int
+    send_out: str
+    send_err: str
+    recv_code: int
+    recv_out: str
+    recv_err: str
+
+
+def migrate_through_fault(
+    procs: Processes, source: Path, dest: Path, fault: str, at: int, recv_args: Sequence[str], send_args: Sequence[str]
+) -> Outcome:
+    """`vmmig recv` into ``dest``, `vmmig send` of ``source`` through a proxy injecting ``fault`` at byte ``at``."""
+    recv = procs.recv(dest, *recv_args)
+    proxy = FaultProxy(recv.address, fault, at=at)
+    try:
+        code, out, err = procs.send(source, proxy.address, *send_args).wait(90)
+        recv_code, recv_out, recv_err = recv.wait(30)
+    finally:
+        proxy.close()
+    return Outcome(proxy, code, out, err, recv_code, recv_out, recv_err)

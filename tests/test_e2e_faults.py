@@ -16,14 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import Processes, assert_no_destination, make_image
+from .conftest import Processes, assert_no_destination, last_line, make_image
 
 MiB = 1 << 20
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def anon_rss(pid: int) -> int:
@@ -45,8 +40,8 @@ def test_a_source_truncated_while_sending_fails_cleanly_and_publishes_nothing(pr
     os.truncate(source, 8 * MiB)
     code, _, err = send.wait(30)
     recv_code, _, recv_err = recv.wait(30)
-    assert code == 3 and "shrank from 33554432 to 8388608 bytes" in one_line(err), err
-    assert recv_code == 8 and "peer: source" in one_line(recv_err)
+    assert code == 3 and "shrank from 33554432 to 8388608 bytes" in last_line(err), err
+    assert recv_code == 8 and "peer: source" in last_line(recv_err)
     assert_no_destination(dest)
     assert not Path(f"{dest}.partial.state").exists()
 

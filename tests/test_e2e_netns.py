@@ -11,11 +11,10 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from .conftest import make_image
+from .conftest import json_report, make_image
 from .netns import NetnsPair, NetnsUnavailable, ip, remove_stale_namespaces, unavailable_reason
 
 MiB = 1 << 20
@@ -54,10 +53,6 @@ def random_16m(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image(tmp_path_factory.mktemp("netns-images") / "random-16m.img", 16 * MiB, profile="random", seed=7)
 
 
-def report(out: str) -> dict[str, Any]:
-    return json.loads(out) if out.strip() else {}
-
-
 def rx_bytes(pair: NetnsPair, side: str) -> int:
     dev = pair.veth_a if side == "a" else pair.veth_b
     (link,) = json.loads(ip("-n", pair.ns(side), "-j", "-s", "link", "show", "dev", dev).stdout)
@@ -79,7 +74,7 @@ def test_a_migration_across_a_veth_pair_verifies(netns: NetnsPair, tmp_path: Pat
     code, out, err = send.wait(60)
     recv_code, recv_out, recv_err = recv.wait(30)
     assert (code, recv_code) == (0, 0), err + recv_err
-    sent, received = report(out), report(recv_out)
+    sent, received = json_report(out), json_report(recv_out)
     assert sent["status"] == received["status"] == "completed"
     assert sent["digest"] == received["digest"]
     assert sent["transferred"] == received["transferred"]
@@ -99,13 +94,13 @@ def test_a_migration_over_a_delayed_lossy_link_verifies(netns: NetnsPair, tmp_pa
     code, out, err = send.wait(90)
     recv_code, recv_out, recv_err = recv.wait(30)
     assert (code, recv_code) == (0, 0), err + recv_err
-    sent = report(out)
+    sent = json_report(out)
     throughput = (
         f"netem delay 20ms loss 1% each way: {sent['transferred']} wire bytes in {sent['total-time']} ms, "
         f"{sent['mbps']} Mbit/s on the wire, image {sent['image-mbytes-per-second']} MB/s, resumes {sent['resumes']}"
     )
     print(throughput)
-    assert sent["digest"] == report(recv_out)["digest"], throughput
+    assert sent["digest"] == json_report(recv_out)["digest"], throughput
     assert_verified(dest, mixed_8m)
 
 
@@ -127,7 +122,7 @@ def test_a_link_cut_mid_way_is_resumed(netns: NetnsPair, tmp_path: Path, random_
     code, out, err = send.wait(60)
     recv_code, recv_out, recv_err = recv.wait(30)
     assert (code, recv_code) == (0, 0), err + recv_err
-    sent, received = report(out), report(recv_out)
+    sent, received = json_report(out), json_report(recv_out)
     assert sent["resumes"] >= 1 and received["resumes"] >= 1, err + recv_err
     assert "retry 1 of 10" in err
     assert "waiting up to 30s for the sender to resume" in recv_err

@@ -18,24 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Processes, make_image
+from .conftest import Processes, json_report, last_line, make_image, migrate_through_fault, resume_files_kept
 from .faultproxy import FaultProxy
 from .test_e2e_live import Guest, start_guest
 
 MiB = 1 << 20
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def report(out: str) -> dict:
-    return json.loads(out) if out.strip() else {}
-
-
-def kept(dest: Path) -> bool:
-    return Path(f"{dest}.partial").exists() and Path(f"{dest}.partial.state").exists()
 
 
 def missing_bytes(source: Path, partial: Path, page: int = 4096) -> int:
@@ -73,21 +60,15 @@ def test_a_link_fault_is_resumed_by_retries_and_only_the_rest_is_sent(
     procs: Processes, tmp_path: Path, source: Path, fault: str, at: int, cause: str
 ) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, "--json", "--io-timeout", "2s")
-    proxy = FaultProxy(recv.address, fault, at=at)
-    try:
-        send = procs.send(
-            source, proxy.address, "--json", "--compress", "none", "--retries", "2", "--retry-delay", "200ms",
-            "--io-timeout", "2s", "--state-file", str(tmp_path / "send.state"),
-        )  # fmt: skip
-        code, out, err = send.wait(90)
-        recv_code, recv_out, recv_err = recv.wait(30)
-    finally:
-        proxy.close()
-    assert (code, recv_code) == (0, 0), err + recv_err
-    assert proxy.fired.is_set() and proxy.connections == 2
-    assert cause in err and "retry 1 of 2" in err
-    sent, received = report(out), report(recv_out)
+    run = migrate_through_fault(
+        procs, source, dest, fault, at, ("--json", "--io-timeout", "2s"),
+        ("--json", "--compress", "none", "--retries", "2", "--retry-delay", "200ms", "--io-timeout", "2s",
+         "--state-file", str(tmp_path / "send.state")),
+    )  # fmt: skip
+    assert (run.send_code, run.recv_code) == (0, 0), run.send_err + run.recv_err
+    assert run.proxy.fired.is_set() and run.proxy.connections == 2
+    assert cause in run.send_err and "retry 1 of 2" in run.send_err
+    sent, received = json_report(run.send_out), json_report(run.recv_out)
     assert sent["resumes"] == 1 and received["resumes"] == 1
     # The resumed connection carries about what the first one did not deliver, not the whole image again.
     assert sent["transferred"] < 16 * MiB - at + 4 * MiB, sent["transferred"]
@@ -97,20 +78,14 @@ def test_a_link_fault_is_resumed_by_retries_and_only_the_rest_is_sent(
 
 def test_a_multi_channel_migration_resumes_on_all_its_channels(procs: Processes, tmp_path: Path, source: Path) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, "--json")
-    proxy = FaultProxy(recv.address, "cut", at=4 * MiB)  # channel 0 is the first connection: it is cut
-    try:
-        send = procs.send(
-            source, proxy.address, "--json", "--compress", "zstd", "--channels", "2", "--retries", "2",
-            "--retry-delay", "200ms", "--state-file", str(tmp_path / "send.state"),
-        )  # fmt: skip
-        code, out, err = send.wait(90)
-        recv_code, recv_out, recv_err = recv.wait(30)
-    finally:
-        proxy.close()
-    assert (code, recv_code) == (0, 0), err + recv_err
-    assert proxy.connections == 4, "two channels, twice"
-    assert report(out)["resumes"] == 1 and report(recv_out)["resumes"] == 1
+    run = migrate_through_fault(
+        procs, source, dest, "cut", 4 * MiB, ("--json",),  # channel 0 is the first connection: it is cut
+        ("--json", "--compress", "zstd", "--channels", "2", "--retries", "2", "--retry-delay", "200ms",
+         "--state-file", str(tmp_path / "send.state")),
+    )  # fmt: skip
+    assert (run.send_code, run.recv_code) == (0, 0), run.send_err + run.recv_err
+    assert run.proxy.connections == 4, "two channels, twice"
+    assert json_report(run.send_out)["resumes"] == 1 and json_report(run.recv_out)["resumes"] == 1
     assert_clean_success(dest, source)
 
 
@@ -125,15 +100,15 @@ def test_a_killed_sender_is_resumed_with_send_resume(procs: Processes, tmp_path:
     time.sleep(1.2)
     os.kill(first.popen.pid, signal.SIGKILL)
     first.wait()
-    assert state.exists() and kept(dest), "a kill -9 leaves both ends' state for the resume"
+    assert state.exists() and resume_files_kept(dest), "a kill -9 leaves both ends' state for the resume"
     missing = missing_bytes(source, Path(f"{dest}.partial"))
     assert missing < 16 * MiB, "some pages had arrived before the kill"
     code, out, err = procs.send(source, recv.address, "--resume", "--json", *args).wait(60)
     recv_code, recv_out, recv_err = recv.wait(30)
     assert (code, recv_code) == (0, 0), err + recv_err
     assert "waiting up to 30s for the sender to resume" in recv_err
-    resumed = report(out)
-    assert resumed["resumes"] == 1 and report(recv_out)["resumes"] == 1
+    resumed = json_report(out)
+    assert resumed["resumes"] == 1 and json_report(recv_out)["resumes"] == 1
     # Only what was missing goes again (plus frame headers and the receiver's fingerprints): the issue's 5%.
     assert resumed["transferred"] <= missing * 1.05 + 64 * 1024, (resumed["transferred"], missing)
     assert_clean_success(dest, source)
@@ -150,12 +125,12 @@ def test_a_killed_receiver_is_adopted_by_recv_resume(procs: Processes, tmp_path:
     time.sleep(1.2)
     os.kill(recv.popen.pid, signal.SIGKILL)
     recv.wait()
-    assert kept(dest)
+    assert resume_files_kept(dest)
     again = procs.recv(dest, "--resume", "--json", listen=recv.address)
     code, out, err = send.wait(60)
     again_code, again_out, again_err = again.wait(30)
     assert (code, again_code) == (0, 0), err + again_err
-    assert report(out)["resumes"] == 1 and report(again_out)["resumes"] == 1
+    assert json_report(out)["resumes"] == 1 and json_report(again_out)["resumes"] == 1
     assert_clean_success(dest, source)
 
 
@@ -170,9 +145,9 @@ def test_an_expired_resume_window_keeps_the_partial_for_recv_resume(
     os.kill(first.popen.pid, signal.SIGKILL)
     first.wait()
     code, _, err = recv.wait(30)
-    assert code == 5 and "no sender resumed within --resume-window 0.5s" in one_line(err)
-    assert f"vmmig recv --resume {dest}" in one_line(err)
-    assert kept(dest) and not dest.exists()
+    assert code == 5 and "no sender resumed within --resume-window 0.5s" in last_line(err)
+    assert f"vmmig recv --resume {dest}" in last_line(err)
+    assert resume_files_kept(dest) and not dest.exists()
     # A later receiver adopts what is there; the sender continues the same session.
     again = procs.recv(dest, "--resume")
     code, _, err = procs.send(source, again.address, "--resume", *args).wait(60)
@@ -186,7 +161,7 @@ def test_a_leftover_resumable_partial_is_refused_naming_resume(procs: Processes,
     Path(f"{dest}.partial").write_bytes(bytes(4096))
     Path(f"{dest}.partial.state").write_text("{}")
     code, _, err = procs.run("recv", "--listen", "127.0.0.1:0", str(dest))
-    assert code == 4 and f"vmmig recv --resume {dest}" in one_line(err)
+    assert code == 4 and f"vmmig recv --resume {dest}" in last_line(err)
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------
@@ -201,7 +176,7 @@ def interrupted(procs: Processes, tmp_path: Path, source: Path, *args: str) -> t
     os.kill(first.popen.pid, signal.SIGKILL)
     first.wait()
     code, _, err = recv.wait(30)
-    assert code == 5 and kept(dest), err
+    assert code == 5 and resume_files_kept(dest), err
     return dest, state
 
 
@@ -221,8 +196,8 @@ def test_a_resume_with_another_image_or_options_is_refused(
     else:
         options = list(change)
     code, _, err = procs.send(image, again.address, "--resume", "--state-file", str(state), *options).wait(30)
-    assert code == 16 and named in one_line(err) and "cannot resume" in one_line(err)
-    assert state.exists() and kept(dest), "a refused resume destroys nothing"
+    assert code == 16 and named in last_line(err) and "cannot resume" in last_line(err)
+    assert state.exists() and resume_files_kept(dest), "a refused resume destroys nothing"
 
 
 def test_a_receiver_refuses_a_resume_of_another_session(procs: Processes, tmp_path: Path, source: Path) -> None:
@@ -235,8 +210,8 @@ def test_a_receiver_refuses_a_resume_of_another_session(procs: Processes, tmp_pa
         30
     )
     again_code, _, again_err = again.wait(30)
-    assert code == 16 and "is not the interrupted session" in one_line(err)
-    assert again_code == 16 and kept(dest), again_err
+    assert code == 16 and "is not the interrupted session" in last_line(err)
+    assert again_code == 16 and resume_files_kept(dest), again_err
 
 
 def test_a_fresh_receiver_starts_a_resuming_sender_afresh(procs: Processes, tmp_path: Path, source: Path) -> None:
@@ -249,7 +224,7 @@ def test_a_fresh_receiver_starts_a_resuming_sender_afresh(procs: Processes, tmp_
     fresh_code, _, fresh_err = fresh.wait(30)
     assert (code, fresh_code) == (0, 0), err + fresh_err
     assert "the receiver holds nothing of this session: sending everything" in err
-    assert report(out)["resumes"] == 0 and report(out)["transferred"] > 16 * MiB
+    assert json_report(out)["resumes"] == 0 and json_report(out)["transferred"] > 16 * MiB
     assert_clean_success(tmp_path / "elsewhere.img", source)
 
 
@@ -261,8 +236,8 @@ def test_a_parked_receiver_refuses_a_fresh_sender(procs: Processes, tmp_path: Pa
     again = procs.recv(dest, "--resume")
     code, _, err = procs.send(source, again.address, "--compress", "none", "--state-file", str(state)).wait(30)
     again_code, _, _ = again.wait(30)
-    assert code == 16 and "start the sender with --resume" in one_line(err)
-    assert again_code == 16 and kept(dest)
+    assert code == 16 and "start the sender with --resume" in last_line(err)
+    assert again_code == 16 and resume_files_kept(dest)
     assert state.read_text() == before
     again = procs.recv(dest, "--resume")
     code, _, err = procs.send(source, again.address, "--resume", "--compress", "none", "--state-file", str(state)).wait(
@@ -274,9 +249,9 @@ def test_a_parked_receiver_refuses_a_fresh_sender(procs: Processes, tmp_path: Pa
 
 def test_resume_with_nothing_to_resume_is_refused_on_both_ends(procs: Processes, tmp_path: Path, source: Path) -> None:
     code, _, err = procs.run("send", str(source), "127.0.0.1:9", "--resume", "--state-file", str(tmp_path / "none"))
-    assert code == 16 and "no interrupted migration" in one_line(err)
+    assert code == 16 and "no interrupted migration" in last_line(err)
     code, _, err = procs.run("recv", "--resume", "--listen", "127.0.0.1:0", str(tmp_path / "dest.img"))
-    assert code == 16 and "nothing to resume" in one_line(err)
+    assert code == 16 and "nothing to resume" in last_line(err)
 
 
 def test_a_cancel_is_not_resumable_and_removes_everything(procs: Processes, tmp_path: Path, source: Path) -> None:
@@ -331,6 +306,6 @@ def test_a_link_lost_while_paused_resumes_the_guest_and_precopy(
     assert (code, recv_code) == (0, 0), err + recv_err
     assert log.read_text().split() == ["pause", "unpause", "pause"], "the guest ran again between the attempts"
     assert "guest resumed on the source" in err
-    result = report(out)
+    result = json_report(out)
     assert result["resumes"] == 1 and result["mode"] == "live"
     assert guest.is_paused() and dest.read_bytes() == image.read_bytes()

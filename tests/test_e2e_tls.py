@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .conftest import Processes, assert_no_destination, make_image
-from .faultproxy import FaultProxy
+from .conftest import Processes, assert_no_destination, make_image, migrate_through_fault
 
 
 @pytest.fixture(scope="module")
@@ -176,18 +175,13 @@ def test_a_tls_migration_whose_link_is_cut_resumes(procs: Processes, tmp_path: P
     """Resume needs nothing of TLS but a new handshake: the reconnection authenticates again, both ways."""
     source = make_image(tmp_path / "vm.ram", 16 << 20, profile="random", seed=9)
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, *tls_args(pki, "127.0.0.1"), "--tls-peer-name", "sender.test", "--json")
-    proxy = FaultProxy(recv.address, "cut", at=6 << 20)
-    try:
-        send = procs.send(
-            source, proxy.address, *tls_args(pki, "sender.test"), "--compress", "none", "--json", "--retries", "2",
-            "--retry-delay", "200ms", "--state-file", str(tmp_path / "send.state"),
-        )  # fmt: skip
-        code, out, err = send.wait(60)
-        recv_code, recv_out, recv_err = recv.wait(30)
-    finally:
-        proxy.close()
-    assert (code, recv_code) == (0, 0), err + recv_err
-    assert proxy.fired.is_set() and proxy.connections == 2
-    assert json.loads(out)["resumes"] == 1 and json.loads(recv_out)["resumes"] == 1
+    run = migrate_through_fault(
+        procs, source, dest, "cut", 6 << 20,
+        (*tls_args(pki, "127.0.0.1"), "--tls-peer-name", "sender.test", "--json"),
+        (*tls_args(pki, "sender.test"), "--compress", "none", "--json", "--retries", "2", "--retry-delay", "200ms",
+         "--state-file", str(tmp_path / "send.state")),
+    )  # fmt: skip
+    assert (run.send_code, run.recv_code) == (0, 0), run.send_err + run.recv_err
+    assert run.proxy.fired.is_set() and run.proxy.connections == 2
+    assert json.loads(run.send_out)["resumes"] == 1 and json.loads(run.recv_out)["resumes"] == 1
     assert dest.read_bytes() == source.read_bytes()
