@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .allocate import Allocation
 from .digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
 from .errors import DestinationError, SourceError
 
@@ -163,29 +164,51 @@ class DestinationImage:
         # an image too large to track fails here, before any file exists.
         self._zero_fp = zero_fingerprint(page_size)
         self.fingerprints = fingerprint_array(self.pages, self._zero_fp, dest)
+        self._allocation: Allocation | None = None  # allocated on a thread ahead of the writers (allocate.py)
         try:
             self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             raise DestinationError(f"{self.partial} appeared while preparing (another vmmig recv?)") from None
         except OSError as exc:
             raise DestinationError(f"destination {self.partial}: cannot create: {exc.strerror}") from None
-        try:
+        try:  # --sparse allocates nothing
             if sparse:
                 os.ftruncate(self._fd, size)
             else:
-                os.posix_fallocate(self._fd, 0, size)
+                self._allocation = Allocation(self._fd, size)
+                self._allocation.start()
             self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
         except OSError as exc:
+            self._stop_allocation()
             self._cleanup_fd()
             os.unlink(self.partial)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DestinationError(
-                    f"destination {self.partial}: no space left on device for {size} bytes"
-                ) from None
-            raise DestinationError(
-                f"destination {self.partial}: cannot allocate {size} bytes: {exc.strerror}"
-            ) from None
+            raise self._allocation_error(exc) from None
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def _allocation_error(self, exc: OSError) -> DestinationError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DestinationError(f"destination {self.partial}: no space left on device for {self.size} bytes")
+        return DestinationError(f"destination {self.partial}: cannot allocate {self.size} bytes: {exc.strerror}")
+
+    def _wait_allocated(self, end: int) -> None:
+        """Never write into a hole: wait until the allocation thread has passed ``end`` (bytes)."""
+        if self._allocation is not None and self._allocation.allocated < end:
+            try:
+                self._allocation.wait(end)
+            except OSError as exc:
+                raise self._allocation_error(exc) from None
+
+    def finish_allocation(self) -> None:
+        """Wait for the whole of DEST.partial to be allocated: a published DEST is never short of space."""
+        if self._allocation is not None:
+            try:
+                self._allocation.finish()
+            except OSError as exc:
+                raise self._allocation_error(exc) from None
+
+    def _stop_allocation(self) -> None:
+        if self._allocation is not None:
+            self._allocation.stop()
 
     @classmethod
     def adopt(cls, dest: str, size: int, page_size: int) -> DestinationImage:
@@ -217,6 +240,7 @@ class DestinationImage:
         self.dest, self.partial, self.size, self.page_size = dest, path, size, page_size
         self.pages = size // page_size
         self._mmap = None
+        self._allocation = None  # an existing file: allocated already (or by its owner)
         self._zero_fp = zero_fingerprint(page_size)
         self.fingerprints = fingerprint_array(self.pages, 0, dest)
         try:
@@ -259,6 +283,7 @@ class DestinationImage:
             return
         ps = self.page_size
         base = start * ps
+        self._wait_allocated(base + count * ps)
         region = self.array[base : base + count * ps]
         fps = self.fingerprints[start : start + count]
         if not zero.any():
@@ -286,6 +311,8 @@ class DestinationImage:
 
     def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview) -> None:
         ps = self.page_size
+        if ids.size:
+            self._wait_allocated((int(ids.max()) + 1) * ps)
         pages2d = self.array.reshape(self.pages, ps)
         normal_ids = ids[~zero]
         if normal_ids.size:
@@ -317,6 +344,7 @@ class DestinationImage:
 
         Without ``force`` a DEST that appeared during the migration is not replaced: link(2) fails on it.
         """
+        self.finish_allocation()
         self.close()
         try:
             if force:
@@ -357,6 +385,7 @@ class DestinationImage:
             self._fd = -1
 
     def close(self) -> None:
+        self._stop_allocation()
         if self._mmap is not None:
             self.array = np.empty(0, dtype=np.uint8)
             with contextlib.suppress(BufferError):

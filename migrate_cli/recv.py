@@ -15,6 +15,7 @@ Order matters and is the safety argument:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import sys
@@ -630,4 +631,5 @@ class Receiver:
 
 
 def run(opts: RecvOptions) -> dict[str, Any]:
+    gc.freeze()  # everything imported so far lives as long as the process: out of the collector's sight
     return Receiver(opts).run()

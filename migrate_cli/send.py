@@ -17,6 +17,7 @@ END went out and before the verdict arrives, the outcome is unknown and the gues
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import sys
@@ -653,6 +654,7 @@ class ResumableFailure(MigrateError):
 
 def run(opts: SendOptions) -> dict[str, Any]:
     """One migration; with --retries, a link fault is followed by a reconnect that resumes the session."""
+    gc.freeze()  # everything imported so far lives as long as the process: out of the collector's sight
     resume, resumes = opts.resume, 0
     for attempt in range(opts.retries + 1):
         sender = Sender(opts, resume=resume, resumes=resumes)

@@ -311,15 +311,25 @@ def test_a_missing_destination_directory_is_refused(procs: Processes, tmp_path: 
     assert code == 4 and "does not exist" in one_line(err)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    mount = tmp_path / "small"
+def mount_tmpfs(mount: Path, size: str) -> Path:
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    return mount
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    yield mount_tmpfs(tmp_path / "small", "1m")
+    subprocess.run(["umount", "-l", str(tmp_path / "small")], check=False)
+
+
+@pytest.fixture
+def tmpfs_24m(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Room for the first allocation chunk (16 MiB), not for a 64 MiB image: the disk fills mid-migration."""
+    yield mount_tmpfs(tmp_path / "24m", "24m")
+    subprocess.run(["umount", "-l", str(tmp_path / "24m")], check=False)
 
 
 def test_a_full_disk_fails_at_allocation_before_any_page_is_sent(
@@ -333,6 +343,23 @@ def test_a_full_disk_fails_at_allocation_before_any_page_is_sent(
     assert send_code == 8 and "peer: destination" in one_line(send_err) and "no space" in send_err
     assert_no_destination(dest)
     assert list(small_tmpfs.iterdir()) == []
+
+
+@pytest.mark.parametrize("profile", ["random", "zero"])
+def test_a_disk_that_fills_during_the_migration_fails_it_the_same_way(
+    procs: Processes, tmpfs_24m: Path, tmp_path: Path, profile: str
+) -> None:
+    """DEST is allocated on a thread while pages arrive. Random pages: a write reaches the full disk. All zero pages:
+    nothing is written at all, and the allocation fails before DEST could be published."""
+    source = make_image(tmp_path / f"{profile}.img", 64 << 20, profile=profile)
+    dest = tmpfs_24m / "dest.img"
+    recv = procs.recv(dest)
+    send_code, _, send_err = procs.send(source, recv.address, "--json").wait()
+    recv_code, _, recv_err = recv.wait()
+    assert recv_code == 4 and "no space left on device" in one_line(recv_err)
+    assert send_code == 8 and "peer: destination" in one_line(send_err) and "no space" in send_err
+    assert_no_destination(dest)
+    assert list(tmpfs_24m.iterdir()) == []
 
 
 # --- signals and usage ------------------------------------------------------------------------------------------
