@@ -76,6 +76,11 @@ class AutoPolicy:
                 return True
             return False
 
+    def note_incompressible(self) -> None:
+        """A frame the sender's byte test (entropy.py) found incompressible goes raw without a sample."""
+        with self._lock:
+            self.stats.raw_incompressible += 1
+
     def worth_compressing(self, sample_ratio: float) -> bool:
         """After ``link_faster`` said no: compress unless the sample shows the batch is incompressible."""
         with self._lock:

@@ -41,6 +41,9 @@ class Codec:
     default_level: int
     compressor: Callable[[int], Compressor]
     decompressor: Callable[[], Decompressor]
+    # True when the compressor itself passes over incompressible input quickly (zstd, ~4 GB/s): the sender then
+    # does not look for such pages first (entropy.py).
+    skips_incompressible: bool = False
 
 
 # --- zlib-ng ------------------------------------------------------------------------------------------------------
@@ -137,9 +140,9 @@ def register(codec: Codec) -> None:
     _BY_WIRE_ID[codec.wire_id] = codec
 
 
-register(Codec("none", Encoding.RAW, range(0, 1), 0, _RawCompressor, _RawDecompressor))
+register(Codec("none", Encoding.RAW, range(0, 1), 0, _RawCompressor, _RawDecompressor, True))
 register(Codec("zlib", Encoding.ZLIB, range(1, 10), 1, _ZlibCompressor, _ZlibDecompressor))
-register(Codec("zstd", Encoding.ZSTD, range(1, 20), 1, _ZstdCompressor, _ZstdDecompressor))
+register(Codec("zstd", Encoding.ZSTD, range(1, 20), 1, _ZstdCompressor, _ZstdDecompressor, True))
 
 DEFAULT_CODEC = "zlib"
 

@@ -101,7 +101,7 @@ class PassSender:
             sent = each.send_frame(PassEnd(number, total.batches))
             total.wire += sent
             self.stats.add_wire(sent)
-        self.batches = len(ranges)
+        self.batches = sum(total.batches for total in totals)  # frames: a split batch counts each of its frames
         return PassRecord(
             number=number,
             pages=page_count,
@@ -128,17 +128,22 @@ class PassSender:
                 except queue.Empty:
                     if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
                         stats.add_wire(channel.send_frame(Keepalive()))
-            frame = batch.frame
+            frames = batch.frames
             watch = Stopwatch()
-            self.bucket.consume(len(frame.data) + len(frame.zero_bitmap) + FRAME_OVERHEAD, self.failure.event)
-            sent = channel.send_frame(frame)
+            self.bucket.consume(
+                sum(len(f.data) + len(f.zero_bitmap) + FRAME_OVERHEAD for f in frames), self.failure.event
+            )
+            sent = channel.send_parts(batch.parts)
             if self.auto is not None:
                 self.auto.note_wire(sent, watch.elapsed())
             stats.add_wire(sent)
-            # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
-            stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
+            for frame in frames:
+                # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
+                stats.add_batch(
+                    frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW
+                )
+                totals.normal += frame.normal_count
             if batch.release:
                 batch.release()
-            totals.batches += 1
-            totals.normal += frame.normal_count
+            totals.batches += len(frames)
             totals.wire += sent

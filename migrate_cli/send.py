@@ -488,6 +488,10 @@ class Sender:
             except NetworkError:
                 if self.failure.is_set() or (self.result_event.is_set() and not self.dest_may_run):
                     raise Stopped from None  # latched already, or the migration is over and channels close
+                if self.end_sent and channel is not self.channels[0]:
+                    # A receiver that verified closes every channel, and this one's EOF can come before channel 0
+                    # delivers RESULT: channel 0 has the verdict (and fails on its own if the receiver died).
+                    raise Stopped from None
                 raise
             if isinstance(frame, Abort):
                 raise peer_abort(frame.code, frame.message, frame.resumable)

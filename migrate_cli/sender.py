@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -27,9 +27,10 @@ from . import codec as codecs
 from .adaptive import MARGIN, AutoPolicy, Stopwatch
 from .codec import Compressor
 from .digest import fingerprint_pages, zero_fingerprint
+from .entropy import MIN_RUN, incompressible, runs
 from .image import SourceImage
 from .pipeline import Failure, Stopped, get, put, spawn
-from .protocol import Encoding, Pages
+from .protocol import Encoding, Pages, encode_parts
 
 RING = 3  # gather buffers per worker: one being filled, up to two raw batches waiting for the network thread
 
@@ -38,8 +39,17 @@ Batch = tuple[int, int] | np.ndarray  # (start, count) of consecutive pages, or 
 
 @dataclass
 class EncodedBatch:
-    frame: Pages
+    """One batch as it goes on the wire: usually one frame; a batch that mixes incompressible pages with others is
+    split into a frame per run (entropy.py), all sent with one sendmsg."""
+
+    frames: list[Pages]
     release: Callable[[], None] | None  # hands a raw batch's buffer back to its worker, once sent
+    # Encoded by the worker, header and CRC included: the CRC of a 1 MiB batch is work the single network thread
+    # would otherwise do while the workers wait for it.
+    parts: list[bytes | bytearray | memoryview] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.parts = [part for frame in self.frames for part in encode_parts(frame)]
 
 
 _DONE = None
@@ -131,7 +141,7 @@ class SendPipeline:
         self.fingerprints[ids[~nonzero]] = self._zero_fp
         if normal == 0:
             free.put(buf)
-            return EncodedBatch(Pages(start, count, Encoding.RAW, bitmap, b"", indices), None)
+            return EncodedBatch([Pages(start, count, Encoding.RAW, bitmap, b"", indices)], None)
         if not gathered:
             copy = buf[: normal * ps].reshape(normal, ps)
             if normal == count:
@@ -147,13 +157,64 @@ class SendPipeline:
         fingerprint_pages(copy.reshape(-1), ps, normal_fps)
         self.fingerprints[ids[nonzero]] = normal_fps
         flat = copy.reshape(-1)
-        packed = self._compress(compressor, flat, ps) if compressor is not None else None
-        if packed is not None and len(packed) < flat.size:
+        if compressor is None:
+            frame = Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices)
+            return EncodedBatch([frame], partial(free.put, buf))
+        if not self.codec.skips_incompressible and normal >= 2 * MIN_RUN:
+            segments = runs(incompressible(copy))
+        else:
+            segments = [(0, normal, False)]
+        if len(segments) == 1:  # the usual case: one frame for the batch
+            frames = [self._frame(compressor, start, count, bitmap, indices, flat, segments[0][2])]
+        else:
+            frames = self._split(compressor, item, nonzero, flat, segments)
+        if all(frame.encoding != Encoding.RAW or not frame.data for frame in frames):
             free.put(buf)
-            return EncodedBatch(Pages(start, count, self.codec.wire_id, bitmap, packed, indices), None)
-        return EncodedBatch(
-            Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices), partial(free.put, buf)
-        )
+            return EncodedBatch(frames, None)
+        return EncodedBatch(frames, partial(free.put, buf))
+
+    def _frame(
+        self,
+        compressor: Compressor,
+        start: int,
+        count: int,
+        bitmap: bytes,
+        indices: bytes | None,
+        data: np.ndarray,
+        raw: bool,
+    ) -> Pages:
+        """One frame: ``data`` (its non-zero pages) compressed, or raw when it looks incompressible or would not
+        shrink. A raw frame's data is a view of the worker's buffer."""
+        if raw and self.auto is not None:
+            self.auto.note_incompressible()
+        packed = None if raw else self._compress(compressor, data, self.source.page_size)
+        if packed is not None and len(packed) < data.size:
+            return Pages(start, count, self.codec.wire_id, bitmap, packed, indices)
+        return Pages(start, count, Encoding.RAW, bitmap, memoryview(data), indices)
+
+    def _split(
+        self,
+        compressor: Compressor,
+        item: Batch,
+        nonzero: np.ndarray,
+        flat: np.ndarray,
+        segments: list[tuple[int, int, bool]],
+    ) -> list[Pages]:
+        """A frame per run of the batch's non-zero pages; each run's zero pages travel in the frame before it."""
+        ps = self.source.page_size
+        positions = np.flatnonzero(nonzero)  # where in the batch each non-zero page sits
+        count = nonzero.size
+        frames = []
+        for first, end, raw in segments:
+            lo = 0 if first == 0 else int(positions[first])
+            hi = count if end == positions.size else int(positions[end])
+            bitmap = np.packbits(~nonzero[lo:hi], bitorder="little").tobytes()
+            if isinstance(item, tuple):
+                start, indices = item[0] + lo, None
+            else:
+                start, indices = int(item[lo]), item[lo:hi].astype(">u8").tobytes()
+            frames.append(self._frame(compressor, start, hi - lo, bitmap, indices, flat[first * ps : end * ps], raw))
+        return frames
 
     def _compress(self, compressor: Compressor, flat: np.ndarray, ps: int) -> bytes | None:
         """Compress a batch (None: send it raw). With --compress auto, only when it pays (adaptive.py).

@@ -141,7 +141,12 @@ class Channel:
 
     def send_frame(self, frame: Frame) -> int:
         """Send one whole frame; returns the bytes put on the wire."""
-        parts = [memoryview(p).cast("B") for p in encode_parts(frame)]
+        return self.send_parts(encode_parts(frame))
+
+    def send_parts(self, encoded: list[bytes | bytearray | memoryview]) -> int:
+        """Send a frame encoded already (``encode_parts``: the sender's workers encode PAGES frames, CRC included,
+        so the network thread only moves bytes); returns the bytes put on the wire."""
+        parts = [memoryview(p).cast("B") for p in encoded]
         total = sum(len(p) for p in parts)
         if self.tls:  # ssl.SSLSocket has no sendmsg: one whole buffer (a copy of the frame)
             parts = [memoryview(b"".join(parts))]
