@@ -1,11 +1,12 @@
-"""Allocating DEST.partial on a thread of its own, ahead of the writers.
+"""Allocating DEST.partial on a thread of its own, while the first pages arrive.
 
 Why: allocating a tmpfs file zeroes every page (~0.23 s per GiB on this project's machines) and used to run before
 WELCOME, so every migration waited for it with the sender idle. Now the first chunk is allocated at once (a full
 disk still fails before WELCOME in the common case), the file is sized with ftruncate, WELCOME goes out, and this
-thread allocates the rest in chunks while the first batches are in flight. A writer waits only where it would
-overtake the allocation, so no page is ever written into a hole (on tmpfs that would be a SIGBUS on a full disk,
-not an error), and a published DEST is always fully allocated.
+thread allocates the rest in chunks while batches arrive. The writers never wait for it: they write with pwrite,
+which allocates what it fills and reports a full disk as ENOSPC (a store through a mapping into a hole would be a
+SIGBUS). What the allocation adds is the promise QEMU's prealloc=on makes: a published DEST is allocated in full,
+its zero pages included, so the guest cannot run out of memory on it later.
 
 fallocate(2) is called directly (ctypes): where a filesystem lacks it, glibc's posix_fallocate emulates it by
 writing a zero byte into every block that reads as zero, which would race with the writers. Such a filesystem gets
@@ -19,7 +20,7 @@ import errno
 import os
 import threading
 
-CHUNK = 16 << 20  # bytes per fallocate call: small enough that the first batches hardly wait
+CHUNK = 16 << 20  # bytes per fallocate call: a failure or a stop is noticed within one chunk
 
 _libc = ctypes.CDLL(None, use_errno=True)  # CDLL releases the GIL during the call
 _fallocate = _libc.fallocate

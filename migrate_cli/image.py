@@ -151,7 +151,8 @@ def check_destination(dest: str, force: bool, in_place: bool = False) -> None:
 
 
 class DestinationImage:
-    """DEST.partial, allocated and mapped read-write. Workers write disjoint page ranges without a lock."""
+    """DEST.partial: written with pwrite by the workers (disjoint page ranges, no lock), read back through a
+    read-only shared mapping for the fingerprints, allocated in full on a thread of its own (allocate.py)."""
 
     def __init__(self, dest: str, size: int, page_size: int, sparse: bool = False) -> None:
         self.dest = dest
@@ -163,6 +164,7 @@ class DestinationImage:
         # What DEST holds, page by page (a fresh file is all zeros); kept current by write_batch. Allocated first:
         # an image too large to track fails here, before any file exists.
         self._zero_fp = zero_fingerprint(page_size)
+        self._zero_page = bytes(page_size)
         self.fingerprints = fingerprint_array(self.pages, self._zero_fp, dest)
         self._allocation: Allocation | None = None  # allocated on a thread ahead of the writers (allocate.py)
         try:
@@ -177,7 +179,7 @@ class DestinationImage:
             else:
                 self._allocation = Allocation(self._fd, size)
                 self._allocation.start()
-            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
+            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except OSError as exc:
             self._stop_allocation()
             self._cleanup_fd()
@@ -189,14 +191,6 @@ class DestinationImage:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return DestinationError(f"destination {self.partial}: no space left on device for {self.size} bytes")
         return DestinationError(f"destination {self.partial}: cannot allocate {self.size} bytes: {exc.strerror}")
-
-    def _wait_allocated(self, end: int) -> None:
-        """Never write into a hole: wait until the allocation thread has passed ``end`` (bytes)."""
-        if self._allocation is not None and self._allocation.allocated < end:
-            try:
-                self._allocation.wait(end)
-            except OSError as exc:
-                raise self._allocation_error(exc) from None
 
     def finish_allocation(self) -> None:
         """Wait for the whole of DEST.partial to be allocated: a published DEST is never short of space."""
@@ -242,6 +236,7 @@ class DestinationImage:
         self._mmap = None
         self._allocation = None  # an existing file: allocated already (or by its owner)
         self._zero_fp = zero_fingerprint(page_size)
+        self._zero_page = bytes(page_size)
         self.fingerprints = fingerprint_array(self.pages, 0, dest)
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
@@ -251,7 +246,7 @@ class DestinationImage:
             actual = destination_size(self._fd)
             if actual != size:
                 raise DestinationError(wrong_size(actual))
-            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
+            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except OSError as exc:
             self._cleanup_fd()
             raise DestinationError(f"{mapping}: {exc.strerror}") from None
@@ -283,49 +278,61 @@ class DestinationImage:
             return
         ps = self.page_size
         base = start * ps
-        self._wait_allocated(base + count * ps)
         region = self.array[base : base + count * ps]
         fps = self.fingerprints[start : start + count]
         if not zero.any():
-            region[:] = np.frombuffer(data, dtype=np.uint8)
+            self._pwrite(data, base)
             fingerprint_pages(region, ps, fps)
             return
         src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
         pos = 0
-        # Walk runs of equal kind: one slice copy per run, not per page.
+        # Walk runs of equal kind: one write per run, not per page.
         edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
         bounds = [0, *edges.tolist(), count]
         for lo, hi in itertools.pairwise(bounds):
             if zero[lo]:
                 held = np.flatnonzero(fps[lo:hi] != self._zero_fp)
-                if held.size:  # only pages that hold something else are zeroed
-                    region.reshape(count, ps)[lo + held] = 0
+                for page in (lo + held).tolist():  # only pages that hold something else are zeroed
+                    self._pwrite(self._zero_page, base + page * ps)
                 fps[lo:hi] = self._zero_fp
             else:
-                dst = region[lo * ps : hi * ps]
                 n = (hi - lo) * ps
                 assert src is not None
-                dst[:] = src[pos : pos + n]
+                self._pwrite(src[pos : pos + n], base + lo * ps)
                 pos += n
-                fingerprint_pages(dst, ps, fps[lo:hi])
+                fingerprint_pages(region[lo * ps : hi * ps], ps, fps[lo:hi])
 
     def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview) -> None:
         ps = self.page_size
-        if ids.size:
-            self._wait_allocated((int(ids.max()) + 1) * ps)
         pages2d = self.array.reshape(self.pages, ps)
         normal_ids = ids[~zero]
         if normal_ids.size:
-            pages2d[normal_ids] = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
+            src = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
+            breaks = np.flatnonzero(np.diff(normal_ids) != 1) + 1  # one write per run of consecutive pages
+            for lo, hi in itertools.pairwise([0, *breaks.tolist(), normal_ids.size]):
+                self._pwrite(src[lo:hi], int(normal_ids[lo]) * ps)
             fps = np.empty(normal_ids.size, dtype=np.uint64)
             fingerprint_pages(pages2d[normal_ids], ps, fps)  # read back from DEST (a gathered copy)
             self.fingerprints[normal_ids] = fps
         zero_ids = ids[zero]
         if zero_ids.size:
-            stale = zero_ids[self.fingerprints[zero_ids] != self._zero_fp]
-            if stale.size:
-                pages2d[stale] = 0
+            for page in zero_ids[self.fingerprints[zero_ids] != self._zero_fp].tolist():
+                self._pwrite(self._zero_page, page * ps)
             self.fingerprints[zero_ids] = self._zero_fp
+
+    def _pwrite(self, data: bytes | memoryview | np.ndarray, offset: int) -> None:
+        """Write through the file, never through the mapping (which is read-only): a page written whole is neither
+        faulted in nor zeroed first (tmpfs: half the cost of a store through the mapping), and a full disk is
+        ENOSPC here instead of a SIGBUS."""
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                written = os.pwrite(self._fd, view, offset)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self._allocation_error(exc) from None
+                raise DestinationError(f"destination {self.partial}: write failed: {exc.strerror}") from None
+            view, offset = view[written:], offset + written
 
     def digest(self, threads: int) -> bytes:
         """The image digest over DEST.partial's own content, as fingerprinted after each write (see write_batch)."""
