@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check . || true
 
 bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat baselines, live migration
+	$(BIN)/python -m compileall -q migrate_cli  # as an installed package: no per-run compile in start-up times
 	$(BIN)/python benchmarks/bench_transfer.py
 	$(BIN)/python benchmarks/bench_live.py
 	$(BIN)/python benchmarks/bench_tls.py
@@ -40,6 +41,7 @@ bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat 
 	$(BIN)/python benchmarks/bench_auto.py
 
 bench-quick: $(STAMP)  ## a smoke run of every benchmark
+	$(BIN)/python -m compileall -q migrate_cli
 	$(BIN)/python benchmarks/bench_transfer.py --quick
 	$(BIN)/python benchmarks/bench_live.py --quick
 	$(BIN)/python benchmarks/bench_tls.py --quick

@@ -59,6 +59,7 @@ guest never runs.
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import json
 import mmap
@@ -952,6 +953,9 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Bytecode, as an installed package has it (pip compiles on install; an editable install under
+    # PYTHONDONTWRITEBYTECODE would compile every module again in every vmmig process's start-up time).
+    compileall.compile_dir(REPO / "migrate_cli", quiet=1)
     signal.signal(signal.SIGTERM, _terminate)
     workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-qemu-", dir=SHM))
     try:

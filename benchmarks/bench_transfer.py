@@ -41,6 +41,7 @@ itself failed). ``--json PATH`` writes everything, including the RSS sample seri
 from __future__ import annotations
 
 import argparse
+import compileall
 import functools
 import hashlib
 import importlib.util
@@ -951,6 +952,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Bytecode, as an installed package has it (pip compiles on install; an editable install under
+    # PYTHONDONTWRITEBYTECODE would compile every module again in every vmmig process's start-up time).
+    compileall.compile_dir(REPO / "migrate_cli", quiet=1)
     workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-", dir=SHM))
     try:
         return benchmark(args, workdir)

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import codec as codecs
 from .control import ControlServer
@@ -42,7 +42,7 @@ from .errors import (
 )
 from .image import DestinationImage, DiscardSink, InPlaceDestination, check_destination
 from .pipeline import Failure, spawn
-from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
+from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
     FEATURE_QEMU_HANDOFF,
     FEATURE_RESUME,
@@ -81,6 +81,9 @@ from .transport import (
     parse_address,
 )
 from .units import format_bytes
+
+if TYPE_CHECKING:
+    from .display import DisplayView
 
 KEEPALIVE_INTERVAL = 0.5  # a quiet channel gets a KEEPALIVE this often, so any --io-timeout >= 1s holds
 CHECKPOINT_INTERVAL = 5.0  # seconds between flushes of a resumable DEST.partial

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,7 +53,7 @@ from .passes import PassSender
 from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
 from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
-from .progress import DisplayView, StatsLog, display_wanted, live_display, print_json, report, summary_line
+from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (
     FEATURE_QEMU_HANDOFF,
     FEATURE_RESUME,
@@ -78,6 +78,9 @@ from .stats import Stats
 from .tls import TlsOptions, wrap_client
 from .transport import Channel, connect, parse_address
 from .units import format_bytes, format_rate, parse_duration, parse_rate
+
+if TYPE_CHECKING:
+    from .display import DisplayView
 
 
 @dataclass(frozen=True)
