@@ -19,6 +19,7 @@ import itertools
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,8 +164,7 @@ class DestinationImage:
         self._mmap: mmap.mmap | None = None
         # What DEST holds, page by page (a fresh file is all zeros); kept current by write_batch. Allocated first:
         # an image too large to track fails here, before any file exists.
-        self._zero_fp = zero_fingerprint(page_size)
-        self._zero_page = bytes(page_size)
+        self._init_writes(page_size)
         self.fingerprints = fingerprint_array(self.pages, self._zero_fp, dest)
         self._allocation: Allocation | None = None  # allocated on a thread ahead of the writers (allocate.py)
         try:
@@ -186,6 +186,13 @@ class DestinationImage:
             os.unlink(self.partial)
             raise self._allocation_error(exc) from None
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def _init_writes(self, page_size: int) -> None:
+        self._zero_fp = zero_fingerprint(page_size)
+        self._zero_page = bytes(page_size)
+        self._stores: np.ndarray | None = None  # a writable mapping, only where pwrite is refused (hugetlbfs)
+        self._stores_mmap: mmap.mmap | None = None
+        self._stores_lock = threading.Lock()
 
     def _allocation_error(self, exc: OSError) -> DestinationError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -235,8 +242,7 @@ class DestinationImage:
         self.pages = size // page_size
         self._mmap = None
         self._allocation = None  # an existing file: allocated already (or by its owner)
-        self._zero_fp = zero_fingerprint(page_size)
-        self._zero_page = bytes(page_size)
+        self._init_writes(page_size)
         self.fingerprints = fingerprint_array(self.pages, 0, dest)
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
@@ -326,13 +332,25 @@ class DestinationImage:
         ENOSPC here instead of a SIGBUS."""
         view = memoryview(data).cast("B")
         while view:
+            if self._stores is not None:
+                self._stores[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
+                return
             try:
                 written = os.pwrite(self._fd, view, offset)
             except OSError as exc:
+                if exc.errno == errno.EINVAL:  # hugetlbfs has no write(2): store through a writable mapping
+                    self._map_for_stores()
+                    continue
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise self._allocation_error(exc) from None
                 raise DestinationError(f"destination {self.partial}: write failed: {exc.strerror}") from None
             view, offset = view[written:], offset + written
+
+    def _map_for_stores(self) -> None:
+        with self._stores_lock:
+            if self._stores is None:
+                self._stores_mmap = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+                self._stores = np.frombuffer(self._stores_mmap, dtype=np.uint8)
 
     def digest(self, threads: int) -> bytes:
         """The image digest over DEST.partial's own content, as fingerprinted after each write (see write_batch)."""
@@ -393,6 +411,11 @@ class DestinationImage:
 
     def close(self) -> None:
         self._stop_allocation()
+        if self._stores_mmap is not None:
+            self._stores = None
+            with contextlib.suppress(BufferError):
+                self._stores_mmap.close()
+            self._stores_mmap = None
         if self._mmap is not None:
             self.array = np.empty(0, dtype=np.uint8)
             with contextlib.suppress(BufferError):

@@ -66,7 +66,7 @@ from .protocol import (
 from .qemu import DestHandoff, check_backend
 from .qmp import Qmp
 from .receiver import PassBarrier, RecvPipeline
-from .resume import ReceiverState, resume_frames
+from .resume import ReceiverState, StateNotWritable, resume_frames
 from .send import usable_cpus
 from .stats import Stats
 from .tls import TlsOptions, wrap_server
@@ -380,8 +380,11 @@ class Receiver:
                 state = ReceiverState(
                     hello.session_id.hex(), hello.image_size, hello.page_size, hello.codec, hello.batch_pages
                 )
-                state.save(opts.destination)  # from here on a dropped link leaves a resumable DEST.partial
-                self.state = state
+                try:
+                    state.save(opts.destination)  # from here on a dropped link leaves a resumable DEST.partial
+                    self.state = state
+                except StateNotWritable as exc:
+                    self.notice(f"cannot keep resume state beside DEST ({exc}): this migration cannot be resumed")
 
     def _check_resume(self, hello: Hello) -> None:
         """A resuming sender needs a kept session with its id and parameters; a fresh one needs none."""

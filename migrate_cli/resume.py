@@ -19,6 +19,7 @@ its normal dirty scan then sends exactly the pages that are missing or differ. T
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,9 @@ def write_json_atomically(path: str, data: dict[str, Any]) -> None:
     try:
         os.write(fd, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
         os.fsync(fd)
+    except OSError:
+        os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -64,6 +68,10 @@ def _read_json(path: str) -> dict[str, Any]:
 # --- receiver --------------------------------------------------------------------------------------------------
 
 
+class StateNotWritable(DestinationError):
+    """DEST's file system takes no ordinary files (hugetlbfs refuses write(2)): the migration runs, not resumable."""
+
+
 def receiver_state_path(dest: str) -> str:
     return dest + ".partial.state"
 
@@ -82,6 +90,8 @@ class ReceiverState:
                 receiver_state_path(dest), {"version": STATE_VERSION, "created": time.time(), **asdict(self)}
             )
         except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise StateNotWritable(f"{receiver_state_path(dest)}: {exc.strerror}") from None
             raise DestinationError(f"cannot write {receiver_state_path(dest)}: {exc.strerror}") from None
 
     @staticmethod

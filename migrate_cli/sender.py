@@ -157,7 +157,8 @@ class SendPipeline:
         fingerprint_pages(copy.reshape(-1), ps, normal_fps)
         self.fingerprints[ids[nonzero]] = normal_fps
         flat = copy.reshape(-1)
-        if compressor is None:
+        # auto on a link faster than the compressors (loopback, LAN): raw, before any other work on the batch
+        if compressor is None or (self.auto is not None and self.auto.link_faster()):
             frame = Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices)
             return EncodedBatch([frame], partial(free.put, buf))
         if not self.codec.skips_incompressible and normal >= 2 * MIN_RUN:
@@ -227,8 +228,6 @@ class SendPipeline:
             if self.codec.wire_id == Encoding.ZLIB and self._sample_ratio(compressor, flat, ps) <= 1 + MARGIN:
                 return None
             return compressor.compress(flat)
-        if self.auto.link_faster():
-            return None
         if not self.auto.worth_compressing(self._sample_ratio(compressor, flat, ps)):
             return None
         watch = Stopwatch()

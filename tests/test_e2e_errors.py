@@ -362,6 +362,42 @@ def test_a_disk_that_fills_during_the_migration_fails_it_the_same_way(
     assert list(tmpfs_24m.iterdir()) == []
 
 
+@pytest.fixture
+def hugetlbfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A hugetlbfs mount with 16 huge pages reserved for the test (and the old reservation restored after)."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    try:
+        before = knob.read_text()
+        knob.write_text(str(int(before) + 16))
+    except OSError as exc:
+        pytest.skip(f"cannot reserve huge pages here: {exc}")
+    mount = tmp_path / "huge"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "hugetlbfs", "none", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        knob.write_text(before)
+        pytest.skip(f"cannot mount hugetlbfs here: {result.stderr.decode().strip()}")
+    yield mount
+    for leftover in mount.iterdir():
+        leftover.unlink()
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+    knob.write_text(before)
+
+
+def test_a_hugetlbfs_destination_has_no_write_call_and_is_written_through_a_mapping(
+    procs: Processes, hugetlbfs: Path, image_8m: Path
+) -> None:
+    """hugetlbfs refuses write(2) (EINVAL) where tmpfs takes pwrite: the receiver stores through a mapping there."""
+    dest = hugetlbfs / "dest.img"
+    recv = procs.recv(dest)
+    send_code, _, send_err = procs.send(image_8m, recv.address).wait()
+    recv_code, _, recv_err = recv.wait()
+    assert (send_code, recv_code) == (0, 0), send_err + recv_err
+    assert dest.read_bytes() == image_8m.read_bytes()
+    assert "this migration cannot be resumed" in recv_err, "no state file on hugetlbfs: said, not failed"
+    assert sorted(p.name for p in hugetlbfs.iterdir()) == ["dest.img"]
+
+
 # --- signals and usage ------------------------------------------------------------------------------------------
 
 
