@@ -27,7 +27,7 @@ from . import codec as codecs
 from .adaptive import MARGIN, AutoPolicy, Stopwatch
 from .codec import Compressor
 from .digest import fingerprint_pages, zero_fingerprint
-from .entropy import MIN_RUN, incompressible, runs
+from .entropy import MIN_RUN, incompressible_batch, runs
 from .image import SourceImage
 from .pipeline import Failure, Stopped, get, put, spawn
 from .protocol import Encoding, Pages, encode_parts
@@ -162,7 +162,7 @@ class SendPipeline:
             frame = Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices)
             return EncodedBatch([frame], partial(free.put, buf))
         if not self.codec.skips_incompressible and normal >= 2 * MIN_RUN:
-            segments = runs(incompressible(copy))
+            segments = runs(incompressible_batch(copy))
         else:
             segments = [(0, normal, False)]
         if len(segments) == 1:  # the usual case: one frame for the batch

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from zlib_ng import zlib_ng
 
-from migrate_cli.entropy import MIN_RUN, incompressible, runs
+from migrate_cli.entropy import MIN_RUN, incompressible, incompressible_batch, runs
 
 from .conftest import make_image
 
@@ -52,6 +52,17 @@ def test_a_page_with_few_distinct_bytes_is_compressed_even_if_scrambled() -> Non
     rng = np.random.default_rng(7)
     scrambled_text = rng.choice(np.frombuffer(b"etaoin shrdlu", dtype=np.uint8), size=(4, PAGE))
     assert not incompressible(scrambled_text).any()
+
+
+def test_a_batch_whose_probes_agree_is_taken_as_uniform_and_one_that_mixes_is_tested_page_by_page(
+    tmp_path: Path,
+) -> None:
+    random = pages_of(make_image(tmp_path / "r.img", 1 << 20, profile="random"))
+    text = pages_of(make_image(tmp_path / "t.img", 1 << 20, profile="text"))
+    assert incompressible_batch(random).all() and not incompressible_batch(text).any()
+    mixed = np.concatenate([text[:100], random[:60], text[100:196]])
+    assert np.array_equal(incompressible_batch(mixed), incompressible(mixed))
+    assert incompressible_batch(mixed)[100:160].all() and not incompressible_batch(mixed)[:100].any()
 
 
 def test_an_empty_batch_has_no_verdicts() -> None:
