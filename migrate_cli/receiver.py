@@ -19,8 +19,8 @@ from collections.abc import Callable
 import numpy as np
 
 from . import codec as codecs
+from .destination import DestinationImage
 from .errors import ProtocolError
-from .image import DestinationImage
 from .pipeline import Failure, Stopped, get, put, spawn
 from .protocol import MAX_BATCH_PAGES, Encoding, Header, Pages
 from .stats import Stats

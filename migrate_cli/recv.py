@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec as codecs
 from .control import ControlServer
+from .destination import DestinationImage, DiscardSink, InPlaceDestination, check_destination
 from .errors import (
     CancelledError,
     DestinationModified,
@@ -40,7 +41,6 @@ from .errors import (
     UsageError,
     peer_abort,
 )
-from .image import DestinationImage, DiscardSink, InPlaceDestination, check_destination
 from .pipeline import Failure, spawn
 from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
 from .protocol import (

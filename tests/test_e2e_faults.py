@@ -101,10 +101,10 @@ def test_processes_exit_on_their_own_after_a_resumed_migration(procs: Processes,
     source = make_image(tmp_path / "vm.ram", 8 * MiB)
     dest = tmp_path / "dest.img"
     recv = procs.recv(dest, "--resume-window", "30s")
-    first = procs.send(source, recv.address, "--max-bandwidth", "4M", "--state-file", str(tmp_path / "s"))
+    first = procs.send(source, recv.address, "--max-bandwidth", "1M", "--state-file", str(tmp_path / "s"))
     time.sleep(0.8)
     os.kill(first.popen.pid, signal.SIGKILL)
-    first.wait()
+    assert first.wait()[0] == -signal.SIGKILL, "the first sender must be killed mid-way (~2.4 MiB at 1 MB/s)"
     assert procs.send(source, recv.address, "--resume", "--state-file", str(tmp_path / "s")).wait(60)[0] == 0
     assert recv.wait(30)[0] == 0
     alive = [p.pid for p in procs.started if psutil.pid_exists(p.pid) and p.poll() is None]

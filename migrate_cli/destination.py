@@ -1,0 +1,441 @@
+"""The destination image: created, filled, read back, published (or discarded).
+
+``DEST.partial`` is created beside DEST (O_EXCL | O_NOFOLLOW, mode 0600), sized, and allocated in full on a thread
+of its own while pages arrive (allocate.py; the first 16 MiB before the sender is welcomed, so a full disk usually
+fails before any page is sent). Workers write it with pwrite and read it back through a read-only mapping for the
+fingerprints; it is flushed, and renamed to DEST only after the digest matched. Nothing else ever creates DEST.
+``recv --in-place`` writes an existing file or device instead; ``recv --discard`` keeps nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import mmap
+import os
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .allocate import Allocation
+from .digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
+from .errors import DestinationError
+
+
+def partial_path(dest: str) -> str:
+    return dest + ".partial"
+
+
+def check_destination(dest: str, force: bool, in_place: bool = False) -> None:
+    """Refuse an existing DEST (without --force) and a leftover DEST.partial (naming --force). Before listening.
+
+    With ``in_place`` DEST must exist (a file, memfd or block device) and be writable; it is checked for size later.
+    """
+    if in_place:
+        if not os.path.exists(dest):
+            raise DestinationError(f"destination {dest} does not exist: --in-place writes into an existing one")
+        if not os.access(dest, os.W_OK):
+            raise DestinationError(f"destination {dest} is not writable")
+        return
+    if os.path.exists(dest) and (not stat.S_ISREG(os.stat(dest).st_mode) or _is_memfd(dest)):
+        raise DestinationError(f"destination {dest} is a device or memfd: use --in-place to write into it")
+    partial = partial_path(dest)
+    parent = Path(dest).parent
+    if not parent.is_dir():
+        raise DestinationError(f"destination {dest}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DestinationError(f"destination {dest}: directory {parent} is not writable")
+    if os.path.lexists(dest) and not force:
+        raise DestinationError(f"destination {dest} already exists (use --force to overwrite it)")
+    if os.path.isdir(dest):
+        raise DestinationError(f"destination {dest} is a directory")
+    state = partial + ".state"  # resume.receiver_state_path
+    if os.path.lexists(partial):
+        if not force:
+            if os.path.lexists(state):
+                raise DestinationError(
+                    f"leftover {partial} from an interrupted migration: `vmmig recv --resume {dest}` continues it "
+                    "(or use --force to remove it and start over)"
+                )
+            raise DestinationError(
+                f"leftover {partial} from an earlier migration (use --force to remove it and start over; "
+                "without its state file it cannot be resumed)"
+            )
+        os.unlink(partial)  # unlink never follows a symlink
+    if force and os.path.lexists(state):
+        os.unlink(state)
+
+
+class DestinationImage:
+    """DEST.partial: written with pwrite by the workers (disjoint page ranges, no lock), read back through a
+    read-only shared mapping for the fingerprints, allocated in full on a thread of its own (allocate.py)."""
+
+    def __init__(self, dest: str, size: int, page_size: int, sparse: bool = False) -> None:
+        self.dest = dest
+        self.partial = partial_path(dest)
+        self.size = size
+        self.page_size = page_size
+        self.pages = size // page_size
+        self._mmap: mmap.mmap | None = None
+        # What DEST holds, page by page (a fresh file is all zeros); kept current by write_batch. Allocated first:
+        # an image too large to track fails here, before any file exists.
+        self._init_writes(page_size)
+        self.fingerprints = fingerprint_array(self.pages, self._zero_fp, dest)
+        self._allocation: Allocation | None = None  # allocated on a thread ahead of the writers (allocate.py)
+        try:
+            self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise DestinationError(f"{self.partial} appeared while preparing (another vmmig recv?)") from None
+        except OSError as exc:
+            raise DestinationError(f"destination {self.partial}: cannot create: {exc.strerror}") from None
+        try:  # --sparse allocates nothing
+            if sparse:
+                os.ftruncate(self._fd, size)
+            else:
+                self._allocation = Allocation(self._fd, size)
+                self._allocation.start()
+            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            self._stop_allocation()
+            self._cleanup_fd()
+            os.unlink(self.partial)
+            raise self._allocation_error(exc) from None
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def _init_writes(self, page_size: int) -> None:
+        self._zero_fp = zero_fingerprint(page_size)
+        self._zero_page = bytes(page_size)
+        self._stores: np.ndarray | None = None  # a writable mapping, only where pwrite is refused (hugetlbfs)
+        self._stores_mmap: mmap.mmap | None = None
+        self._stores_lock = threading.Lock()
+
+    def _allocation_error(self, exc: OSError) -> DestinationError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DestinationError(f"destination {self.partial}: no space left on device for {self.size} bytes")
+        return DestinationError(f"destination {self.partial}: cannot allocate {self.size} bytes: {exc.strerror}")
+
+    def finish_allocation(self) -> None:
+        """Wait for the whole of DEST.partial to be allocated: a published DEST is never short of space."""
+        if self._allocation is not None:
+            try:
+                self._allocation.finish()
+            except OSError as exc:
+                raise self._allocation_error(exc) from None
+
+    def _stop_allocation(self) -> None:
+        if self._allocation is not None:
+            self._allocation.stop()
+
+    @classmethod
+    def adopt(cls, dest: str, size: int, page_size: int) -> DestinationImage:
+        """Open the DEST.partial an interrupted migration left (``recv --resume``); its content is kept as it is."""
+        self = cls.__new__(cls)
+        self._map_existing(
+            dest, partial_path(dest), size, page_size, os.O_NOFOLLOW,
+            opening=f"cannot open {partial_path(dest)} to resume",
+            mapping=f"cannot map {partial_path(dest)}",
+            wrong_size=lambda actual: (
+                f"{partial_path(dest)} is {actual} bytes, but its state file says {size}: it cannot be resumed"
+            ),
+        )  # fmt: skip
+        return self
+
+    def _map_existing(
+        self,
+        dest: str,
+        path: str,
+        size: int,
+        page_size: int,
+        flags: int,
+        opening: str,
+        mapping: str,
+        wrong_size: Callable[[int], str],
+    ) -> None:
+        """Map an existing file (or device) of exactly ``size`` bytes read-write, its content unknown: the
+        fingerprints start at 0, which no page hashes to (an adopted DEST.partial, an --in-place DEST)."""
+        self.dest, self.partial, self.size, self.page_size = dest, path, size, page_size
+        self.pages = size // page_size
+        self._mmap = None
+        self._allocation = None  # an existing file: allocated already (or by its owner)
+        self._init_writes(page_size)
+        self.fingerprints = fingerprint_array(self.pages, 0, dest)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
+        except OSError as exc:
+            raise DestinationError(f"{opening}: {exc.strerror}") from None
+        try:
+            actual = destination_size(self._fd)
+            if actual != size:
+                raise DestinationError(wrong_size(actual))
+            self._mmap = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            self._cleanup_fd()
+            raise DestinationError(f"{mapping}: {exc.strerror}") from None
+        except DestinationError:
+            self._cleanup_fd()
+            raise
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def refingerprint(self, threads: int) -> np.ndarray:
+        """Fingerprint what DEST.partial holds now, read back from the file: the truth a resume starts from."""
+        self.fingerprints[:] = fingerprint_image(self.array, self.page_size, threads)
+        return self.fingerprints
+
+    def write_batch(
+        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
+    ) -> None:
+        """Place a decoded batch, then fingerprint what DEST now holds at those pages.
+
+        ``data`` holds the non-zero pages in order; zero pages become zeros. The fingerprints are read back from the
+        mapping (not from ``data``), so the end digest is computed over DEST itself, incrementally: at END only
+        hashing the fingerprint array remains, which keeps the receiver's share of a live downtime small.
+
+        A zero page is neither read nor written where the fingerprint array says DEST holds zeros there already
+        (a fresh file is all zeros): on a typical guest that skips 40% of the pages, their page faults included.
+        """
+        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+        if indices is not None:
+            self._write_list(np.frombuffer(indices, dtype=">u8").astype(np.int64), zero, data)
+            return
+        ps = self.page_size
+        base = start * ps
+        region = self.array[base : base + count * ps]
+        fps = self.fingerprints[start : start + count]
+        if not zero.any():
+            self._pwrite(data, base)
+            fingerprint_pages(region, ps, fps)
+            return
+        src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
+        pos = 0
+        # Walk runs of equal kind: one write per run, not per page.
+        edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
+        bounds = [0, *edges.tolist(), count]
+        for lo, hi in itertools.pairwise(bounds):
+            if zero[lo]:
+                held = np.flatnonzero(fps[lo:hi] != self._zero_fp)
+                for page in (lo + held).tolist():  # only pages that hold something else are zeroed
+                    self._pwrite(self._zero_page, base + page * ps)
+                fps[lo:hi] = self._zero_fp
+            else:
+                n = (hi - lo) * ps
+                assert src is not None
+                self._pwrite(src[pos : pos + n], base + lo * ps)
+                pos += n
+                fingerprint_pages(region[lo * ps : hi * ps], ps, fps[lo:hi])
+
+    def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview) -> None:
+        ps = self.page_size
+        pages2d = self.array.reshape(self.pages, ps)
+        normal_ids = ids[~zero]
+        if normal_ids.size:
+            src = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
+            breaks = np.flatnonzero(np.diff(normal_ids) != 1) + 1  # one write per run of consecutive pages
+            for lo, hi in itertools.pairwise([0, *breaks.tolist(), normal_ids.size]):
+                self._pwrite(src[lo:hi], int(normal_ids[lo]) * ps)
+            fps = np.empty(normal_ids.size, dtype=np.uint64)
+            fingerprint_pages(pages2d[normal_ids], ps, fps)  # read back from DEST (a gathered copy)
+            self.fingerprints[normal_ids] = fps
+        zero_ids = ids[zero]
+        if zero_ids.size:
+            for page in zero_ids[self.fingerprints[zero_ids] != self._zero_fp].tolist():
+                self._pwrite(self._zero_page, page * ps)
+            self.fingerprints[zero_ids] = self._zero_fp
+
+    def _pwrite(self, data: bytes | memoryview | np.ndarray, offset: int) -> None:
+        """Write through the file, never through the mapping (which is read-only): a page written whole is neither
+        faulted in nor zeroed first (tmpfs: half the cost of a store through the mapping), and a full disk is
+        ENOSPC here instead of a SIGBUS."""
+        view = memoryview(data).cast("B")
+        while view:
+            if self._stores is not None:
+                self._stores[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
+                return
+            try:
+                written = os.pwrite(self._fd, view, offset)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # hugetlbfs has no write(2): store through a writable mapping
+                    self._map_for_stores()
+                    continue
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self._allocation_error(exc) from None
+                raise DestinationError(f"destination {self.partial}: write failed: {exc.strerror}") from None
+            view, offset = view[written:], offset + written
+
+    def _map_for_stores(self) -> None:
+        with self._stores_lock:
+            if self._stores is None:
+                self._stores_mmap = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+                self._stores = np.frombuffer(self._stores_mmap, dtype=np.uint8)
+
+    def digest(self, threads: int) -> bytes:
+        """The image digest over DEST.partial's own content, as fingerprinted after each write (see write_batch)."""
+        return image_digest(self.fingerprints)
+
+    def flush(self) -> None:
+        assert self._mmap is not None
+        try:
+            self._mmap.flush()
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise DestinationError(f"destination {self.partial}: flush failed: {exc.strerror}") from None
+
+    def publish(self, force: bool = False) -> None:
+        """Rename DEST.partial to DEST (after verification) and make the rename durable.
+
+        Without ``force`` a DEST that appeared during the migration is not replaced: link(2) fails on it.
+        """
+        self.finish_allocation()
+        self.close()
+        try:
+            if force:
+                os.rename(self.partial, self.dest)
+            else:
+                try:
+                    os.link(self.partial, self.dest)
+                    os.unlink(self.partial)
+                except FileExistsError:
+                    raise DestinationError(
+                        f"destination {self.dest} appeared during the migration: not replaced (use --force)"
+                    ) from None
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    if os.path.lexists(self.dest):  # no hard links here: check, then rename
+                        raise DestinationError(
+                            f"destination {self.dest} appeared during the migration: not replaced (use --force)"
+                        ) from None
+                    os.rename(self.partial, self.dest)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(self.dest)), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise DestinationError(f"destination {self.dest}: cannot publish: {exc.strerror}") from None
+
+    def discard(self, keep_partial: bool = False) -> None:
+        self.close()
+        if not keep_partial:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial)
+
+    def _cleanup_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        self._stop_allocation()
+        if self._stores_mmap is not None:
+            self._stores = None
+            with contextlib.suppress(BufferError):
+                self._stores_mmap.close()
+            self._stores_mmap = None
+        if self._mmap is not None:
+            self.array = np.empty(0, dtype=np.uint8)
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+            self._mmap = None
+        self._cleanup_fd()
+
+
+class InPlaceDestination(DestinationImage):
+    """`recv --in-place`: write straight into an existing file, memfd or block device of exactly the image size.
+
+    Nothing is created, truncated or renamed (a destination QEMU may already have the file open). Nothing is
+    assumed about the old content: every page of pass 1 is written, zero pages as zeros. A failure leaves DEST
+    modified but unverified (exit code 13), since the old content cannot be restored.
+    """
+
+    def __init__(self, dest: str, size: int, page_size: int) -> None:
+        self.modified = False
+        # Unknown old content: pass 1 writes every page (a fingerprint of 0 makes write_batch zero the zero pages).
+        self._map_existing(
+            dest, dest, size, page_size, 0,
+            opening=f"destination {dest}: cannot open for writing",
+            mapping=f"destination {dest}: cannot map",
+            wrong_size=lambda actual: (
+                f"destination {dest} is {actual} bytes, but the image is {size} bytes: --in-place needs them equal"
+            ),
+        )  # fmt: skip
+
+    def write_batch(
+        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
+    ) -> None:
+        self.modified = True
+        super().write_batch(start, count, zero_bitmap, data, indices)
+
+    def publish(self, force: bool = False) -> None:
+        self.close()  # written in place: nothing to rename
+
+    def discard(self, keep_partial: bool = False) -> None:
+        self.close()  # never delete someone else's file
+
+
+def fingerprint_array(pages: int, fill: int, dest: str) -> np.ndarray:
+    """8 bytes per page to track what DEST holds; a size the receiver cannot track is a destination error."""
+    try:
+        return np.full(pages, fill, dtype=np.uint64)
+    except (MemoryError, ValueError):
+        raise DestinationError(
+            f"destination {dest}: cannot track {pages} pages ({pages * 8} bytes of fingerprints): image too large"
+        ) from None
+
+
+def _is_memfd(path: str) -> bool:
+    """A memfd reached as /proc/PID/fd/N: a regular file to stat, but it cannot be renamed over."""
+    return os.path.islink(path) and os.readlink(path).startswith("/memfd:")
+
+
+def destination_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+class DiscardSink:
+    """`recv --discard`: decode and check everything, keep nothing but one fingerprint per page.
+
+    Workers fingerprint each decoded page as they would write it; the digest is computed from those. Later passes
+    overwrite earlier fingerprints (the PASS_END barrier orders them), exactly as they would overwrite pages.
+    """
+
+    dest = "(discarded)"
+
+    def __init__(self, size: int, page_size: int) -> None:
+        self.size = size
+        self.page_size = page_size
+        self.pages = size // page_size
+        self.fingerprints = fingerprint_array(self.pages, zero_fingerprint(page_size), "(discard)")
+        self._zero = zero_fingerprint(page_size)
+
+    def write_batch(
+        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
+    ) -> None:
+        ids = (
+            np.arange(start, start + count) if indices is None else np.frombuffer(indices, dtype=">u8").astype(np.int64)
+        )
+        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+        self.fingerprints[ids[zero]] = self._zero
+        normal = int(count - np.count_nonzero(zero))
+        if normal:
+            out = np.empty(normal, dtype=np.uint64)
+            fingerprint_pages(np.frombuffer(data, dtype=np.uint8), self.page_size, out)
+            self.fingerprints[ids[~zero]] = out
+
+    def digest(self, threads: int) -> bytes:
+        return image_digest(self.fingerprints)
+
+    def flush(self) -> None:
+        pass
+
+    def publish(self, force: bool = False) -> None:
+        pass
+
+    def discard(self, keep_partial: bool = False) -> None:
+        pass
