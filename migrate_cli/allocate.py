@@ -20,7 +20,10 @@ import errno
 import os
 import threading
 
-CHUNK = 16 << 20  # bytes per fallocate call: a failure or a stop is noticed within one chunk
+FIRST = 16 << 20  # allocated before WELCOME: a disk without even this much room fails before any page is sent
+# Bytes per fallocate call on the thread. Each call holds the file's inode lock, which the workers' pwrite calls
+# need too: 2 MiB calls (~0.5 ms) made both ends ~4% faster than 16 MiB ones (~4 ms).
+CHUNK = 2 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)  # CDLL releases the GIL during the call
 _fallocate = _libc.fallocate
@@ -54,7 +57,7 @@ class Allocation:
         """Allocate the first chunk now (raises OSError: a full disk fails here), then the rest on a thread.
 
         The file is extended to ``size`` first, so the whole mapping is valid before any of it is allocated."""
-        first = min(CHUNK, self.size)
+        first = min(FIRST, self.size)
         try:
             fallocate(self._fd, 0, first)
         except OSError as exc:

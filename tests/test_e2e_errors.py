@@ -327,7 +327,7 @@ def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def tmpfs_24m(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Room for the first allocation chunk (16 MiB), not for a 64 MiB image: the disk fills mid-migration."""
+    """Room for what is allocated before WELCOME (16 MiB), not for a 64 MiB image: the disk fills mid-migration."""
     yield mount_tmpfs(tmp_path / "24m", "24m")
     subprocess.run(["umount", "-l", str(tmp_path / "24m")], check=False)
 
