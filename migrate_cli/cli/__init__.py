@@ -1,0 +1,10 @@
+"""The `vmmig` command line: parse options, build a frozen options object, call the library, map errors to exits.
+
+This layer is thin on purpose: no migration logic lives here. Every error becomes one line on stderr
+(``vmmig send: <reason>``) and the exit code its class carries (errors.py); --debug adds the traceback.
+"""
+
+from . import recv_command, send_command, tool_commands  # noqa: F401  (each registers its commands on main)
+from .app import main
+
+__all__ = ["main"]

@@ -1,0 +1,155 @@
+"""Option types (sizes, rates, durations), the options every command shares, and how a command's outcome
+becomes one stderr line and an exit code."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+
+from ..errors import ExitCode, Interrupted, MigrateError
+from ..image import check_page_size
+from ..units import parse_duration, parse_rate, parse_size
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class RateType(click.ParamType):
+    name = "RATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        try:
+            return parse_rate(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE, RATE, DURATION = SizeType(), RateType(), DurationType()
+
+
+def page_size_option(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    try:
+        check_page_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def tls_options(cert: str | None, key: str | None, ca: str | None, peer_name: str | None) -> Any:
+    from ..tls import TlsOptions
+
+    try:
+        return TlsOptions.from_cli(cert, key, ca, peer_name)
+    except MigrateError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def raise_interrupted(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Interrupted(signum, signal.Signals(signum).name)
+
+
+def execute(command: str, debug: bool, call: Callable[[], Any]) -> NoReturn:
+    """Run a command body; turn its outcome into one stderr line and an exit code."""
+    signal.signal(signal.SIGINT, raise_interrupted)
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        call()
+    except MigrateError as exc:
+        if debug:
+            traceback.print_exc()
+            detail = getattr(exc, "detail", None)
+            if detail:
+                print(detail, file=sys.stderr)
+        print(f"vmmig {command}: {exc}", file=sys.stderr)
+        sys.exit(int(exc.exit_code))
+    except Exception as exc:  # a bug: say so, in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"vmmig {command}: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        sys.exit(int(ExitCode.INTERNAL))
+    sys.exit(0)
+
+
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
+    f"  {int(c):>3}  {c.name.lower().replace('_', '-')}" for c in ExitCode
+)
+
+common_options = [
+    click.option(
+        "--io-timeout", type=DURATION, default="30s", show_default=True, help="Fail when the peer is silent this long."
+    ),
+    click.option("--json", "json_output", is_flag=True, help="Print one final JSON report on stdout."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary line (errors still print)."),
+    click.option("--debug", is_flag=True, help="Show tracebacks with errors."),
+    click.option(
+        "--verbose", "-v", is_flag=True, help="Without a terminal: also print each phase (connected, allocated, ...)."
+    ),
+    click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="This end's certificate (PEM)."),
+    click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="This end's private key (PEM)."),
+    click.option(
+        "--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA that signed the peer's certificate (PEM)."
+    ),
+    click.option(
+        "--tls-peer-name",
+        default=None,
+        metavar="NAME",
+        help="Name the peer's certificate must carry (send: default the host connected to; recv: checked if given).",
+    ),
+    click.option(
+        "--handshake-timeout",
+        type=DURATION,
+        default="10s",
+        show_default=True,
+        help="Bound on the whole handshake, TLS included.",
+    ),
+    click.option(
+        "--control",
+        type=click.Path(dir_okay=False),
+        default=None,
+        metavar="SOCKET",
+        help="Open a unix control socket (mode 0600) for `vmmig ctl SOCKET status|set|cancel`.",
+    ),
+    click.option(
+        "--stats",
+        "stats_path",
+        type=click.Path(dir_okay=False, allow_dash=True),
+        default=None,
+        metavar="FILE",
+        help="Write NDJSON statistics to FILE ('-' for stdout): one object a second and one per pass (docs/STATS.md).",
+    ),
+]
+
+
+def with_common(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(common_options):
+        func = option(func)
+    return func

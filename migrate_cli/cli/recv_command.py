@@ -1,0 +1,160 @@
+"""`vmmig recv`: options parsed into the library's options object, then the library runs."""
+
+from __future__ import annotations
+
+import click
+
+from .app import main
+from .params import DURATION, EXIT_CODES_HELP, execute, tls_options, with_common
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("destination", metavar="DEST", required=False)
+@click.option(
+    "--listen",
+    "listen_address",
+    default="127.0.0.1:4444",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to listen on; port 0 picks a free one; IPv6 as [::1]:4444.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a non-loopback listen address: guest memory then crosses the network unencrypted.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing DEST and remove a leftover DEST.partial.")
+@click.option("--keep-partial", is_flag=True, help="On failure keep DEST.partial for inspection.")
+@click.option("--sparse", is_flag=True, help="Do not preallocate: zero pages stay holes on disk file systems.")
+@click.option(
+    "--decompress-threads",
+    "threads",
+    type=click.IntRange(min=1, max=256),
+    default=None,
+    help="Worker threads for decompression [default: CPUs available].",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the bound HOST:PORT here once accepting connections (for scripts using port 0).",
+)
+@click.option(
+    "--qmp",
+    type=click.Path(),
+    default=None,
+    metavar="SOCKET",
+    help="QEMU mode: the destination QEMU's monitor (started with -incoming defer -S). Needs --in-place on its RAM.",
+)
+@click.option(
+    "--on-failure",
+    type=click.Choice(["keep", "quit-dest"]),
+    default="keep",
+    show_default=True,
+    help="QEMU mode: after a failure leave the destination QEMU as it is, or quit it.",
+)
+@click.option(
+    "--in-place",
+    is_flag=True,
+    help="Write into an existing DEST (file, memfd /proc/PID/fd/N, block device) of exactly the image size: no "
+    ".partial, no rename. A failure leaves it modified and unverified (exit 13).",
+)
+@click.option(
+    "--discard",
+    is_flag=True,
+    help="Decode and verify everything but keep nothing (no DEST): measures the link and the pipeline.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Adopt DEST.partial and its state file left by an interrupted migration and wait for its sender "
+    "(vmmig send --resume, or --retries) to continue it.",
+)
+@click.option(
+    "--resume-window",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="After the link drops, keep listening this long for the same session to resume (0: exit at once). "
+    "DEST.partial and its state file are kept either way.",
+)
+@with_common
+def recv(
+    destination: str | None,
+    listen_address: str,
+    insecure: bool,
+    force: bool,
+    keep_partial: bool,
+    sparse: bool,
+    threads: int | None,
+    ready_file: str | None,
+    qmp: str | None,
+    on_failure: str,
+    in_place: bool,
+    discard: bool,
+    resume: bool,
+    resume_window: float,
+    io_timeout: float,
+    json_output: bool,
+    quiet: bool,
+    debug: bool,
+    verbose: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_peer_name: str | None,
+    handshake_timeout: float,
+    control: str | None,
+    stats_path: str | None,
+) -> None:
+    """Receive one migration into DEST, then exit.
+
+    Pages are written into DEST.partial (created beside DEST, allocated at full size before the sender starts),
+    which is renamed to DEST only after its digest matches the sender's. DEST is never created unverified.
+    When the link drops (lost connection, silence, a corrupted frame), DEST.partial and DEST.partial.state are
+    kept and the receiver waits --resume-window for the sender to resume; `vmmig recv --resume DEST` adopts them
+    later (after a crash too). Any other failure removes DEST.partial (unless --keep-partial). A ready line with
+    the bound address goes to stderr.
+
+    \b
+    Examples:
+      vmmig recv /dev/shm/vm.ram                                   # 127.0.0.1:4444
+      vmmig recv --listen 0.0.0.0:4444 --insecure /dev/shm/vm.ram
+      vmmig recv --listen 127.0.0.1:0 --ready-file port.txt out.img
+      vmmig recv --discard --control /run/vmmig-recv.sock          # measure the link, keep nothing
+      vmmig recv --resume /dev/shm/vm.ram                          # continue an interrupted migration
+    """
+    from ..recv import RecvOptions, run
+
+    if (destination is None) == (not discard):
+        raise click.UsageError("give DEST, or --discard to keep nothing (not both)")
+    if qmp and not in_place:
+        raise click.UsageError("--qmp (QEMU mode) writes into the destination QEMU's RAM: add --in-place")
+    if in_place and (discard or sparse or keep_partial):
+        raise click.UsageError("--in-place writes into DEST itself: it excludes --discard, --sparse and --keep-partial")
+
+    opts = RecvOptions(
+        destination=destination or "",
+        listen=listen_address,
+        insecure=insecure,
+        force=force,
+        keep_partial=keep_partial,
+        sparse=sparse,
+        threads=threads or 0,
+        ready_file=ready_file,
+        io_timeout=io_timeout,
+        json=json_output,
+        quiet=quiet,
+        discard=discard,
+        in_place=in_place,
+        qmp=qmp,
+        on_failure=on_failure,
+        control=control,
+        stats_path=stats_path,
+        verbose=verbose,
+        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
+        handshake_timeout=handshake_timeout,
+        resume=resume,
+        resume_window=resume_window,
+    )
+    execute("recv", debug, lambda: run(opts))

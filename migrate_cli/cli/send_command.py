@@ -1,0 +1,277 @@
+"""`vmmig send`: options parsed into the library's options object, then the library runs."""
+
+from __future__ import annotations
+
+import click
+
+from .. import codec as codecs
+from ..image import DEFAULT_PAGE_SIZE
+from .app import main
+from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_option, tls_options, with_common
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("source", metavar="IMAGE")
+@click.argument("destination", metavar="HOST:PORT")
+@click.option(
+    "--compress",
+    "codec",
+    type=click.Choice([*codecs.names(), "auto"]),
+    default=codecs.DEFAULT_CODEC,
+    show_default=True,
+    help="Codec for page batches; a batch that does not shrink is sent raw whatever the codec. 'auto': zlib, "
+    "but each batch goes raw when measurement says compressing it costs more than it saves.",
+)
+@click.option("--level", type=int, default=None, help="Compression level (zlib 1-9, zstd 1-19; default 1).")
+@click.option(
+    "--compress-threads",
+    "threads",
+    type=click.IntRange(min=1, max=256),
+    default=None,
+    help="Worker threads for zero-page scanning and compression [default: CPUs available].",
+)
+@click.option(
+    "--max-bandwidth",
+    type=RATE,
+    default="0",
+    show_default=True,
+    help="Cap on wire bytes per second, e.g. 350M or 100MiB; 0 or 'unlimited' for none.",
+)
+@click.option(
+    "--page-size",
+    type=SIZE,
+    default=str(DEFAULT_PAGE_SIZE),
+    show_default=True,
+    callback=page_size_option,
+    help="Page size: a power of two; the image must be a whole number of pages.",
+)
+@click.option(
+    "--batch-size",
+    type=SIZE,
+    default="1MiB",
+    show_default=True,
+    help="Bytes of pages per batch: the unit of compression, framing and CRC.",
+)
+@click.option(
+    "--channels",
+    type=click.IntRange(min=1, max=16),
+    default=1,
+    show_default=True,
+    help="TCP connections for this migration (like QEMU's multifd); batches spread over them, one cap for all.",
+)
+@click.option(
+    "--connect-timeout",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="Keep retrying the connection this long (the receiver may start later).",
+)
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Live migration: copy while the guest runs, re-send changed pages pass after pass, then pause it "
+    "for the last pages. Needs --pause-pid, --qmp or --pause-cmd.",
+)
+@click.option(
+    "--pause-pid",
+    type=int,
+    default=None,
+    metavar="PID",
+    help="Pause the guest process with SIGSTOP/SIGCONT. Without --live: stop-and-copy.",
+)
+@click.option(
+    "--qmp",
+    type=click.Path(),
+    default=None,
+    metavar="SOCKET",
+    help="Pause a QEMU guest with QMP stop/cont on this monitor socket (preferred for QEMU).",
+)
+@click.option("--pause-cmd", default=None, metavar="CMD", help="Shell command that pauses the guest.")
+@click.option("--unpause-cmd", default=None, metavar="CMD", help="Shell command that resumes the guest.")
+@click.option(
+    "--hook-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="Bound on --pause-cmd/--unpause-cmd and on QMP replies.",
+)
+@click.option(
+    "--dirty-tracking",
+    type=click.Choice(["fingerprint", "soft-dirty"]),
+    default="fingerprint",
+    show_default=True,
+    help="How changed pages are found: 'fingerprint' hashes every page each pass (any mapping); 'soft-dirty' is "
+    "EXPERIMENTAL (needs --pause-pid and kernel support; falls back to fingerprint with a notice).",
+)
+@click.option(
+    "--downtime-limit",
+    type=DURATION,
+    default="300ms",
+    show_default=True,
+    help="Switch over once the expected downtime fits this.",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Passes before --on-no-converge applies.",
+)
+@click.option("--max-time", type=DURATION, default=None, help="Time before --on-no-converge applies [default: none].")
+@click.option(
+    "--on-no-converge",
+    type=click.Choice(["abort", "switchover"]),
+    default="abort",
+    show_default=True,
+    help="abort: the guest keeps running and DEST is not published (exit 10); switchover: pause anyway.",
+)
+@click.option(
+    "--qemu-handoff",
+    is_flag=True,
+    help="QEMU mode (with --qmp): after the RAM is verified, hand the VM over with QEMU's own migration of its "
+    "device state (x-ignore-shared); the receiver, started with --qmp --in-place, resumes it there.",
+)
+@click.option(
+    "--auto-converge",
+    is_flag=True,
+    help="Throttle the guest (SIGSTOP/SIGCONT duty cycle: 20%, +10% a pass, max 99%) while its dirty rate "
+    "outruns the link. Needs --pause-pid.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted migration of IMAGE to HOST:PORT (after a dropped link or a killed vmmig): "
+    "only pages the receiver lacks or that changed since are sent. Same image and options required.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="After a link fault (lost connection, silence, corrupted frame), reconnect and resume up to N times.",
+)
+@click.option("--retry-delay", type=DURATION, default="2s", show_default=True, help="Wait this long before each retry.")
+@click.option(
+    "--state-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where the session is recorded for --resume [default: $XDG_STATE_HOME/vmmig/send-<hash>.json, "
+    "~/.local/state without XDG_STATE_HOME].",
+)
+@with_common
+def send(
+    source: str,
+    destination: str,
+    codec: str,
+    level: int | None,
+    threads: int | None,
+    max_bandwidth: int | None,
+    page_size: int,
+    batch_size: int,
+    channels: int,
+    connect_timeout: float,
+    live: bool,
+    pause_pid: int | None,
+    qmp: str | None,
+    pause_cmd: str | None,
+    unpause_cmd: str | None,
+    hook_timeout: float,
+    dirty_tracking: str,
+    downtime_limit: float,
+    max_passes: int,
+    max_time: float | None,
+    on_no_converge: str,
+    qemu_handoff: bool,
+    auto_converge: bool,
+    resume: bool,
+    retries: int,
+    retry_delay: float,
+    state_file: str | None,
+    io_timeout: float,
+    json_output: bool,
+    quiet: bool,
+    debug: bool,
+    verbose: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_peer_name: str | None,
+    handshake_timeout: float,
+    control: str | None,
+    stats_path: str | None,
+) -> None:
+    """Send the memory image IMAGE to a `vmmig recv` listening at HOST:PORT.
+
+    IMAGE is a regular file (e.g. /dev/shm/vm.ram behind QEMU's memory-backend-file), a hugetlbfs file, a memfd
+    as /proc/PID/fd/N, or a block device. It is mapped read-only, never read whole into memory. Zero pages are
+    skipped; other pages are copied out, compressed in worker threads and streamed in self-contained batches.
+
+    Without --live the image must not change while it is sent: a final re-scan fails the run otherwise. With a
+    pause option and no --live, the guest is paused first (stop-and-copy). With --live it keeps running until the
+    rest fits --downtime-limit. After success a paused guest stays paused (the destination holds its memory);
+    after a failure it is resumed, except when the verdict was lost in transit (exit 11).
+
+    A link fault after the receiver accepted the session leaves it resumable: the receiver keeps DEST.partial and
+    waits (recv --resume-window), and `vmmig send --resume` with the same arguments sends only what is missing or
+    changed; --retries does that automatically. A live guest paused for the switchover is resumed at once and
+    the resumed session starts again in pre-copy.
+
+    \b
+    Examples:
+      vmmig send /dev/shm/vm.ram desthost:4444
+      vmmig send /proc/4242/fd/7 [fd00::2]:4444 --compress zstd --max-bandwidth 350M
+      vmmig send vm.img 127.0.0.1:4444 --json --quiet > report.json
+      vmmig send --live /dev/shm/vm.ram desthost:4444 --pause-pid 4242 --downtime-limit 300ms
+      vmmig send --live /proc/4242/fd/7 desthost:4444 --qmp /run/vm1.qmp
+      vmmig send --live vm.ram desthost:4444 --pause-cmd 'virsh suspend vm1' --unpause-cmd 'virsh resume vm1'
+      vmmig send /dev/shm/vm.ram desthost:4444 --retries 5 --retry-delay 2s
+      vmmig send /dev/shm/vm.ram desthost:4444 --resume        # after a kill or a lost link
+    """
+    selected = codecs.by_name(codecs.DEFAULT_CODEC if codec == "auto" else codec)
+    if level is not None and level not in selected.levels:
+        raise click.BadParameter(
+            f"{codec} takes levels {selected.levels.start}-{selected.levels.stop - 1}, not {level}",
+            param_hint="--level",
+        )
+    if batch_size < page_size or batch_size > 16 * 1024 * 1024:
+        raise click.BadParameter("must be between the page size and 16MiB", param_hint="--batch-size")
+    from ..send import SendOptions, run
+
+    opts = SendOptions(
+        source=source,
+        destination=destination,
+        codec=codec,
+        level=level,
+        threads=threads or 0,
+        max_bandwidth=max_bandwidth,
+        page_size=page_size,
+        batch_size=batch_size,
+        connect_timeout=connect_timeout,
+        channels=channels,
+        io_timeout=io_timeout,
+        json=json_output,
+        quiet=quiet,
+        live=live,
+        pause_pid=pause_pid,
+        qmp=qmp,
+        pause_cmd=pause_cmd,
+        unpause_cmd=unpause_cmd,
+        hook_timeout=hook_timeout,
+        dirty_tracking=dirty_tracking,
+        downtime_limit=downtime_limit,
+        max_passes=max_passes,
+        max_time=max_time,
+        on_no_converge=on_no_converge,
+        auto_converge=auto_converge,
+        qemu_handoff=qemu_handoff,
+        control=control,
+        stats_path=stats_path,
+        verbose=verbose,
+        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
+        handshake_timeout=handshake_timeout,
+        resume=resume,
+        retries=retries,
+        retry_delay=retry_delay,
+        state_file=state_file,
+    )
+    execute("send", debug, lambda: run(opts))

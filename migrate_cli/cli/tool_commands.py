@@ -1,0 +1,140 @@
+"""`vmmig ctl`, `vmmig tls init` and `vmmig analyze`: options parsed, then the library runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..image import DEFAULT_PAGE_SIZE
+from .app import main
+from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_option
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("socket_path", metavar="SOCKET")
+@click.argument("command", type=click.Choice(["status", "set", "cancel"]))
+@click.argument("args", nargs=-1)
+@click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
+def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> None:
+    """Control a running `vmmig send` or `vmmig recv` started with --control SOCKET.
+
+    \b
+    vmmig ctl SOCKET status                        the current statistics as JSON (docs/STATS.md)
+    vmmig ctl SOCKET set max-bandwidth 200M        change the cap (send; 0 = unlimited)
+    vmmig ctl SOCKET set downtime-limit 500ms      change the downtime target (send --live)
+    vmmig ctl SOCKET cancel                        clean abort: guest resumed, DEST not published, both ends exit 9
+
+    Changes take effect within 200 ms. Prints the reply as JSON on stdout.
+    """
+    import json
+
+    from ..control import request
+
+    if command == "set" and len(args) != 2:
+        raise click.UsageError("usage: vmmig ctl SOCKET set NAME VALUE (max-bandwidth, downtime-limit)")
+    if command != "set" and args:
+        raise click.UsageError(f"{command} takes no arguments")
+    message: dict[str, Any] = {"command": command}
+    if command == "set":
+        message.update(name=args[0], value=args[1])
+
+    def call() -> None:
+        print(json.dumps(request(socket_path, message), indent=2))
+
+    execute("ctl", debug, call)
+
+
+@main.group()
+def tls() -> None:
+    """Certificates for mutually authenticated TLS between vmmig hosts."""
+
+
+@tls.command("init")
+@click.argument("directory", metavar="DIR")
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    help="A host name or IP address to issue a certificate for (repeat for each host).",
+)
+@click.option(
+    "--days", type=click.IntRange(min=1), default=825, show_default=True, help="Validity of host certificates."
+)
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
+def tls_init(directory: str, hosts: tuple[str, ...], days: int, force: bool, debug: bool) -> None:
+    """Create a small CA and a certificate and key per host in DIR.
+
+    \b
+    Files: DIR/ca.pem (give to every host), DIR/ca.key (keep it safe: it signs certificates),
+           DIR/NAME.pem and DIR/NAME.key for each --host NAME (keys are mode 0600).
+    Certificates carry NAME as subject alternative name (DNS name, or IP address when NAME is one), are valid
+    for both ends (server and client) and for --days days; keys are ECDSA P-256.
+
+    \b
+    Example (two hosts):
+      vmmig tls init pki --host src.example --host dst.example
+      # copy pki/ca.pem + pki/dst.example.{pem,key} to dst, pki/ca.pem + pki/src.example.{pem,key} to src
+      dst$ vmmig recv --listen 0.0.0.0:4444 --tls-cert dst.example.pem --tls-key dst.example.key --tls-ca ca.pem \\
+              --tls-peer-name src.example /dev/shm/vm.ram
+      src$ vmmig send /dev/shm/vm.ram dst.example:4444 --tls-cert src.example.pem --tls-key src.example.key \\
+              --tls-ca ca.pem
+    """
+
+    def call() -> None:
+        from ..tls import init
+
+        for path in init(directory, list(hosts), force=force, days=days):
+            print(path)
+
+    execute("tls init", debug, call)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("image", metavar="IMAGE")
+@click.option("--full", is_flag=True, help="Read the whole image instead of a sample.")
+@click.option("--sample", "sample_bytes", type=SIZE, default="64MiB", show_default=True, help="How much to sample.")
+@click.option("--dirty-for", type=DURATION, default=None, help="Also measure the dirty rate for this long (e.g. 10s).")
+@click.option("--max-bandwidth", type=RATE, default="0", help="The link you will migrate over (for the forecast).")
+@click.option("--threads", type=click.IntRange(min=1, max=256), default=None, help="[default: CPUs available]")
+@click.option("--page-size", type=SIZE, default=str(DEFAULT_PAGE_SIZE), show_default=True, callback=page_size_option)
+@click.option("--json", "json_output", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
+def analyze(
+    image: str,
+    full: bool,
+    sample_bytes: int,
+    dirty_for: float | None,
+    max_bandwidth: int | None,
+    threads: int | None,
+    page_size: int,
+    json_output: bool,
+    debug: bool,
+) -> None:
+    """A dry run on the source: zero pages, each codec's ratio and speed here, the dirty rate, and advice.
+
+    Nothing is sent. With --dirty-for, the image is fingerprinted once a second while the guest runs, and the
+    report says whether a live migration at --max-bandwidth will converge.
+
+    \b
+    Examples:
+      vmmig analyze /dev/shm/vm.ram
+      vmmig analyze /dev/shm/vm.ram --dirty-for 10s --max-bandwidth 350M --json
+    """
+
+    def call() -> None:
+        import json
+
+        from ..analyze import analyze as run
+        from ..analyze import render
+        from ..send import usable_cpus
+
+        report = run(
+            image, page_size, None if full else sample_bytes, threads or usable_cpus(), dirty_for, max_bandwidth
+        )
+        print(json.dumps(report, indent=2) if json_output else render(report))
+
+    execute("analyze", debug, call)
