@@ -118,6 +118,12 @@ class DestinationImage:
             return DestinationError(f"destination {self.partial}: no space left on device for {self.size} bytes")
         return DestinationError(f"destination {self.partial}: cannot allocate {self.size} bytes: {exc.strerror}")
 
+    def check_allocation(self) -> None:
+        """Raise now if the allocation thread hit a full disk: the migration fails while it runs, not at END (an
+        image of mostly zero pages may otherwise write nothing that would hit it)."""
+        if self._allocation is not None and self._allocation.error is not None:
+            raise self._allocation_error(self._allocation.error)
+
     def finish_allocation(self) -> None:
         """Wait for the whole of DEST.partial to be allocated: a published DEST is never short of space."""
         if self._allocation is not None:

@@ -496,6 +496,8 @@ class Receiver:
         while not stop.wait(0.1):
             if self.failure.is_set():
                 return
+            if isinstance(self.dest, DestinationImage):
+                self.dest.check_allocation()
             if self.state is not None and time.monotonic() - checkpoint >= CHECKPOINT_INTERVAL:
                 checkpoint = time.monotonic()
                 if isinstance(self.dest, DestinationImage) and self.dest.array.size:

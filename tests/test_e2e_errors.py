@@ -362,6 +362,23 @@ def test_a_disk_that_fills_during_the_migration_fails_it_the_same_way(
     assert list(tmpfs_24m.iterdir()) == []
 
 
+def test_a_full_disk_found_by_the_allocation_fails_the_migration_while_it_runs(
+    procs: Processes, tmpfs_24m: Path, tmp_path: Path
+) -> None:
+    """20 MiB of data then zeros, at 2 MB/s: every page written fits the disk, only the allocation of the rest
+    fails. The receiver must say so within the transfer (~10 s at this cap), not only at END."""
+    source = tmp_path / "front.img"
+    source.write_bytes(os.urandom(20 << 20) + bytes(44 << 20))
+    dest = tmpfs_24m / "dest.img"
+    recv = procs.recv(dest)
+    args = ("--compress", "none", "--max-bandwidth", "2M")
+    send_code, _, send_err = procs.send(source, recv.address, *args).wait(8)
+    recv_code, _, recv_err = recv.wait(8)
+    assert recv_code == 4 and "no space left on device" in one_line(recv_err)
+    assert send_code == 8 and "no space" in send_err
+    assert list(tmpfs_24m.iterdir()) == []
+
+
 @pytest.fixture
 def hugetlbfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A hugetlbfs mount with 16 huge pages reserved for the test (and the old reservation restored after)."""
