@@ -54,9 +54,8 @@ class Allocation:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Allocate the first chunk now (raises OSError: a full disk fails here), then the rest on a thread.
-
-        The file is extended to ``size`` first, so the whole mapping is valid before any of it is allocated."""
+        """Allocate the first chunk now (raises OSError: a full disk fails here) and size the file, so the whole
+        mapping is valid before the rest is allocated; ``continue_in_background`` allocates the rest."""
         first = min(FIRST, self.size)
         try:
             fallocate(self._fd, 0, first)
@@ -67,11 +66,15 @@ class Allocation:
             self.allocated = self.size
             return
         self.allocated = first
-        if first == self.size:
-            return
-        os.ftruncate(self._fd, self.size)
-        self._thread = threading.Thread(target=self._run, name="allocate", daemon=True)
-        self._thread.start()
+        if first < self.size:
+            os.ftruncate(self._fd, self.size)
+
+    def continue_in_background(self) -> None:
+        """Allocate the rest on a thread. Called once the receiver has written what it must write beside DEST (its
+        resume state): the thread may fill the disk."""
+        if self.allocated < self.size and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="allocate", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         offset = self.allocated
@@ -102,6 +105,7 @@ class Allocation:
 
     def finish(self) -> None:
         """Wait until the whole file is allocated (before DEST is published); raise if that failed."""
+        self.continue_in_background()  # never started: allocate now, rather than wait for nothing
         self.wait(self.size)
         if self._thread is not None:
             self._thread.join()

@@ -118,6 +118,11 @@ class DestinationImage:
             return DestinationError(f"destination {self.partial}: no space left on device for {self.size} bytes")
         return DestinationError(f"destination {self.partial}: cannot allocate {self.size} bytes: {exc.strerror}")
 
+    def allocate_rest(self) -> None:
+        """Start allocating the rest of DEST.partial on a thread (allocate.py), from here on while pages arrive."""
+        if self._allocation is not None:
+            self._allocation.continue_in_background()
+
     def check_allocation(self) -> None:
         """Raise now if the allocation thread hit a full disk: the migration fails while it runs, not at END (an
         image of mostly zero pages may otherwise write nothing that would hit it)."""
@@ -274,7 +279,12 @@ class DestinationImage:
     def _map_for_stores(self) -> None:
         with self._stores_lock:
             if self._stores is None:
-                self._stores_mmap = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+                try:
+                    self._stores_mmap = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+                except OSError as exc:
+                    raise DestinationError(
+                        f"destination {self.partial}: cannot map for writing: {exc.strerror}"
+                    ) from None
                 self._stores = np.frombuffer(self._stores_mmap, dtype=np.uint8)
 
     def digest(self, threads: int) -> bytes:

@@ -385,6 +385,7 @@ class Receiver:
                     self.state = state
                 except StateNotWritable as exc:
                     self.notice(f"cannot keep resume state beside DEST ({exc}): this migration cannot be resumed")
+            self.dest.allocate_rest()  # after the state file: the allocation may fill the disk
 
     def _check_resume(self, hello: Hello) -> None:
         """A resuming sender needs a kept session with its id and parameters; a fresh one needs none."""

@@ -332,17 +332,23 @@ def tmpfs_24m(tmp_path: Path):  # type: ignore[no-untyped-def]
     subprocess.run(["umount", "-l", str(tmp_path / "24m")], check=False)
 
 
-def test_a_full_disk_fails_at_allocation_before_any_page_is_sent(
-    procs: Processes, small_tmpfs: Path, image_8m: Path
-) -> None:
-    dest = small_tmpfs / "dest.img"
+def migrate_onto_a_full_disk(procs: Processes, source: Path, mount: Path, *send_args: str, timeout: float = 60) -> None:
+    """What a full disk must give, wherever it is found: exit 4 with the reason on the receiver, exit 8 naming the
+    destination on the sender, and nothing left on the disk (no DEST, no DEST.partial)."""
+    dest = mount / "dest.img"
     recv = procs.recv(dest)
-    send_code, _, send_err = procs.send(image_8m, recv.address, "--json").wait()
-    recv_code, _, recv_err = recv.wait()
+    send_code, _, send_err = procs.send(source, recv.address, *send_args).wait(timeout)
+    recv_code, _, recv_err = recv.wait(timeout)
     assert recv_code == 4 and "no space left on device" in one_line(recv_err)
     assert send_code == 8 and "peer: destination" in one_line(send_err) and "no space" in send_err
     assert_no_destination(dest)
-    assert list(small_tmpfs.iterdir()) == []
+    assert list(mount.iterdir()) == []
+
+
+def test_a_full_disk_fails_at_allocation_before_any_page_is_sent(
+    procs: Processes, small_tmpfs: Path, image_8m: Path
+) -> None:
+    migrate_onto_a_full_disk(procs, image_8m, small_tmpfs, "--json")
 
 
 @pytest.mark.parametrize("profile", ["random", "zero"])
@@ -352,14 +358,7 @@ def test_a_disk_that_fills_during_the_migration_fails_it_the_same_way(
     """DEST is allocated on a thread while pages arrive. Random pages: a write reaches the full disk. All zero pages:
     nothing is written at all, and the allocation fails before DEST could be published."""
     source = make_image(tmp_path / f"{profile}.img", 64 << 20, profile=profile)
-    dest = tmpfs_24m / "dest.img"
-    recv = procs.recv(dest)
-    send_code, _, send_err = procs.send(source, recv.address, "--json").wait()
-    recv_code, _, recv_err = recv.wait()
-    assert recv_code == 4 and "no space left on device" in one_line(recv_err)
-    assert send_code == 8 and "peer: destination" in one_line(send_err) and "no space" in send_err
-    assert_no_destination(dest)
-    assert list(tmpfs_24m.iterdir()) == []
+    migrate_onto_a_full_disk(procs, source, tmpfs_24m, "--json")
 
 
 def test_a_full_disk_found_by_the_allocation_fails_the_migration_while_it_runs(
@@ -369,14 +368,7 @@ def test_a_full_disk_found_by_the_allocation_fails_the_migration_while_it_runs(
     fails. The receiver must say so within the transfer (~10 s at this cap), not only at END."""
     source = tmp_path / "front.img"
     source.write_bytes(os.urandom(20 << 20) + bytes(44 << 20))
-    dest = tmpfs_24m / "dest.img"
-    recv = procs.recv(dest)
-    args = ("--compress", "none", "--max-bandwidth", "2M")
-    send_code, _, send_err = procs.send(source, recv.address, *args).wait(8)
-    recv_code, _, recv_err = recv.wait(8)
-    assert recv_code == 4 and "no space left on device" in one_line(recv_err)
-    assert send_code == 8 and "no space" in send_err
-    assert list(tmpfs_24m.iterdir()) == []
+    migrate_onto_a_full_disk(procs, source, tmpfs_24m, "--compress", "none", "--max-bandwidth", "2M", timeout=8)
 
 
 @pytest.fixture
