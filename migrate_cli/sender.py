@@ -165,10 +165,7 @@ class SendPipeline:
             segments = runs(incompressible_batch(copy))
         else:
             segments = [(0, normal, False)]
-        if len(segments) == 1:  # the usual case: one frame for the batch
-            frames = [self._frame(compressor, start, count, bitmap, indices, flat, segments[0][2])]
-        else:
-            frames = self._split(compressor, item, nonzero, flat, segments)
+        frames = self._frames_by_run(compressor, item, nonzero, flat, segments)
         if all(frame.encoding != Encoding.RAW or not frame.data for frame in frames):
             free.put(buf)
             return EncodedBatch(frames, None)
@@ -193,7 +190,7 @@ class SendPipeline:
             return Pages(start, count, self.codec.wire_id, bitmap, packed, indices)
         return Pages(start, count, Encoding.RAW, bitmap, memoryview(data), indices)
 
-    def _split(
+    def _frames_by_run(
         self,
         compressor: Compressor,
         item: Batch,
@@ -201,7 +198,8 @@ class SendPipeline:
         flat: np.ndarray,
         segments: list[tuple[int, int, bool]],
     ) -> list[Pages]:
-        """A frame per run of the batch's non-zero pages; each run's zero pages travel in the frame before it."""
+        """A frame per run of the batch's non-zero pages (usually one run: the whole batch); each run's zero pages
+        travel in the frame before it."""
         ps = self.source.page_size
         positions = np.flatnonzero(nonzero)  # where in the batch each non-zero page sits
         count = nonzero.size

@@ -17,43 +17,26 @@ from ..image import check_page_size
 from ..units import parse_duration, parse_rate, parse_size
 
 
-class SizeType(click.ParamType):
-    name = "SIZE"
+class UnitType(click.ParamType):
+    """A click type for one of units.py's parsers (sizes, rates, durations): its error is click's usage error."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+    def __init__(self, name: str, parse: Callable[[str], Any], parsed: type) -> None:
+        self.name = name
+        self._parse = parse
+        self._parsed = parsed  # a value of this type (a default given as a number) is taken as it is
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, self._parsed):
             return value
         try:
-            return parse_size(str(value))
+            return self._parse(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class RateType(click.ParamType):
-    name = "RATE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
-        if value is None or isinstance(value, int):
-            return value
-        try:
-            return parse_rate(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class DurationType(click.ParamType):
-    name = "DURATION"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-SIZE, RATE, DURATION = SizeType(), RateType(), DurationType()
+SIZE = UnitType("SIZE", parse_size, int)
+RATE = UnitType("RATE", parse_rate, int)
+DURATION = UnitType("DURATION", parse_duration, float)
 
 
 def page_size_option(ctx: click.Context, param: click.Parameter, value: int) -> int:
