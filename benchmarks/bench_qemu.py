@@ -21,6 +21,15 @@ random pages, in runs) is generated in /dev/shm and moved by:
 * vmmig: ``vmmig recv --listen 127.0.0.1:0 --decompress-threads 2`` into a fresh /dev/shm file and ``vmmig send IMAGE
   ADDR --compress none|zlib|zstd --level 1 --compress-threads 2`` (levels: zlib/zstd 1, as QEMU's).
 
+* design floor: ``floor none`` and ``floor zstd`` are not migrations. ``floor.py`` measures, on the same image in
+  the same round, the CPU cost of each step the core issue mandates (zero scan of a fresh mapping, copy out of it,
+  xxh3 fingerprints, CRC-32 on both ends, zstd level 1 where asked, loopback TCP on 2 connections, preallocation of
+  DEST, pwrite into it, the digest recomputed from DEST) with the same C primitives and no vmmig code between
+  them. Its ``MB/s tool`` is the image over (the CPU sum / the usable CPUs), perfect overlap of both ends; its
+  ``MB/s wall`` adds the wall time of a Python start-up that imports vmmig's sender. No conforming implementation
+  with these primitives can beat it on this machine, so each target line also says whether the target lies within
+  the floor's reach.
+
 How to read the table
 ---------------------
 * ``MB/s wall`` -- image bytes (10^6 B = 1 MB) over wall time. QEMU: from sending ``migrate`` until the source's
@@ -82,6 +91,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
+import floor
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,6 +129,8 @@ QEMU_CASES: dict[str, tuple[list[str], dict[str, Any]]] = {
     "qemu plain": ([], {}),
 }
 VMMIG_CASES: dict[str, str] = {"vmmig none": "none", "vmmig zlib": "zlib", "vmmig zstd": "zstd", "vmmig auto": "auto"}
+# The design floor (floor.py): the mandated steps' CPU cost over the image, no vmmig code; not a migration.
+FLOOR_CASES: dict[str, str] = {"floor zstd": "zstd", "floor none": "none"}
 VMMIG_THREADS = 2
 VMMIG_LEVEL = 1
 # Order of one round (interleaved: each vmmig case next to its QEMU counterparts).
@@ -129,8 +141,10 @@ ROUND: tuple[str, ...] = (
     "vmmig auto",
     "qemu multifd-zstd",
     "vmmig zstd",
+    "floor zstd",
     "qemu multifd-none",
     "vmmig none",
+    "floor none",
     "qemu plain",
 )
 # (vmmig case, QEMU case, minimum ratio of MB/s wall)
@@ -147,7 +161,11 @@ COUNTERPART = {
     "vmmig auto": "qemu multifd-zlib",
     "vmmig zstd": "qemu multifd-zstd",
     "vmmig none": "qemu multifd-none",
+    "floor zstd": "qemu multifd-zstd",
+    "floor none": "qemu multifd-none",
 }
+# The vmmig targets the floor bounds: a target above the floor's ratio cannot be met by any conforming vmmig.
+FLOOR_OF = {"vmmig zstd": "floor zstd", "vmmig none": "floor none"}
 
 
 class BenchError(Exception):
@@ -613,6 +631,33 @@ def run_vmmig_case(name: str, image: Path, size: int, workdir: Path) -> Run:
         remove(dest, partial, ready)
 
 
+def run_floor_case(name: str, image: Path, size: int, workdir: Path) -> Run:
+    """The design floor (floor.py) on the same image: wall = its CPU sum over the usable CPUs, plus a start-up."""
+    before, ip_before = cpu_clock(), ip_out_octets()
+    measured = floor.measure(image, FLOOR_CASES[name], workdir)
+    ip_bytes = ip_out_octets() - ip_before
+    others = other_cpu(before, 0.0)  # the steps ran in this process, which other_cpu leaves out
+    measured.startup_s = floor.startup_wall()
+
+    def side(prefix: str) -> float:
+        return (
+            sum(v for k, v in measured.steps.items() if k.startswith(prefix))
+            + measured.steps.get(floor.TCP_STEP, 0.0) / 2
+        )
+
+    return Run(
+        wall_s=measured.wall_s + measured.startup_s,
+        image_bytes=size,
+        wire_bytes=measured.wire_bytes,
+        ip_bytes=ip_bytes,
+        tool_mbps=measured.mbps,
+        src_cpu_s=side("send:"),
+        dst_cpu_s=side("recv:"),
+        other_cpu_s=others,
+        report={"floor-steps": measured.steps, "startup-seconds": measured.startup_s},
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Files
 
@@ -842,13 +887,19 @@ def target_lines(results: Sequence[Result]) -> list[tuple[str, str]]:
             continue
         assert a is not None and b is not None
         verdict = "PASS" if value >= minimum else "FAIL"
-        lines.append(
-            (
-                verdict,
-                f"{ours} vs {theirs}: {fmt(a.wall_mbps)} / {fmt(b.wall_mbps)} MB/s = {value:.2f}x "
-                f">= {minimum:g}x (IP {fmt(a.ip_mb)} / {fmt(b.ip_mb)} MB)",
-            )
+        text = (
+            f"{ours} vs {theirs}: {fmt(a.wall_mbps)} / {fmt(b.wall_mbps)} MB/s = {value:.2f}x "
+            f">= {minimum:g}x (IP {fmt(a.ip_mb)} / {fmt(b.ip_mb)} MB)"
         )
+        bound = by_name.get(FLOOR_OF.get(ours, ""))
+        if bound is not None and bound.ok and bound.wall_mbps and b.wall_mbps:
+            reachable = "above" if bound.wall_mbps / b.wall_mbps < minimum else "within"
+            text += (
+                f"; design floor {fmt(bound.wall_mbps)} MB/s = {bound.wall_mbps / b.wall_mbps:.2f}x "
+                f"(transfer only {fmt(bound.median(lambda r: r.tool_mbps))}): the target is {reachable} the floor's "
+                f"reach; vmmig runs at {a.wall_mbps / bound.wall_mbps:.0%} of the floor"
+            )
+        lines.append((verdict, text))
     return lines
 
 
@@ -900,6 +951,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
             try:
                 if name.startswith("qemu"):
                     run = run_qemu_case(name, image, size, workdir)
+                elif name in FLOOR_CASES:
+                    run = run_floor_case(name, image, size, workdir)
                 else:
                     run = run_vmmig_case(name, image, size, workdir)
             except SkipCase as exc:
@@ -922,7 +975,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
             )
     remove(image)
 
-    ordered = [results[n] for n in (*QEMU_CASES, *VMMIG_CASES)]
+    ordered = [results[n] for n in (*QEMU_CASES, *VMMIG_CASES, *FLOOR_CASES)]
     print_table(ordered)
     print_qemu_detail(ordered)
     targets = target_lines(ordered)
