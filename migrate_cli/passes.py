@@ -119,6 +119,11 @@ class PassSender:
     def _send_share(self, channel: Channel, share: PassShare, totals: ChannelTotals) -> None:
         """Send batches of the current pass on ``channel`` until the pass has none left to claim."""
         stats = self.stats
+
+        def keep_alive() -> None:  # while waiting for a batch, or for the cap to let one go
+            if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
+                stats.add_wire(channel.send_frame(Keepalive()))
+
         while share.claim():
             while True:
                 self.failure.raise_if_set()
@@ -126,12 +131,11 @@ class PassSender:
                     batch = self.pipeline.out.get(timeout=0.1)  # short: a cancel is noticed within 100 ms
                     break
                 except queue.Empty:
-                    if time.monotonic() - channel.last_send >= KEEPALIVE_INTERVAL:
-                        stats.add_wire(channel.send_frame(Keepalive()))
+                    keep_alive()
             frames = batch.frames
             watch = Stopwatch()
             self.bucket.consume(
-                sum(len(f.data) + len(f.zero_bitmap) + FRAME_OVERHEAD for f in frames), self.failure.event
+                sum(len(f.data) + len(f.zero_bitmap) + FRAME_OVERHEAD for f in frames), self.failure.event, keep_alive
             )
             sent = channel.send_parts(batch.parts)
             if self.auto is not None:

@@ -49,11 +49,14 @@ class TokenBucket:
             self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
 
-    def consume(self, nbytes: int, stop: threading.Event | None = None) -> None:
+    def consume(
+        self, nbytes: int, stop: threading.Event | None = None, idle: Callable[[], None] | None = None
+    ) -> None:
         """Take ``nbytes`` tokens, sleeping while the bucket is in debt. Returns early if ``stop`` is set.
 
         Going into debt lets a frame larger than the burst pass; the debt is paid by sleeping in short steps that
-        re-read the rate, so a ``set_rate`` from another thread takes effect within one step (50 ms).
+        re-read the rate, so a ``set_rate`` from another thread takes effect within one step (50 ms). ``idle`` runs
+        between steps: under a low cap one batch can wait longer than the peer's silence timeout (a keepalive).
         """
         with self._lock:
             if self._rate is None:
@@ -68,4 +71,6 @@ class TokenBucket:
                 wait = -self._tokens / self._rate
             if stop is not None and stop.is_set():
                 return
+            if idle is not None:
+                idle()
             self._sleep(min(wait, 0.05))

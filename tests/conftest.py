@@ -93,6 +93,12 @@ class Processes:
                 popen.wait(5)
 
 
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resume state files of the vmmig processes a test starts go under its tmp_path, never the user's home."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Processes]:
     processes = Processes(tmp_path)

@@ -40,6 +40,20 @@ def test_one_cap_budgets_all_channels(procs: Processes, tmp_path: Path) -> None:
     assert recv.wait()[0] == 0
 
 
+def test_a_batch_that_waits_longer_than_the_io_timeout_for_its_bandwidth_keeps_the_link_alive(
+    procs: Processes, tmp_path: Path
+) -> None:
+    # The second 256 KiB batch waits ~4 s for tokens at 64 KB/s: keepalives must cover that wait on both ends.
+    image = make_image(tmp_path / "random.img", 512 << 10, profile="random")
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, "--io-timeout", "1.5s")
+    args = ("--max-bandwidth", "64K", "--batch-size", "256K", "--io-timeout", "1.5s", "--compress", "none")
+    code, _, err = procs.send(image, recv.address, *args).wait()
+    assert code == 0, err
+    assert recv.wait()[0] == 0
+    assert dest.read_bytes() == image.read_bytes()
+
+
 def test_live_migration_over_two_channels(procs: Processes, guests: list[Guest], tmp_path: Path) -> None:  # noqa: F811
     image = make_image(tmp_path / "vm.ram", 16 << 20)
     guest = start_guest(guests, image, tmp_path, "--rate", "8M")

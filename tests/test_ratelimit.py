@@ -1,5 +1,6 @@
 """The token bucket: one budget of wire bytes per second, on a fake clock."""
 
+import itertools
 import threading
 import time
 
@@ -43,6 +44,15 @@ def test_a_frame_larger_than_the_burst_still_passes_by_going_into_debt() -> None
     bucket = TokenBucket(1_000_000, burst=1000, clock=clock, sleep=clock.sleep)
     bucket.consume(2_000_000)
     assert clock.now >= 1.99
+
+
+def test_a_long_wait_for_tokens_calls_idle_at_every_step_so_the_caller_can_send_keepalives() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(100_000, burst=1000, clock=clock, sleep=clock.sleep)
+    seen: list[float] = []
+    bucket.consume(400_000, idle=lambda: seen.append(clock.now))  # a 4 s wait
+    assert clock.now >= 3.99
+    assert len(seen) >= 70 and max(b - a for a, b in itertools.pairwise([0.0, *seen])) <= 0.05 + 1e-9
 
 
 def test_rate_changes_apply_to_the_next_consume() -> None:
