@@ -22,11 +22,11 @@ import numpy as np
 
 from . import codec as codecs
 from .digest import fingerprint_image
-from .image import SourceImage
+from .image import DEFAULT_BATCH_SIZE, SourceImage
 from .units import format_bytes, format_rate
 
 DEFAULT_LINK = 1.25e9  # 10 Gb/s
-BATCH_BYTES = 1024 * 1024  # as send's default --batch-size
+BATCH_BYTES = DEFAULT_BATCH_SIZE  # as send's default --batch-size
 
 
 @dataclass

@@ -14,6 +14,9 @@ import numpy as np
 from .errors import SourceError
 
 DEFAULT_PAGE_SIZE = 4096
+# Pages are read, compressed, framed and checksummed a batch at a time. Per-batch costs (Python glue, frame,
+# queue hops, the receiver's dispatch) fall with size: 4 MiB cost 7% less CPU than 1 MiB for zstd (docs/PERFORMANCE.md).
+DEFAULT_BATCH_SIZE = 4 * 1024 * 1024
 
 
 def check_page_size(page_size: int) -> None:

@@ -48,7 +48,7 @@ from .errors import (
     UsageError,
     peer_abort,
 )
-from .image import SourceImage
+from .image import DEFAULT_BATCH_SIZE, SourceImage
 from .passes import PassSender
 from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
@@ -92,7 +92,7 @@ class SendOptions:
     threads: int = 0  # 0 = number of usable CPUs
     max_bandwidth: int | None = None
     page_size: int = 4096
-    batch_size: int = 1024 * 1024  # per-batch costs dominate below ~1 MiB (benchmarks/README.md)
+    batch_size: int = DEFAULT_BATCH_SIZE
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
     channels: int = 1

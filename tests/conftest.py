@@ -94,9 +94,10 @@ class Processes:
 
 
 @pytest.fixture(autouse=True)
-def private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Resume state files of the vmmig processes a test starts go under its tmp_path, never the user's home."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+def private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resume state files of the vmmig processes a test starts go to a directory of the test's own (beside its
+    tmp_path, which some tests list), never the user's home."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def test_a_failure_after_writing_says_modified_and_unverified(procs: Processes, 
     dest = tmp_path / "qemu-dest.ram"
     dest.write_bytes(bytes(8 << 20))
     recv = procs.recv(dest, "--in-place")
-    send = procs.send(source, recv.address, "--max-bandwidth", "2M")
+    send = procs.send(source, recv.address, "--max-bandwidth", "2M", "--batch-size", "256KiB")  # writes at once
     time.sleep(1.0)
     os.kill(send.popen.pid, signal.SIGKILL)
     code, _, err = recv.wait()

@@ -40,12 +40,13 @@ def test_each_codec_and_thread_count_delivers_an_identical_image(
 
 
 def test_zlib_sends_the_random_runs_of_a_batch_raw_and_compresses_the_rest(procs: Processes, tmp_path: Path) -> None:
-    """A 1 MiB batch of the mixed image often holds a run of random pages among text or code: it is cut into a
-    frame per run (raw, compressed, raw...). tests/test_sender_frames.py checks the frames byte by byte."""
+    """A batch of the mixed image often holds a run of random pages among text or code: it is cut into a frame per
+    run (raw, compressed, raw...). tests/test_sender_frames.py checks the frames byte by byte."""
     image = make_image(tmp_path / "mixed.img", 32 << 20, profile="mixed", seed=3)
     dest = tmp_path / "dest.img"
     recv = procs.recv(dest, "--json")
-    send_code, send_out, send_err = procs.send(image, recv.address, "--compress", "zlib", "--json").wait()
+    args = ("--compress", "zlib", "--batch-size", "1MiB", "--json")
+    send_code, send_out, send_err = procs.send(image, recv.address, *args).wait()
     assert send_code == 0 and recv.wait()[0] == 0, send_err
     assert dest.read_bytes() == image.read_bytes()
     sent = json.loads(send_out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import codec as codecs
-from ..image import DEFAULT_PAGE_SIZE
+from ..image import DEFAULT_BATCH_SIZE, DEFAULT_PAGE_SIZE
 from .app import main
 from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_option, tls_options, with_common
 
@@ -48,7 +48,7 @@ from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_op
 @click.option(
     "--batch-size",
     type=SIZE,
-    default="1MiB",
+    default=f"{DEFAULT_BATCH_SIZE >> 20}MiB",
     show_default=True,
     help="Bytes of pages per batch: the unit of compression, framing and CRC.",
 )
