@@ -21,7 +21,7 @@ SLICES = 4  # sampled slices per page
 SLICE_BYTES = 32
 THRESHOLD = 80  # distinct byte values among the 128 sampled: at or above, the page is taken as incompressible
 MIN_RUN = 8  # pages: a shorter run of one kind joins its neighbours (a frame per handful of pages is not worth it)
-PROBES = 16  # pages of a batch tested first (incompressible_batch)
+PROBE_SPACING = 16  # pages between two probes: every 16th page of a batch is tested first (incompressible_batch)
 
 
 def incompressible(pages: np.ndarray) -> np.ndarray:
@@ -37,12 +37,12 @@ def incompressible(pages: np.ndarray) -> np.ndarray:
     return np.count_nonzero(histogram, axis=1) >= THRESHOLD
 
 
-def incompressible_batch(pages: np.ndarray, probes: int = PROBES) -> np.ndarray:
-    """``incompressible`` for a batch, probing ``probes`` pages spread over it first: when they agree, the batch
-    is taken as uniform (most batches are: all text, all code, all random), at a sixteenth of the cost. A run of
-    the other kind that slips between two probes is shorter than the probe spacing (16 pages for a 1 MiB batch)."""
+def incompressible_batch(pages: np.ndarray, spacing: int = PROBE_SPACING) -> np.ndarray:
+    """``incompressible`` for a batch, probing every ``spacing``-th page first: when they agree, the batch is taken
+    as uniform (most batches are: all text, all code, all random), at a sixteenth of the cost. A run of the other
+    kind that slips between two probes is shorter than the spacing, whatever the batch size."""
     count = pages.shape[0]
-    verdicts = incompressible(pages[:: max(1, count // probes)])
+    verdicts = incompressible(pages[::spacing])
     if verdicts.all() or not verdicts.any():
         return np.full(count, bool(verdicts[0]) if verdicts.size else False)
     return incompressible(pages)

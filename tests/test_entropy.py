@@ -65,6 +65,15 @@ def test_a_batch_whose_probes_agree_is_taken_as_uniform_and_one_that_mixes_is_te
     assert incompressible_batch(mixed)[100:160].all() and not incompressible_batch(mixed)[:100].any()
 
 
+def test_the_probes_keep_their_spacing_in_a_large_batch_so_a_short_random_run_is_still_found(tmp_path: Path) -> None:
+    random = pages_of(make_image(tmp_path / "r.img", 1 << 20, profile="random"))
+    text = pages_of(make_image(tmp_path / "t.img", 4 << 20, profile="text"))
+    # 4 MiB: a run of 20 random pages at 520..539 covers a probe (page 528) only if probes stay 16 pages apart
+    big = np.concatenate([text[:520], random[:20], text[520:1004]])
+    verdicts = incompressible_batch(big)
+    assert verdicts[520:540].all() and not verdicts[:520].any() and not verdicts[540:].any()
+
+
 def test_an_empty_batch_has_no_verdicts() -> None:
     assert incompressible(np.zeros((0, PAGE), dtype=np.uint8)).size == 0
 
