@@ -132,7 +132,7 @@ class SendPipeline:
             ids, count = item, len(item)
             start = int(ids[0])
             region = buf[: count * ps].reshape(count, ps)
-            np.take(pages2d, ids, axis=0, out=region)
+            np.take(pages2d, ids, axis=0, out=region, mode="clip")  # "clip": one copy (below)
             indices = ids.astype(">u8").tobytes()
         # OR-reducing the 64-bit words of each page is ~1.5x faster than .any(axis=1), which casts every word to bool.
         nonzero = np.bitwise_or.reduce(region.view(np.uint64), axis=1) != 0
@@ -147,7 +147,9 @@ class SendPipeline:
             if normal == count:
                 np.copyto(copy, region)
             else:
-                np.compress(nonzero, region, axis=0, out=copy)
+                # mode="clip": with the default "raise" (np.compress too) numpy copies ``out`` into a temporary
+                # and back, three copies of the batch instead of one (perf: 4% of the sender). Indices are valid.
+                np.take(region, np.flatnonzero(nonzero), axis=0, out=copy, mode="clip")
         else:
             if normal < count:
                 region[:normal] = region[nonzero]  # compact in place (the right side is a temporary copy)
