@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +92,7 @@ class SendOptions:
     threads: int = 0  # 0 = number of usable CPUs
     max_bandwidth: int | None = None
     page_size: int = 4096
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE, or with --resume the interrupted session's
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
     channels: int = 1
@@ -215,7 +215,7 @@ class Sender:
             except BaseException:
                 source.close()
                 raise
-        batch_pages = max(1, min(opts.batch_size // opts.page_size, 65536))
+        batch_pages = max(1, min((opts.batch_size or DEFAULT_BATCH_SIZE) // opts.page_size, 65536))
         stats = self.stats
         stats.image_bytes = source.size
         control = self._start_control()
@@ -228,6 +228,7 @@ class Sender:
         channels: list[Channel] = []
         try:
             state = self._session_state(source, batch_pages)
+            batch_pages = state.batch_pages  # resuming without --batch-size: the interrupted session's
             if self.handoff is None:
                 if not self.resuming:  # an interrupted session's record survives a new run that never starts
                     self.replaced_state = SenderState.read_raw(opts.state_path())
@@ -477,6 +478,8 @@ class Sender:
         if not self.resuming:
             return current
         saved = SenderState.load(opts.state_path(), opts.source, opts.destination)
+        if opts.batch_size is None:  # not given: whatever the interrupted session used (an older default, say)
+            current = replace(current, batch_pages=saved.batch_pages)
         saved.check_same(current)
         return saved
 

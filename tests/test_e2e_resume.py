@@ -200,6 +200,19 @@ def test_a_resume_with_another_image_or_options_is_refused(
     assert state.exists() and resume_files_kept(dest), "a refused resume destroys nothing"
 
 
+def test_a_resume_without_batch_size_takes_the_interrupted_sessions_and_another_one_is_refused(
+    procs: Processes, tmp_path: Path, source: Path
+) -> None:
+    dest, state = interrupted(procs, tmp_path, source, "--compress", "none", "--batch-size", "256KiB")
+    again = procs.recv(dest, "--resume")
+    args = ("--resume", "--compress", "none", "--state-file", str(state))
+    code, _, err = procs.send(source, again.address, *args, "--batch-size", "1MiB").wait(30)
+    assert code == 16 and "--batch-size" in last_line(err), err  # refused before it connects
+    code, _, err = procs.send(source, again.address, *args).wait(60)
+    assert code == 0 and again.wait(30)[0] == 0, err
+    assert_clean_success(dest, source)
+
+
 def test_a_receiver_refuses_a_resume_of_another_session(procs: Processes, tmp_path: Path, source: Path) -> None:
     dest, state = interrupted(procs, tmp_path, source, "--compress", "none")
     data = json.loads(state.read_text())

@@ -48,9 +48,9 @@ from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_op
 @click.option(
     "--batch-size",
     type=SIZE,
-    default=f"{DEFAULT_BATCH_SIZE >> 20}MiB",
-    show_default=True,
-    help="Bytes of pages per batch: the unit of compression, framing and CRC.",
+    default=None,
+    help="Bytes of pages per batch: the unit of compression, framing and CRC.  "
+    f"[default: {DEFAULT_BATCH_SIZE >> 20}MiB; with --resume, the interrupted session's]",
 )
 @click.option(
     "--channels",
@@ -167,7 +167,7 @@ def send(
     threads: int | None,
     max_bandwidth: int | None,
     page_size: int,
-    batch_size: int,
+    batch_size: int | None,
     channels: int,
     connect_timeout: float,
     live: bool,
@@ -233,7 +233,7 @@ def send(
             f"{codec} takes levels {selected.levels.start}-{selected.levels.stop - 1}, not {level}",
             param_hint="--level",
         )
-    if batch_size < page_size or batch_size > 16 * 1024 * 1024:
+    if batch_size is not None and (batch_size < page_size or batch_size > 16 * 1024 * 1024):
         raise click.BadParameter("must be between the page size and 16MiB", param_hint="--batch-size")
     from ..send import SendOptions, run
 
