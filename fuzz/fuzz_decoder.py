@@ -183,7 +183,7 @@ def check_batch(frame: Pages, reused: dict[str, codecs.Decompressor], sink: Disc
         return
     codec = codecs.by_wire_id(frame.encoding)
     if codec is None:
-        return  # the receiver refuses it against the session's codec: a ProtocolError (receiver.py)
+        return  # the receiver refuses it against the session's codec: a ProtocolError (recv_pipeline.py)
     size = frame.normal_count * PAGE_SIZE
     decompressor = reused.setdefault(codec.name, codec.decompressor())
     decoded: bytes | None = None

@@ -1,6 +1,6 @@
 """Sending one pass over every channel: the network side of the sender.
 
-A pass is a list of batch ranges fed to the pipeline (sender.py). The calling thread drives channel 0 and one
+A pass is a list of batch ranges fed to the pipeline (send_pipeline.py). The calling thread drives channel 0 and one
 short-lived ``send-i`` thread drives each other channel: all take encoded batches from the same out queue, claim
 them from one per-pass counter, charge the one token bucket, and count each batch in the statistics once it is on
 the wire. Then every channel sends PASS_END with the number of batches it carried (the receiver's barrier adds
@@ -23,7 +23,7 @@ from .pipeline import Failure, spawn
 from .precopy import PassRecord
 from .protocol import Encoding, Keepalive, PassEnd
 from .ratelimit import TokenBucket
-from .sender import SendPipeline, all_ranges, batch_ranges
+from .send_pipeline import SendPipeline, all_ranges, batch_ranges
 from .stats import Stats
 from .transport import Channel
 

@@ -6,7 +6,7 @@ Order matters and is the safety argument:
 2. accept one sender, read its HELLO, check version and codec;
 3. create and allocate DEST.partial (keepalives flow meanwhile), then WELCOME the sender;
 4. the calling (main) thread reads frames into pool buffers and hands PAGES to the decompression workers
-   (receiver.py); a ``keepalive`` thread sends KEEPALIVE every second so the sender's silence timer never trips;
+   (recv_pipeline.py); a ``keepalive`` thread sends KEEPALIVE every second so the sender's silence timer never trips;
 5. at END: wait for the workers, flush DEST.partial, recompute the digest from DEST.partial itself, and only if it
    matches the sender's, rename it to DEST and send RESULT. Any failure before that removes DEST.partial
    (unless --keep-partial) and tells the sender why with ABORT.
@@ -65,7 +65,7 @@ from .protocol import (
 )
 from .qemu import DestHandoff, check_backend
 from .qmp import Qmp
-from .receiver import PassBarrier, RecvPipeline
+from .recv_pipeline import PassBarrier, RecvPipeline
 from .resume import ReceiverState, StateNotWritable, resume_frames
 from .send import usable_cpus
 from .stats import Stats

@@ -1,7 +1,7 @@
 """`vmmig send`: the sender's orchestration.
 
 Threads: the calling (main) thread is the network thread. It sends HELLO, waits for WELCOME, then runs passes:
-each pass feeds batch ranges to the pipeline (sender.py) and writes the encoded batches to the socket under the
+each pass feeds batch ranges to the pipeline (send_pipeline.py) and writes the encoded batches to the socket under the
 token bucket, then sends PASS_END. A ``control`` thread reads what the receiver sends during the run (keepalives,
 an ABORT, the final RESULT). The first error anywhere is latched; the main thread then sends ABORT to the peer,
 closes the socket and joins every thread before raising it.
@@ -73,7 +73,7 @@ from .protocol import (
 from .qemu import SourceHandoff, check_backend
 from .ratelimit import TokenBucket
 from .resume import ResumeCollector, SenderState, default_sender_state_path
-from .sender import SendPipeline
+from .send_pipeline import SendPipeline
 from .stats import Stats
 from .tls import TlsOptions, wrap_client
 from .transport import Channel, connect, parse_address

@@ -16,7 +16,7 @@ from migrate_cli.dirty import (
     soft_dirty_pages,
     soft_dirty_supported,
 )
-from migrate_cli.sender import all_ranges, batch_ranges
+from migrate_cli.send_pipeline import all_ranges, batch_ranges
 
 PS = 4096
 

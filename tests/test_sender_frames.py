@@ -1,4 +1,4 @@
-"""Spec of the frames the sender's workers produce (sender.py), checked on bytes: every frame decodes, CRC and
+"""Spec of the frames the sender's workers produce (send_pipeline.py), checked on bytes: every frame decodes, CRC and
 all, and the frames of a batch carry exactly its pages, whether the batch went out whole or cut into runs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from migrate_cli import codec as codecs
 from migrate_cli.image import SourceImage
 from migrate_cli.pipeline import Failure
 from migrate_cli.protocol import HEADER_SIZE, Encoding, Pages, check_crc, decode_payload, parse_header
-from migrate_cli.sender import Batch, EncodedBatch, SendPipeline
+from migrate_cli.send_pipeline import Batch, EncodedBatch, SendPipeline
 
 from .conftest import make_image
 
