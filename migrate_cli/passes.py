@@ -143,9 +143,7 @@ class PassSender:
             stats.add_wire(sent)
             for frame in frames:
                 # Counted once on the wire, not when encoded: progress never runs ahead of what was sent.
-                stats.add_batch(
-                    frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW
-                )
+                stats.add_batch(frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW)
                 totals.normal += frame.normal_count
             if batch.release:
                 batch.release()

@@ -49,9 +49,7 @@ class TokenBucket:
             self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
         self._last = now
 
-    def consume(
-        self, nbytes: int, stop: threading.Event | None = None, idle: Callable[[], None] | None = None
-    ) -> None:
+    def consume(self, nbytes: int, stop: threading.Event | None = None, idle: Callable[[], None] | None = None) -> None:
         """Take ``nbytes`` tokens, sleeping while the bucket is in debt. Returns early if ``stop`` is set.
 
         Going into debt lets a frame larger than the burst pass; the debt is paid by sleeping in short steps that

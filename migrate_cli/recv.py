@@ -21,7 +21,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -65,11 +64,12 @@ from .protocol import (
 )
 from .qemu import DestHandoff, check_backend
 from .qmp import Qmp
+from .recv_options import RecvOptions
 from .recv_pipeline import PassBarrier, RecvPipeline
 from .resume import ReceiverState, StateNotWritable, resume_frames
 from .send import usable_cpus
 from .stats import Stats
-from .tls import TlsOptions, wrap_server
+from .tls import wrap_server
 from .transport import (
     Channel,
     ClosedBetweenFrames,
@@ -87,32 +87,6 @@ if TYPE_CHECKING:
 
 KEEPALIVE_INTERVAL = 0.5  # a quiet channel gets a KEEPALIVE this often, so any --io-timeout >= 1s holds
 CHECKPOINT_INTERVAL = 5.0  # seconds between flushes of a resumable DEST.partial
-
-
-@dataclass(frozen=True)
-class RecvOptions:
-    destination: str
-    listen: str = "127.0.0.1:4444"
-    insecure: bool = False
-    force: bool = False
-    keep_partial: bool = False
-    sparse: bool = False
-    threads: int = 0
-    ready_file: str | None = None
-    io_timeout: float = 30.0
-    json: bool = False
-    quiet: bool = False
-    discard: bool = False
-    in_place: bool = False
-    qmp: str | None = None
-    on_failure: str = "keep"  # QEMU mode: "keep" the destination QEMU as it is, or "quit-dest"
-    tls: TlsOptions | None = None
-    handshake_timeout: float = 10.0
-    control: str | None = None
-    stats_path: str | None = None
-    verbose: bool = False
-    resume: bool = False  # adopt DEST.partial and its state file left by an interrupted migration
-    resume_window: float = 60.0  # seconds to wait for the sender to come back after the link drops
 
 
 class StreamLost(Exception):

@@ -235,7 +235,8 @@ def send(
         )
     if batch_size is not None and (batch_size < page_size or batch_size > 16 * 1024 * 1024):
         raise click.BadParameter("must be between the page size and 16MiB", param_hint="--batch-size")
-    from ..send import SendOptions, run
+    from ..send import run
+    from ..send_options import SendOptions
 
     opts = SendOptions(
         source=source,

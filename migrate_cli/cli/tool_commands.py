@@ -130,7 +130,7 @@ def analyze(
 
         from ..analyze import analyze as run
         from ..analyze import render
-        from ..send import usable_cpus
+        from ..send_options import usable_cpus
 
         report = run(
             image, page_size, None if full else sample_bytes, threads or usable_cpus(), dirty_for, max_bandwidth

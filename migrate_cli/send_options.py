@@ -1,0 +1,92 @@
+"""What one `vmmig send` is asked to do: every option of the library's sender, checked together once.
+
+The CLI (cli/send_command.py) parses and converts units; ``SendOptions.check`` rejects combinations that cannot
+work (QEMU's migrate_caps_check does the same for its capabilities) before anything is opened or connected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import codec as codecs
+from .errors import UsageError
+from .resume import default_sender_state_path
+from .tls import TlsOptions
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    source: str
+    destination: str  # HOST:PORT
+    codec: str = codecs.DEFAULT_CODEC
+    level: int | None = None
+    threads: int = 0  # 0 = number of usable CPUs
+    max_bandwidth: int | None = None
+    page_size: int = 4096
+    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE, or with --resume the interrupted session's
+    connect_timeout: float = 10.0
+    io_timeout: float = 30.0
+    channels: int = 1
+    json: bool = False
+    quiet: bool = False
+    # live migration
+    live: bool = False
+    pause_pid: int | None = None
+    qmp: str | None = None
+    pause_cmd: str | None = None
+    unpause_cmd: str | None = None
+    hook_timeout: float = 30.0
+    dirty_tracking: str = "fingerprint"
+    downtime_limit: float = 0.3
+    max_passes: int = 30
+    max_time: float | None = None
+    on_no_converge: str = "abort"
+    auto_converge: bool = False
+    qemu_handoff: bool = False
+    # security
+    tls: TlsOptions | None = None
+    handshake_timeout: float = 10.0
+    # statistics and control
+    control: str | None = None
+    stats_path: str | None = None
+    verbose: bool = False
+    # resume (resume.py)
+    resume: bool = False  # continue the interrupted session recorded in the state file
+    retries: int = 0  # reconnect and resume this many times after a link fault
+    retry_delay: float = 2.0
+    state_file: str | None = None  # default: $XDG_STATE_HOME/vmmig/send-<key>.json
+
+    def check(self) -> None:
+        """Reject option combinations once, up front (QEMU's migrate_caps_check)."""
+        pausers = [x for x in (self.pause_pid, self.qmp, self.pause_cmd) if x is not None]
+        if len(pausers) > 1:
+            raise UsageError("choose one of --pause-pid, --qmp and --pause-cmd")
+        if (self.pause_cmd is None) != (self.unpause_cmd is None):
+            raise UsageError("--pause-cmd and --unpause-cmd go together")
+        if self.live and not pausers:
+            raise UsageError("--live needs a way to pause the guest: --pause-pid, --qmp or --pause-cmd")
+        if self.auto_converge and self.pause_pid is None:
+            raise UsageError("--auto-converge needs --pause-pid (it throttles the guest with SIGSTOP/SIGCONT)")
+        if self.dirty_tracking == "soft-dirty" and self.pause_pid is None:
+            raise UsageError("--dirty-tracking soft-dirty needs --pause-pid (the process whose writes are tracked)")
+        if self.max_passes < 1:
+            raise UsageError("--max-passes must be at least 1")
+        if self.qemu_handoff and self.qmp is None:
+            raise UsageError("--qemu-handoff needs --qmp (the source QEMU's monitor)")
+        if not 1 <= self.channels <= 16:
+            raise UsageError("--channels must be between 1 and 16")
+        if self.retries < 0:
+            raise UsageError("--retries must be 0 or more")
+        if self.qemu_handoff and (self.resume or self.retries):
+            raise UsageError("--qemu-handoff cannot be resumed: drop --resume and --retries")
+
+    def state_path(self) -> str:
+        return self.state_file or default_sender_state_path(self.source)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
