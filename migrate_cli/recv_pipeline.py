@@ -28,6 +28,16 @@ from .stats import Stats
 _DONE = None
 
 
+POOL_BUDGET = 128 * 1024 * 1024  # bytes of payload buffers a receiver holds at most (6 buffers whatever the size)
+
+
+def pool_count(threads: int, payload_max: int) -> int:
+    """Two buffers per worker and two more (one being read, one queued), but at most POOL_BUDGET of them (never
+    fewer than 6): a many-core receiver needs no more batches in flight than a few workers decompress at link
+    speed, and 64 threads of 4 MiB batches would otherwise pin 520 MiB."""
+    return min(threads * 2 + 2, max(6, POOL_BUDGET // payload_max))
+
+
 class BufferPool:
     def __init__(self, count: int, size: int, failure: Failure) -> None:
         self.size = size
@@ -67,7 +77,7 @@ class RecvPipeline:
         self.batch_pages = batch_pages
         # Room for either frame kind: PAGES (16-byte head) or PAGE_LIST (8-byte head + 8 bytes per page).
         payload_max = 16 + 8 * batch_pages + (MAX_BATCH_PAGES + 7) // 8 + batch_pages * dest.page_size
-        self.pool = BufferPool(threads * 2 + 2, payload_max, failure)
+        self.pool = BufferPool(pool_count(threads, payload_max), payload_max, failure)
         self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=threads * 2)
         self._threads: list[threading.Thread] = []
         self._local = threading.local()  # each channel's reader thread has its own buffer in flight

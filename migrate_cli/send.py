@@ -47,7 +47,7 @@ from .errors import (
     SourceError,
     peer_abort,
 )
-from .image import DEFAULT_BATCH_SIZE, SourceImage
+from .image import SourceImage, default_batch_size
 from .passes import PassSender
 from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
 from .pipeline import Failure, Stopped, spawn
@@ -73,7 +73,7 @@ from .qemu import SourceHandoff, check_backend
 from .ratelimit import TokenBucket
 from .resume import ResumeCollector, SenderState
 from .send_options import SendOptions, usable_cpus
-from .send_pipeline import SendPipeline
+from .send_pipeline import RING, SendPipeline
 from .stats import Stats
 from .tls import wrap_client
 from .transport import Channel, connect, parse_address
@@ -138,7 +138,8 @@ class Sender:
             except BaseException:
                 source.close()
                 raise
-        batch_pages = max(1, min((opts.batch_size or DEFAULT_BATCH_SIZE) // opts.page_size, 65536))
+        batch_size = opts.batch_size or default_batch_size(self.threads, RING)
+        batch_pages = max(1, min(batch_size // opts.page_size, 65536))
         stats = self.stats
         stats.image_bytes = source.size
         control = self._start_control()

@@ -24,7 +24,7 @@ class SendOptions:
     threads: int = 0  # 0 = number of usable CPUs
     max_bandwidth: int | None = None
     page_size: int = 4096
-    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE, or with --resume the interrupted session's
+    batch_size: int | None = None  # None: image.default_batch_size, or with --resume the interrupted session's
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
     channels: int = 1

@@ -50,7 +50,8 @@ from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_op
     type=SIZE,
     default=None,
     help="Bytes of pages per batch: the unit of compression, framing and CRC.  "
-    f"[default: {DEFAULT_BATCH_SIZE >> 20}MiB; with --resume, the interrupted session's]",
+    f"[default: {DEFAULT_BATCH_SIZE >> 20}MiB, down to 1MiB with more than 8 --compress-threads; with --resume, "
+    "the interrupted session's]",
 )
 @click.option(
     "--channels",
