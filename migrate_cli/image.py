@@ -21,9 +21,9 @@ MIN_DEFAULT_BATCH_SIZE = 1024 * 1024
 SENDER_BUFFER_BUDGET = 96 * 1024 * 1024  # the sender's gather buffers (RING per worker) stay under this by default
 
 
-def default_batch_size(threads: int, ring: int = 3) -> int:
-    """4 MiB, halved (not below 1 MiB) until ``ring`` buffers per compression thread fit the budget: a 64-thread
-    host would otherwise hold 768 MiB of batch buffers on the sender (and as much on a receiver like it)."""
+def default_batch_size(threads: int, ring: int) -> int:
+    """4 MiB, halved (not below 1 MiB) until ``ring`` buffers per compression thread (send_pipeline.RING) fit the
+    budget: a 64-thread host would otherwise hold 768 MiB of batch buffers on the sender."""
     size = DEFAULT_BATCH_SIZE
     while size > MIN_DEFAULT_BATCH_SIZE and ring * threads * size > SENDER_BUFFER_BUDGET:
         size //= 2
