@@ -57,6 +57,8 @@ KINDS: tuple[str, ...] = ("none", "cut", "flip", "stall", "delay", "kill-send", 
 RESUMING_KINDS = ("cut", "flip", "stall", "kill-send", "kill-recv")  # a fault that fired needs a resume to heal
 PROFILES: tuple[str, ...] = tuple(GENERATOR.PROFILES)
 CODECS: tuple[str, ...] = ("zlib", "zstd", "none", "auto")
+# Batches well below the images' 1-8 MiB (the default is 4 MiB): many frames per run, so faults land mid-stream.
+BATCH_SIZES: tuple[int, ...] = (64 * 1024, 256 * 1024, 1024 * 1024)
 CAP = "4M"  # bandwidth cap of the kill and cancel runs, so that they are mid-way when the fault lands
 CAP_BYTES = 4_000_000
 RESUME_WINDOW = 10.0  # recv --resume-window: a receiver left waiting for a sender that never comes exits by itself
@@ -81,6 +83,7 @@ class RunSpec:
     at: int  # byte offset of a proxy fault in the sender's stream
     moment: float  # 0..1: when a kill or a cancel lands, as a fraction of the expected transfer time
     delay: float  # seconds per chunk for the delay fault
+    batch_size: int = 256 * 1024  # --batch-size of the sender
 
     def replay(self) -> str:
         return f"python tests/soak.py --seed {self.seed} --run {self.index} --only {self.kind}"
@@ -98,9 +101,10 @@ def plan(seed: int, index: int, only: str | None = None) -> RunSpec:
     at = rng.randrange(size)
     moment = rng.random()
     delay = rng.uniform(0.005, 0.02)
+    batch_size = rng.choice(BATCH_SIZES)  # drawn last: the draws before it are those of older soaks
     if only is not None:
         kind = only
-    return RunSpec(seed, index, kind, size, profile, image_seed, codec, at, moment, delay)
+    return RunSpec(seed, index, kind, size, profile, image_seed, codec, at, moment, delay, batch_size)
 
 
 # --- processes, cleaned up by PID ----------------------------------------------------------------------------------
@@ -224,14 +228,13 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.01) -> bool:
     return True
 
 
-def wire_estimate(image: Path, codec: str) -> int:
-    """About what a sender puts on the wire for ``image``: its non-zero pages, zlib level 1 per 256 KiB batch unless
-    the codec is ``none`` (zstd and auto land near zlib on these images)."""
+def wire_estimate(image: Path, codec: str, batch: int) -> int:
+    """About what a sender puts on the wire for ``image``: its non-zero pages, zlib level 1 per batch unless the
+    codec is ``none`` (zstd and auto land near zlib on these images)."""
     pages = np.fromfile(image, dtype=np.uint64).reshape(-1, PAGE // 8)
     data = pages[pages.any(axis=1)].tobytes()
     if codec == "none":
         return len(data)
-    batch = 256 * 1024
     return sum(min(batch, len(zlib.compress(data[i : i + batch], 1))) for i in range(0, len(data), batch))
 
 
@@ -299,10 +302,11 @@ class Run:
     def execute(self) -> None:
         spec = self.spec
         make_image(self.image, spec.size, profile=spec.profile, seed=spec.image_seed)
-        self.est = wire_estimate(self.image, spec.codec) / CAP_BYTES
+        self.est = wire_estimate(self.image, spec.codec, spec.batch_size) / CAP_BYTES
         self.recv_args = ("--json", "--io-timeout", "1s", "--resume-window", f"{RESUME_WINDOW:g}s")
         self.receiver = self.launcher.recv("recv", self.dest, *self.recv_args)
-        common = ("--json", "--compress", spec.codec, "--state-file", str(self.send_state))
+        common = ("--json", "--compress", spec.codec, "--batch-size", str(spec.batch_size))
+        common += ("--state-file", str(self.send_state))
         getattr(self, "_" + spec.kind.replace("-", "_"))(common)
 
     def _none(self, common: tuple[str, ...]) -> None:
