@@ -25,6 +25,14 @@ from .allocate import Allocation
 from .digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
 from .errors import DestinationError
 
+ZERO_CHUNK = 1 << 20  # bytes of zeros one pwrite puts over a run of pages that must read as zero
+
+
+def run_bounds(pages: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) index bounds of each run of consecutive numbers in sorted ``pages``."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    return list(itertools.pairwise([0, *breaks.tolist(), pages.size])) if pages.size else []
+
 
 def partial_path(dest: str) -> str:
     return dest + ".partial"
@@ -108,7 +116,7 @@ class DestinationImage:
 
     def _init_writes(self, page_size: int) -> None:
         self._zero_fp = zero_fingerprint(page_size)
-        self._zero_page = bytes(page_size)
+        self._zeros = memoryview(bytes(max(page_size, ZERO_CHUNK)))  # zero-page writes' source (slices: no copy)
         self._stores: np.ndarray | None = None  # a writable mapping, only where pwrite is refused (hugetlbfs)
         self._stores_mmap: mmap.mmap | None = None
         self._stores_lock = threading.Lock()
@@ -228,8 +236,7 @@ class DestinationImage:
         for lo, hi in itertools.pairwise(bounds):
             if zero[lo]:
                 held = np.flatnonzero(fps[lo:hi] != self._zero_fp)
-                for page in (lo + held).tolist():  # only pages that hold something else are zeroed
-                    self._pwrite(self._zero_page, base + page * ps)
+                self._write_zeros(start + lo + held)  # only pages that hold something else are zeroed
                 fps[lo:hi] = self._zero_fp
             else:
                 n = (hi - lo) * ps
@@ -244,17 +251,26 @@ class DestinationImage:
         normal_ids = ids[~zero]
         if normal_ids.size:
             src = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
-            breaks = np.flatnonzero(np.diff(normal_ids) != 1) + 1  # one write per run of consecutive pages
-            for lo, hi in itertools.pairwise([0, *breaks.tolist(), normal_ids.size]):
+            for lo, hi in run_bounds(normal_ids):  # one write per run of consecutive pages
                 self._pwrite(src[lo:hi], int(normal_ids[lo]) * ps)
             fps = np.empty(normal_ids.size, dtype=np.uint64)
             fingerprint_pages(pages2d[normal_ids], ps, fps)  # read back from DEST (a gathered copy)
             self.fingerprints[normal_ids] = fps
         zero_ids = ids[zero]
         if zero_ids.size:
-            for page in zero_ids[self.fingerprints[zero_ids] != self._zero_fp].tolist():
-                self._pwrite(self._zero_page, page * ps)
+            self._write_zeros(zero_ids[self.fingerprints[zero_ids] != self._zero_fp])
             self.fingerprints[zero_ids] = self._zero_fp
+
+    def _write_zeros(self, pages: np.ndarray) -> None:
+        """Zero ``pages`` (sorted page numbers): one pwrite per run of consecutive pages, not one per page (an
+        adopted or --in-place DEST starts with unknown fingerprints, so every zero page of the image comes here)."""
+        ps = self.page_size
+        for lo, hi in run_bounds(pages):
+            offset, end = int(pages[lo]) * ps, (int(pages[hi - 1]) + 1) * ps
+            while offset < end:
+                n = min(end - offset, len(self._zeros))
+                self._pwrite(self._zeros[:n], offset)
+                offset += n
 
     def _pwrite(self, data: bytes | memoryview | np.ndarray, offset: int) -> None:
         """Write through the file, never through the mapping (which is read-only): a page written whole is neither
