@@ -92,21 +92,15 @@ class Allocation:
                 self.allocated = offset
                 self._cond.notify_all()
 
-    def wait(self, end: int) -> None:
-        """Return once bytes [0, end) are allocated; raise the allocation's OSError if it failed first."""
-        if self.allocated >= end:  # the common case: no lock
-            return
-        with self._cond:
-            while self.allocated < end and self.error is None:
-                self._cond.wait(0.5)
-        if self.allocated < end:
-            assert self.error is not None
-            raise self.error
-
     def finish(self) -> None:
         """Wait until the whole file is allocated (before DEST is published); raise if that failed."""
         self.continue_in_background()  # never started: allocate now, rather than wait for nothing
-        self.wait(self.size)
+        with self._cond:
+            while self.allocated < self.size and self.error is None:
+                self._cond.wait(0.5)
+        if self.allocated < self.size:
+            assert self.error is not None
+            raise self.error
         if self._thread is not None:
             self._thread.join()
 

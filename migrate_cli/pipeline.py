@@ -84,7 +84,7 @@ def put(q: queue.Queue[T], item: T, failure: Failure) -> None:
             continue
 
 
-def get(q: queue.Queue[T], failure: Failure) -> T:
+def get(q: queue.Queue[T] | queue.SimpleQueue[T], failure: Failure) -> T:
     while True:
         if failure.is_set():
             raise Stopped

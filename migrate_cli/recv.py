@@ -67,7 +67,7 @@ from .qmp import Qmp
 from .recv_options import RecvOptions
 from .recv_pipeline import PassBarrier, RecvPipeline
 from .resume import ReceiverState, StateNotWritable, resume_frames
-from .send import usable_cpus
+from .send_options import usable_cpus
 from .stats import Stats
 from .tls import wrap_server
 from .transport import (

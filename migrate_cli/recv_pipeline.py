@@ -21,7 +21,7 @@ import numpy as np
 from . import codec as codecs
 from .destination import DestinationImage
 from .errors import ProtocolError
-from .pipeline import Failure, Stopped, get, put, spawn
+from .pipeline import Failure, get, put, spawn
 from .protocol import MAX_BATCH_PAGES, Encoding, Header, Pages
 from .stats import Stats
 
@@ -47,13 +47,7 @@ class BufferPool:
             self._free.put(bytearray(size))
 
     def take(self) -> bytearray:
-        while True:
-            if self.failure.is_set():
-                raise Stopped
-            try:
-                return self._free.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        return get(self._free, self.failure)
 
     def give(self, buf: bytearray) -> None:
         self._free.put(buf)

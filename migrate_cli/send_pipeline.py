@@ -29,7 +29,7 @@ from .codec import Compressor
 from .digest import fingerprint_pages, zero_fingerprint
 from .entropy import MIN_RUN, incompressible_batch, runs
 from .image import SourceImage
-from .pipeline import Failure, Stopped, get, put, spawn
+from .pipeline import Failure, get, put, spawn
 from .protocol import Encoding, Pages, encode_parts
 
 RING = 3  # gather buffers per worker: one being filled, up to two raw batches waiting for the network thread
@@ -119,7 +119,7 @@ class SendPipeline:
     def _encode(self, item: Batch, free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None) -> EncodedBatch:
         ps = self.source.page_size
         # The buffer first: waiting for it can take long (backpressure), and the mapping is read only after.
-        buf = get_free(free, self.failure)
+        buf = get(free, self.failure)
         self.source.check_size()  # one fstat per batch, instead of a SIGBUS on a truncated file
         pages2d = self.source.array.reshape(self.source.pages, ps)
         gathered = not isinstance(item, tuple)
@@ -260,13 +260,3 @@ def batch_ranges(pages: np.ndarray, batch_pages: int) -> list[Batch]:
 
 def all_ranges(total_pages: int, batch_pages: int) -> list[Batch]:
     return [(s, min(batch_pages, total_pages - s)) for s in range(0, total_pages, batch_pages)]
-
-
-def get_free(free: queue.SimpleQueue[np.ndarray], failure: Failure) -> np.ndarray:
-    while True:
-        if failure.is_set():
-            raise Stopped
-        try:
-            return free.get(timeout=0.2)
-        except queue.Empty:
-            continue

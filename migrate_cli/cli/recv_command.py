@@ -109,8 +109,9 @@ def recv(
 ) -> None:
     """Receive one migration into DEST, then exit.
 
-    Pages are written into DEST.partial (created beside DEST, allocated at full size before the sender starts),
-    which is renamed to DEST only after its digest matches the sender's. DEST is never created unverified.
+    Pages are written into DEST.partial (created beside DEST; its first 16 MiB allocated before the sender starts,
+    the rest while pages arrive), which is renamed to DEST only once it is fully allocated and its digest matches
+    the sender's. DEST is never created unverified.
     When the link drops (lost connection, silence, a corrupted frame), DEST.partial and DEST.partial.state are
     kept and the receiver waits --resume-window for the sender to resume; `vmmig recv --resume DEST` adopts them
     later (after a crash too). Any other failure removes DEST.partial (unless --keep-partial). A ready line with
