@@ -10,6 +10,7 @@ from DEST itself after flushing it.
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,6 +34,16 @@ def fingerprint_pages(data: np.ndarray | memoryview | bytes, page_size: int, out
 
 def image_digest(fingerprints: np.ndarray) -> bytes:
     return xxhash.xxh3_128_digest(np.ascontiguousarray(fingerprints, dtype="<u8"))  # no copy on little-endian
+
+
+def end_commitment(digest: bytes) -> bytes:
+    """What END carries instead of the digest: a one-way function of it (docs/PROTOCOL.md, END).
+
+    The receiver checks the digest it computed from DEST against this, and sends that digest in RESULT; the sender
+    compares RESULT's digest with its own. Knowing only the commitment, a receiver cannot answer with the digest
+    unless it computed it from the pages, so an echo is never taken for a verified copy.
+    """
+    return hashlib.blake2b(digest, digest_size=16, person=b"vmmig END v2").digest()
 
 
 def fingerprint_image(array: np.ndarray, page_size: int, threads: int = 1, chunk_pages: int = 16384) -> np.ndarray:

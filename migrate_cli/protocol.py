@@ -20,7 +20,7 @@ from zlib_ng import zlib_ng
 
 from .errors import CorruptFrame, IntegrityError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: END carries a commitment to the digest, not the digest (digest.end_commitment)
 FRAME_MAGIC = 0x564D  # "VM"
 
 HEADER = struct.Struct("!HBBII")  # magic, type, flags, payload length, crc32(header[:8] + payload)
@@ -163,11 +163,15 @@ class PassEnd:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """Sender -> receiver: every page is sent; ``digest`` is what DEST must hash to (see digest.py)."""
+    """Sender -> receiver: every page is sent; ``commitment`` is ``digest.end_commitment`` of what DEST must hash to.
+
+    Not the digest itself: the receiver must compute the digest from DEST to check it and to answer with it in
+    RESULT, so a receiver that stored nothing cannot echo the sender's own value back and be called verified.
+    """
 
     total_pages: int
     batches: int
-    digest: bytes
+    commitment: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +294,7 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
             parts = [_PASS_END.pack(frame.number, frame.batches)]
             frame_type = FrameType.PASS_END
         case End():
-            parts = [_END.pack(frame.total_pages, frame.batches, frame.digest)]
+            parts = [_END.pack(frame.total_pages, frame.batches, frame.commitment)]
             frame_type = FrameType.END
         case Result():
             parts = [_RESULT.pack(frame.status, frame.digest)]
@@ -446,8 +450,8 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
         return PassEnd(number=number, batches=batches)
     if kind is FrameType.END:
         _need(kind, payload, _END.size)
-        total_pages, batches, digest = _END.unpack(payload)
-        return End(total_pages=total_pages, batches=batches, digest=digest)
+        total_pages, batches, commitment = _END.unpack(payload)
+        return End(total_pages=total_pages, batches=batches, commitment=commitment)
     if kind is FrameType.RESULT:
         _need(kind, payload, _RESULT.size)
         status, digest = _RESULT.unpack(payload)

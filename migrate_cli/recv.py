@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import codec as codecs
 from .control import ControlServer
 from .destination import DestinationImage, DiscardSink, InPlaceDestination, check_destination
+from .digest import end_commitment
 from .errors import (
     CancelledError,
     DestinationModified,
@@ -601,10 +602,11 @@ class Receiver:
         assert self.dest is not None
         self.dest.flush()
         digest = self.dest.digest(self.threads)
-        if digest != end.digest:
+        if end_commitment(digest) != end.commitment:
             channel.send_frame(Result(RESULT_DIGEST_MISMATCH, digest))
             raise IntegrityError(
-                f"digest mismatch: sender's image digest {end.digest.hex()}, destination hashes to {digest.hex()}"
+                f"digest mismatch: destination hashes to {digest.hex()}, not to the digest the sender committed to "
+                f"(END {end.commitment.hex()})"
             )
         self.dest.publish(force=self.opts.force)
         self.published = True

@@ -9,7 +9,8 @@ closes the socket and joins every thread before raising it.
 Three modes, chosen by options:
 - plain (no --live, no pause option): one pass, then a re-scan; if any page changed meanwhile the run fails
   (the image was not quiescent) and DEST is not published;
-- stop-and-copy (a pause option without --live): pause, one pass, verify nothing changed;
+- stop-and-copy (a pause option without --live): pause, one pass, then a re-scan: a page that changed while
+  paused fails the run (exit 14) and DEST is not published;
 - live (--live): iterative pre-copy (precopy.py), then pause and a last pass.
 In the last two, the guest is resumed if anything fails before the receiver confirmed; if the link breaks after
 END went out and before the verdict arrives, the outcome is unknown and the guest stays paused (exit 11).
@@ -33,7 +34,7 @@ import numpy as np
 from . import codec as codecs
 from .adaptive import AutoPolicy
 from .control import ControlError, ControlServer
-from .digest import image_digest
+from .digest import end_commitment, image_digest
 from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
 from .errors import (
     CancelledError,
@@ -174,7 +175,7 @@ class Sender:
                     batch_pages=batch_pages,
                     channels=opts.channels,
                     channel_index=index,
-                    features=(FEATURE_QEMU_HANDOFF if self.handoff else 0) | (FEATURE_RESUME if self.resuming else 0),
+                    features=self._offered_features(),
                 )
                 stats.add_wire(channels[-1].send_frame(hello))
         except BaseException:
@@ -191,7 +192,7 @@ class Sender:
         try:
             with live_display(stats, "send", info, self.display) as view:
                 self.view = view
-                welcomes = [self._await_welcome(each) for each in channels]
+                welcomes = [self._await_welcome(each, self._offered_features()) for each in channels]
                 if self.resuming and welcomes[0].features & FEATURE_RESUME:
                     self._await_resume_state(channel, pipeline)
                     self.resumes += 1
@@ -208,7 +209,7 @@ class Sender:
                     spawn(f"control-{index}", partial(self._read_control, each), self.failure)
                 pipeline.start()
                 digest = self._copy(pipeline, source, self.bucket, stats)
-                stats.add_wire(channel.send_frame(End(source.pages, self.batches_sent, digest)))
+                stats.add_wire(channel.send_frame(End(source.pages, self.batches_sent, end_commitment(digest))))
                 self.end_sent = True
                 if view:
                     view.phase = "verifying"
@@ -293,6 +294,11 @@ class Sender:
             self.pauser.pause()
             self.paused = True
             self.on_pass(send_pass(1, first(), True))
+            # Verify the pause held: a pause that did not stop the writer (the wrong pid, a hook that did nothing)
+            # would otherwise publish an image that matches no moment of the source.
+            changed = tracker.scan()
+            if changed.size:
+                self._wrote_while_paused(int(changed.size))
             return image_digest(pipeline.fingerprints)
         self.on_pass(send_pass(1, first(), False))
         changed = tracker.scan()  # a plain copy: the image must not have changed while it was sent
@@ -351,7 +357,10 @@ class Sender:
 
     # -- protocol phases -----------------------------------------------------------------------------------------
 
-    def _await_welcome(self, channel: Channel) -> Welcome:
+    def _offered_features(self) -> int:
+        return (FEATURE_QEMU_HANDOFF if self.handoff else 0) | (FEATURE_RESUME if self.resuming else 0)
+
+    def _await_welcome(self, channel: Channel, offered: int) -> Welcome:
         while True:
             try:
                 frame, _ = channel.read_frame()
@@ -363,6 +372,11 @@ class Sender:
                     ) from None
                 raise
             if isinstance(frame, Welcome):
+                if frame.features & ~offered:  # a receiver may accept what we offer, never add to it
+                    raise ProtocolError(
+                        f"the receiver's WELCOME accepts features {frame.features:#x}, but this sender offered only "
+                        f"{offered:#x}"
+                    )
                 return frame
             if isinstance(frame, Abort):
                 raise peer_abort(frame.code, frame.message, frame.resumable)

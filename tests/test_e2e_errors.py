@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 from zlib_ng import zlib_ng
 
-from migrate_cli.digest import fingerprint_pages, image_digest
+from migrate_cli.digest import end_commitment, fingerprint_pages, image_digest
 from migrate_cli.protocol import (
+    PROTOCOL_VERSION,
     RESULT_DIGEST_MISMATCH,
     Abort,
     Encoding,
@@ -51,7 +52,7 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-def hello(pages: int = 2, codec: int = Encoding.ZLIB, version: int = 1) -> Hello:
+def hello(pages: int = 2, codec: int = Encoding.ZLIB, version: int = PROTOCOL_VERSION) -> Hello:
     return Hello(PS, pages * PS, codec, 1, b"t" * 16, batch_pages=pages, version=version)
 
 
@@ -98,7 +99,7 @@ def test_a_matching_digest_from_a_scripted_sender_is_published(procs: Processes,
     peer = FakePeer.connect(recv.address)
     peer.send(hello())
     peer.read_until(Welcome)
-    peer.send(Pages(0, 2, Encoding.RAW, b"\x02", b"\x01" * PS), End(2, 1, image_digest(fps)))
+    peer.send(Pages(0, 2, Encoding.RAW, b"\x02", b"\x01" * PS), End(2, 1, end_commitment(image_digest(fps))))
     assert peer.read_until(Result).status == 0
     assert recv.wait()[0] == 0
     assert dest.read_bytes() == data
@@ -219,7 +220,7 @@ def test_a_sender_of_another_protocol_version_is_refused_naming_both(procs: Proc
     dest = tmp_path / "dest.img"
     recv = procs.recv(dest)
     payload = bytearray(encode(hello())[12:])
-    payload[0:2] = struct.pack("!H", 2)
+    payload[0:2] = struct.pack("!H", 1)  # a vmmig of protocol 1, whose END carries the bare digest
     head = struct.pack("!HBBI", 0x564D, 0x01, 0, len(payload))
     frame = head + struct.pack("!I", zlib_ng.crc32(payload, zlib_ng.crc32(head))) + payload
     peer = FakePeer.connect(recv.address)
@@ -227,8 +228,8 @@ def test_a_sender_of_another_protocol_version_is_refused_naming_both(procs: Proc
     abort = peer.read_until(Abort)
     code, _, err = recv.wait()
     assert code == 6
-    assert "peer speaks version 2, this vmmig speaks 1" in one_line(err)
-    assert "version 2" in abort.message and abort.code == 6
+    assert "peer speaks version 1, this vmmig speaks 2" in one_line(err)
+    assert "version 1" in abort.message and abort.code == 6
     assert_no_destination(dest)
 
 
@@ -241,7 +242,7 @@ def test_a_receiver_of_another_protocol_version_is_refused(procs: Processes, ima
     peer.send(encode(Welcome(version=7)))
     code, _, err = send.wait()
     listener.close()
-    assert code == 6 and "peer speaks version 7, this vmmig speaks 1" in one_line(err)
+    assert code == 6 and "peer speaks version 7, this vmmig speaks 2" in one_line(err)
 
 
 def test_an_unknown_codec_id_is_refused(procs: Processes, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ import zstandard
 from zlib_ng import zlib_ng
 
 from migrate_cli import codec as codecs
-from migrate_cli.digest import fingerprint_pages, image_digest
+from migrate_cli.digest import end_commitment, fingerprint_pages, image_digest
 from migrate_cli.errors import ExitCode, IntegrityError, ProtocolError
 from migrate_cli.protocol import (
     FRAME_MAGIC,
@@ -95,6 +95,11 @@ def digest_of(image: bytes) -> bytes:
     return image_digest(fingerprints)
 
 
+def commitment_of(image: bytes) -> bytes:
+    """What a correct sender's END carries for ``image``: the commitment to its digest."""
+    return end_commitment(digest_of(image))
+
+
 def hello(pages: int = 4, codec: int = Encoding.ZLIB, batch: int = 4) -> Hello:
     return Hello(PS, pages * PS, codec, 1, b"h" * 16, batch_pages=batch)
 
@@ -124,7 +129,7 @@ def page_list(indices: list[int], fill: int = 5) -> Pages:
 def valid_stream(image: bytes = IMAGE) -> list[Frame]:
     """HELLO, one PAGES batch, PASS_END(1, 1), END with the right digest: what `vmmig send` would send."""
     pages = len(image) // PS
-    return [hello(pages, batch=pages), batch_of(image), PassEnd(1, 1), End(pages, 1, digest_of(image))]
+    return [hello(pages, batch=pages), batch_of(image), PassEnd(1, 1), End(pages, 1, commitment_of(image))]
 
 
 # --- raw frames ------------------------------------------------------------------------------------------------
@@ -463,7 +468,7 @@ def test_a_batch_outside_the_image_or_its_own_rules_is_refused_before_writing(
             [page_list([0, 2, 4, 6])], "names page 6, past the image end (4 pages)", id="page-list-for-8-pages"
         ),
         pytest.param(
-            [batch_of(IMAGE), PassEnd(1, 1), End(8, 1, digest_of(IMAGE + bytes(4 * PS)))],
+            [batch_of(IMAGE), PassEnd(1, 1), End(8, 1, commitment_of(IMAGE + bytes(4 * PS)))],
             "END frame reports 8 pages in 1 batches, but 4 pages",
             id="end-for-8-pages",
         ),
@@ -483,7 +488,7 @@ def test_a_hello_for_more_pages_than_the_stream_carries_is_refused_at_end(
 ) -> None:
     """HELLO announces 8 pages, the stream carries 4 and its END says so: the counts disagree, nothing is published."""
     recv, peer = streaming(procs, dest, connect, hello(pages=8, batch=4))
-    peer.send(batch_of(IMAGE), PassEnd(1, 1), End(4, 1, digest_of(IMAGE)))
+    peer.send(batch_of(IMAGE), PassEnd(1, 1), End(4, 1, commitment_of(IMAGE)))
     expect_failure(recv, dest, PROTOCOL, "END frame reports 4 pages in 1 batches, but 8 pages", peer)
 
 
@@ -685,7 +690,7 @@ def test_a_zlib_batch_inflating_past_its_pages_mid_match_is_an_integrity_error(
     Here the batch inflates to 16,514 bytes for 4 pages (16,384); END's digest is that of the first 16,384."""
     data = deflate_ending_mid_match(4 * PS)
     recv, peer = streaming(procs, dest, connect, hello(codec=Encoding.ZLIB))
-    peer.send(Pages(0, 4, Encoding.ZLIB, b"\x00", data), PassEnd(1, 1), End(4, 1, digest_of(b"\x01" * 4 * PS)))
+    peer.send(Pages(0, 4, Encoding.ZLIB, b"\x00", data), PassEnd(1, 1), End(4, 1, commitment_of(b"\x01" * 4 * PS)))
     expect_failure(recv, dest, INTEGRITY, "zlib batch decompressed to", peer)
 
 
@@ -696,7 +701,7 @@ def test_a_wrong_digest_is_an_integrity_error_and_the_sender_hears_a_mismatch(
     procs: Processes, dest: Path, connect: Callable[[str], FakePeer]
 ) -> None:
     recv, peer = streaming(procs, dest, connect)
-    wrong = bytes(a ^ b for a, b in zip(digest_of(IMAGE), b"\x01" * 16, strict=True))
+    wrong = bytes(a ^ b for a, b in zip(commitment_of(IMAGE), b"\x01" * 16, strict=True))
     peer.send(batch_of(IMAGE), PassEnd(1, 1), End(4, 1, wrong))
     result = last_word(peer)
     assert isinstance(result, Result) and result.status == RESULT_DIGEST_MISMATCH
@@ -712,7 +717,13 @@ def test_frames_after_end_are_never_read_nor_applied(
     END's digest describes is published, exit 0, and DEST never holds the trailing pages."""
     other = guest_image(4)[::-1]
     recv, peer = streaming(procs, dest, connect)
-    peer.send(batch_of(IMAGE), PassEnd(1, 1), End(4, 1, digest_of(IMAGE)), batch_of(other), End(4, 2, digest_of(other)))
+    peer.send(
+        batch_of(IMAGE),
+        PassEnd(1, 1),
+        End(4, 1, commitment_of(IMAGE)),
+        batch_of(other),
+        End(4, 2, commitment_of(other)),
+    )
     code, _, err = recv.wait(timeout=EXIT_WITHIN)
     assert code == 0, err
     assert dest.read_bytes() == IMAGE
@@ -728,7 +739,9 @@ def test_frames_after_end_are_never_read_nor_applied(
         pytest.param([PassEnd(2, 0)], "PASS_END 2", id="pass-end-skipping-a-pass"),
         pytest.param([batch_of(IMAGE), PassEnd(1, 3)], "PASS_END 1 reports 3 batches", id="pass-end-miscounting"),
         pytest.param(
-            [batch_of(IMAGE), End(4, 7, digest_of(IMAGE))], "END frame reports 4 pages in 7 batches", id="end-miscount"
+            [batch_of(IMAGE), End(4, 7, commitment_of(IMAGE))],
+            "END frame reports 4 pages in 7 batches",
+            id="end-miscount",
         ),
         pytest.param([framed(0x55, b"")], "unknown frame type 0x55", id="unknown-frame-type"),
         pytest.param([framed(FrameType.KEEPALIVE, b"", flags=1)], "KEEPALIVE frame has unknown flags", id="flags"),

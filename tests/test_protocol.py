@@ -112,7 +112,7 @@ def test_unknown_version_names_both_sides() -> None:
 
     head = struct.pack("!HBBI", 0x564D, 0x01, 0, len(payload))
     crc = zlib_ng.crc32(payload, zlib_ng.crc32(head))
-    with pytest.raises(VersionMismatch, match="peer speaks version 9, this vmmig speaks 1"):
+    with pytest.raises(VersionMismatch, match="peer speaks version 9, this vmmig speaks 2"):
         decode_all(Role.RECEIVER, head + struct.pack("!I", crc) + bytes(payload))
 
 
