@@ -3,24 +3,28 @@
 A ``Pauser`` stops the guest for switchover and resumes it when the migration fails before the destination has
 confirmed. Three ways, chosen on the command line:
 - ``PidPauser`` (--pause-pid): SIGSTOP/SIGCONT; paused means every thread in /proc/PID/task/*/stat shows state T.
+  The pid is checked first (``check_pause_pid``): never 0, a negative id, init, vmmig or one of its parents.
 - ``QmpPauser`` (--qmp): QEMU's ``stop``/``cont``, confirmed with ``query-status``. Prefer it for QEMU: a SIGSTOP
   does not stop in-kernel devices.
-- ``CommandPauser`` (--pause-cmd/--unpause-cmd): shell hooks, bounded by --hook-timeout.
+- ``CommandPauser`` (--pause-cmd/--unpause-cmd): shell hooks, bounded by --hook-timeout; a hook that runs past it
+  is killed with everything it started, and a pause hook killed so is followed by the unpause hook.
 
 ``Throttle`` runs a SIGSTOP/SIGCONT duty cycle over a 100 ms period (QEMU's cpu-throttle, by signals).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Protocol
 
-from .errors import PauseError, QemuError
+from .errors import PauseError, QemuError, UsageError
 from .qmp import Qmp
 
 
@@ -41,19 +45,81 @@ def _process_paused(pid: int) -> bool:
     return bool(states) and all(state in ("T", "t") for state in states)
 
 
+def _thread_group(pid: int) -> int:
+    """The process a pid names: kill(2) on one thread's id signals its whole process."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return pid
+
+
+def _vmmig_and_parents() -> set[int]:
+    """vmmig's pid and its ancestors': stopping any of them would stop vmmig (or the shell waiting for it) for good."""
+    import psutil  # only with --pause-pid: psutil costs start-up time
+
+    try:
+        return {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    except psutil.Error:
+        return {os.getpid(), os.getppid()}
+
+
+def check_pause_pid(pid: int) -> None:
+    """Refuse a --pause-pid that is not one other process (UsageError), before anything is signalled.
+
+    kill(2) reads 0 as the caller's process group, -1 as every process it may signal and -N as process group N, and
+    nothing would ever SIGCONT them; 1 is init.
+    """
+    if pid <= 1:
+        raise UsageError(f"--pause-pid {pid}: not a guest's process id (0 and negative ids name groups, 1 is init)")
+    if _thread_group(pid) in _vmmig_and_parents():
+        raise UsageError(f"--pause-pid {pid}: that is vmmig itself or one of its parents; give the guest's pid")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise UsageError(f"--pause-pid {pid}: no such process") from None
+    except PermissionError:
+        raise UsageError(f"--pause-pid {pid}: not permitted to signal it (another user's process?)") from None
+
+
+class GuestProcess:
+    """A checked guest pid, signalled through a pidfd where the kernel has them: if the guest exits and its pid goes
+    to another process, that process is never signalled (the guest is reported gone instead)."""
+
+    def __init__(self, pid: int) -> None:
+        check_pause_pid(pid)
+        self.pid = pid
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise UsageError(f"--pause-pid {pid}: no such process") from None
+        except (AttributeError, OSError):
+            return  # no pidfds here (old kernel, seccomp): plain kill(2) on the checked pid
+        weakref.finalize(self, os.close, self._pidfd)
+
+    def send(self, signum: int) -> None:
+        """Signal the guest; ProcessLookupError when it is gone."""
+        if self._pidfd is not None:
+            signal.pidfd_send_signal(self._pidfd, signum)
+        elif self.pid > 1:  # checked in __init__; never let a group or every process be signalled
+            os.kill(self.pid, signum)
+        else:
+            raise ProcessLookupError(self.pid)
+
+
 class PidPauser:
     def __init__(self, pid: int, timeout: float = 5.0) -> None:
+        self.process = GuestProcess(pid)
         self.pid = pid
         self.timeout = timeout
         self.description = f"pid {pid}"
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise PauseError(f"--pause-pid {pid}: no such process") from None
 
     def pause(self) -> None:
         try:
-            os.kill(self.pid, signal.SIGSTOP)
+            self.process.send(signal.SIGSTOP)
         except ProcessLookupError:
             raise PauseError(f"guest process {self.pid} is gone") from None
         deadline = time.monotonic() + self.timeout
@@ -64,7 +130,7 @@ class PidPauser:
 
     def resume(self) -> None:
         try:
-            os.kill(self.pid, signal.SIGCONT)
+            self.process.send(signal.SIGCONT)
         except ProcessLookupError:
             raise PauseError(f"guest process {self.pid} is gone") from None
 
@@ -99,6 +165,10 @@ class QmpPauser:
             raise PauseError(f"QMP cont: guest status is {status!r}, not running")
 
 
+class HookTimeout(PauseError):
+    """A hook ran past --hook-timeout and was killed, with every process it started."""
+
+
 class CommandPauser:
     def __init__(self, pause_cmd: str, unpause_cmd: str, timeout: float) -> None:
         self.pause_cmd = pause_cmd
@@ -107,16 +177,35 @@ class CommandPauser:
         self.description = f"command {pause_cmd!r}"
 
     def _run(self, cmd: str, what: str) -> None:
-        try:
-            result = subprocess.run(cmd, shell=True, timeout=self.timeout, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            raise PauseError(f"{what} {cmd!r} did not finish within {self.timeout:g}s (--hook-timeout)") from None
-        if result.returncode:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            raise PauseError(f"{what} {cmd!r} exited {result.returncode}" + (f": {detail[-1]}" if detail else ""))
+        # Its own process group (session), so that a timeout kills what the shell started too, not just the shell.
+        with subprocess.Popen(
+            cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        ) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=self.timeout)
+            except BaseException as exc:  # the timeout, or a signal (Interrupted): leave nothing of the hook behind
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise HookTimeout(
+                        f"{what} {cmd!r} did not finish within {self.timeout:g}s (--hook-timeout): killed it"
+                    ) from None
+                raise
+        if proc.returncode:
+            detail = (stderr or stdout).strip().splitlines()
+            raise PauseError(f"{what} {cmd!r} exited {proc.returncode}" + (f": {detail[-1]}" if detail else ""))
 
     def pause(self) -> None:
-        self._run(self.pause_cmd, "--pause-cmd")
+        try:
+            self._run(self.pause_cmd, "--pause-cmd")
+        except HookTimeout as exc:
+            # Killed half way, the hook may have paused the guest: resume it rather than leave it stopped.
+            try:
+                self._run(self.unpause_cmd, "--unpause-cmd")
+            except PauseError as undo:
+                raise PauseError(f"{exc}; then {undo}: the guest may still be paused") from None
+            raise PauseError(f"{exc}; ran --unpause-cmd") from None
 
     def resume(self) -> None:
         self._run(self.unpause_cmd, "--unpause-cmd")
@@ -128,6 +217,10 @@ class Throttle:
     PERIOD = 0.1
 
     def __init__(self, pid: int, initial: int = 20, increment: int = 10, maximum: int = 99) -> None:
+        try:
+            self.process = GuestProcess(pid)
+        except UsageError as exc:  # the pauser checked this pid before connecting: here the guest is gone
+            raise PauseError(f"--auto-converge: {exc}") from None
         self.pid = pid
         self.initial, self.increment, self.maximum = initial, increment, maximum
         self.percentage = 0
@@ -146,9 +239,9 @@ class Throttle:
         while not self._stop.is_set():
             stopped = self.PERIOD * self.percentage / 100
             try:
-                os.kill(self.pid, signal.SIGSTOP)
+                self.process.send(signal.SIGSTOP)
                 self._stop.wait(stopped)
-                os.kill(self.pid, signal.SIGCONT)
+                self.process.send(signal.SIGCONT)
             except ProcessLookupError:
                 return
             self._stop.wait(self.PERIOD - stopped)
@@ -160,9 +253,7 @@ class Throttle:
             self._thread.join(1.0)
             self._thread = None
         if self.percentage:
-            try:
-                os.kill(self.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send(signal.SIGCONT)
         self.percentage = 0
         self._stop = threading.Event()

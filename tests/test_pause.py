@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from migrate_cli.errors import PauseError
-from migrate_cli.pause import CommandPauser, PidPauser, QmpPauser, Throttle
+from migrate_cli.errors import PauseError, UsageError
+from migrate_cli.pause import CommandPauser, GuestProcess, PidPauser, QmpPauser, Throttle, check_pause_pid
 
 from .fakeqmp import FakeQmp
 
@@ -44,8 +47,39 @@ def test_pid_pauser_stops_every_thread_and_resumes(busy: subprocess.Popen[bytes]
 
 
 def test_pid_pauser_refuses_a_missing_process() -> None:
-    with pytest.raises(PauseError, match="no such process"):
+    with pytest.raises(UsageError, match="no such process"):
         PidPauser(2**22 + 12345)
+
+
+@pytest.mark.parametrize("pid", [0, -1, -2, 1])
+def test_process_groups_every_process_and_init_are_never_a_guest(pid: int) -> None:
+    """kill(2) reads 0 as our group, -1 as every process, -N as group N: none of them is one guest."""
+    with pytest.raises(UsageError, match=f"--pause-pid {pid}: not a guest's process id"):
+        check_pause_pid(pid)
+    with pytest.raises(UsageError):
+        PidPauser(pid)
+    with pytest.raises(PauseError):  # built mid-migration, after the pauser checked the pid: a pause failure
+        Throttle(pid)
+
+
+def test_vmmig_its_threads_and_its_parents_are_never_a_guest() -> None:
+    own_thread = threading.Thread(target=time.sleep, args=(0.5,))
+    own_thread.start()
+    try:
+        for pid in (os.getpid(), os.getppid(), own_thread.native_id):
+            with pytest.raises(UsageError, match="vmmig itself or one of its parents"):
+                check_pause_pid(pid)
+    finally:
+        own_thread.join()
+
+
+def test_a_reused_pid_is_never_signalled(busy: subprocess.Popen[bytes]) -> None:
+    """The guest is held by a pidfd: once it is gone, a signal fails instead of reaching whoever has its pid now."""
+    guest = GuestProcess(busy.pid)
+    busy.kill()
+    busy.wait()
+    with pytest.raises(ProcessLookupError):
+        guest.send(signal.SIGCONT)
 
 
 def test_qmp_pauser_speaks_stop_cont_and_checks_status(busy: subprocess.Popen[bytes], tmp_path: Path) -> None:
@@ -73,6 +107,46 @@ def test_command_hooks_fail_with_their_exit_status_and_time_out(tmp_path: Path) 
     marker = tmp_path / "resumed"
     CommandPauser("true", f"touch {marker}", 5).resume()
     assert marker.exists()
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie (killed, not yet reaped by whoever inherited it) counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def dies(pid: int, timeout: float = 10) -> bool:
+    """A SIGKILLed process takes a moment to die."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_hook_past_its_timeout_is_killed_with_everything_it_started(tmp_path: Path) -> None:
+    pidfile, marker = tmp_path / "child.pid", tmp_path / "unpaused"
+    hook = f"sleep 30 & echo $! > {pidfile}; exec sleep 30"
+    try:
+        with pytest.raises(PauseError, match=r"did not finish within 1s \(--hook-timeout\): killed it; ran --unpause"):
+            CommandPauser(hook, f"touch {marker}", 1).pause()
+        assert marker.exists(), "a pause hook killed half way may have paused the guest: the unpause hook runs"
+        assert dies(int(pidfile.read_text())), "the hook's background child was killed with it"
+        pidfile.unlink()
+        with pytest.raises(PauseError, match=r"--unpause-cmd .* did not finish"):
+            CommandPauser("true", hook, 1).resume()
+        assert dies(int(pidfile.read_text()))
+    finally:
+        if pidfile.exists() and alive(child := int(pidfile.read_text())):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_when_the_unpause_after_a_killed_pause_hook_fails_too_both_are_said() -> None:
+    with pytest.raises(PauseError, match=r"did not finish.*; then --unpause-cmd 'exit 4' exited 4: the guest may"):
+        CommandPauser("sleep 30", "exit 4", 0.3).pause()
 
 
 def test_throttle_steps_like_qemu_and_release_leaves_the_guest_running(busy: subprocess.Popen[bytes]) -> None:
