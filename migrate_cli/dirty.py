@@ -5,7 +5,9 @@ One small interface, two trackers:
 - ``FingerprintTracker`` (default; any mapping, no help from the VMM): hashes every live page and compares it with
   the fingerprint of the copy that was *sent* (kept by the sender pipeline). A page written while it was being
   copied or hashed is caught at the latest by the next scan, so it is correct under concurrent writes by
-  construction. Memory: 8 bytes per page for the live fingerprints (0.2% of the image).
+  construction. Memory: 8 bytes per page for the live fingerprints (0.2% of the image). Given the source's hole
+  query, it reads only the pages that hold data now (asked afresh at each scan: a hole may have been filled since);
+  a page in a hole has the zero page's fingerprint.
 - ``SoftDirtyTracker`` (experimental): the kernel's soft-dirty bits of the writing process (``/proc/PID/clear_refs``
   + bit 55 of ``/proc/PID/pagemap``). Only pages whose bit is set are hashed. Needs a kernel built with
   CONFIG_MEM_SOFT_DIRTY; ``soft_dirty_supported`` probes that and the caller falls back to fingerprints.
@@ -16,12 +18,14 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .digest import fingerprint_image, fingerprint_pages
+from .digest import fingerprint_image, fingerprint_pages, zero_fingerprint
+from .holes import HoleMap
 
 PAGEMAP_SOFT_DIRTY = 1 << 55
 PAGEMAP_PRESENT = 1 << 63
@@ -56,12 +60,14 @@ class FingerprintTracker:
         sent: np.ndarray,
         threads: int = 1,
         guard: Callable[[], None] = _no_guard,
+        extents: Callable[[], np.ndarray | None] | None = None,
     ) -> None:
         self.image = image
         self.page_size = page_size
         self.sent = sent
         self.threads = threads
         self.guard = guard  # raises if the image can no longer be read whole (SourceImage.check_size)
+        self.extents = extents  # the pages that hold data now (SourceImage.data_extents); None: read every page
         self._live = np.empty(0, dtype=np.uint64)
 
     def start(self) -> None:
@@ -69,11 +75,36 @@ class FingerprintTracker:
 
     def scan(self) -> np.ndarray:
         self.guard()
-        self._live = fingerprint_image(self.image, self.page_size, self.threads)
+        holes = HoleMap(self.extents() if self.extents is not None else None)
+        if holes.sparse:
+            self._live = fingerprint_data(self.image, self.page_size, holes, self.threads)
+        else:
+            self._live = fingerprint_image(self.image, self.page_size, self.threads)
         return np.flatnonzero(self._live != self.sent)
 
     def live_fingerprints(self) -> np.ndarray:
         return self._live
+
+
+def fingerprint_data(
+    image: np.ndarray, page_size: int, holes: HoleMap, threads: int = 1, chunk_pages: int = 16384
+) -> np.ndarray:
+    """Fingerprint every page as fingerprint_image does, reading only the pages ``holes`` says hold data: the others
+    get the zero page's fingerprint. Work goes in chunks of the image (as there), each hashing its data runs."""
+    pages = image.size // page_size
+    fps = np.full(pages, zero_fingerprint(page_size), dtype=np.uint64)
+
+    def work(first: int) -> None:
+        for start, end in holes.runs(first, min(pages, first + chunk_pages)):
+            fingerprint_pages(image[start * page_size : end * page_size], page_size, fps[start:end])
+
+    if threads <= 1 or pages <= chunk_pages:
+        for first in range(0, pages, chunk_pages):
+            work(first)
+        return fps
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(work, range(0, pages, chunk_pages)))  # list(): re-raise worker exceptions here
+    return fps
 
 
 # --- soft-dirty ---------------------------------------------------------------------------------------------------
@@ -180,6 +211,7 @@ __all__ = [
     "FingerprintTracker",
     "SoftDirtyTracker",
     "find_mapping",
+    "fingerprint_data",
     "read_pagemap",
     "soft_dirty_pages",
     "soft_dirty_supported",

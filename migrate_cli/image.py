@@ -1,6 +1,6 @@
 """The source image: a regular file, a file on /dev/shm or hugetlbfs, a memfd as /proc/PID/fd/N, or a block
 device, mapped MAP_SHARED read-only: never read whole into memory, so a running guest's writes show through (live
-migration relies on that). The destination side is destination.py.
+migration relies on that). The destination side is destination.py. Holes of a sparse image are not read (holes.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import stat
 import numpy as np
 
 from .errors import SourceError
+from .holes import data_extents
 
 DEFAULT_PAGE_SIZE = 4096
 # Pages are read, compressed, framed and checksummed a batch at a time. Per-batch costs (Python glue, frame,
@@ -37,28 +38,41 @@ def check_page_size(page_size: int) -> None:
         raise ValueError(f"page size {page_size} is not a power of two between {MIN_PAGE_SIZE} and {MAX_PAGE_SIZE}")
 
 
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFDIR: "a directory"}
+
+
+def _check_kind(path: str, mode: int) -> None:
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
+        raise SourceError(f"source {path} is {kind}: not a regular file, memfd or block device")
+
+
+def _open_source(path: str) -> int:
+    """Open the source read-only, refusing what is not a regular file (memfds are) or a block device first: opening a
+    FIFO would wait for a writer forever, a character device may act on open. O_NONBLOCK covers a path swapped for
+    a FIFO between the stat and the open; it changes nothing for files and block devices, which are only mapped."""
+    try:
+        _check_kind(path, os.stat(path).st_mode)  # follows /proc/PID/fd/N to the memfd behind it
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceError(f"source {path}: no such file") from None
+    except PermissionError:
+        raise SourceError(f"source {path}: permission denied") from None
+    except OSError as exc:
+        raise SourceError(f"source {path}: cannot open: {exc.strerror}") from None
+
+
 class SourceImage:
     """A read-only shared mapping of the source image. ``array`` is a uint8 numpy view of the mapping."""
 
     def __init__(self, path: str, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         self.path = path
         self.page_size = page_size
+        fd = _open_source(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SourceError(f"source {path}: no such file") from None
-        except PermissionError:
-            raise SourceError(f"source {path}: permission denied") from None
-        except OSError as exc:
-            raise SourceError(f"source {path}: cannot open: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode):
-                size = st.st_size
-            elif stat.S_ISBLK(st.st_mode):
-                size = os.lseek(fd, 0, os.SEEK_END)
-            else:
-                raise SourceError(f"source {path}: not a regular file, memfd or block device")
+            st = os.fstat(fd)  # again: the path may have been replaced since it was checked
+            _check_kind(path, st.st_mode)
+            size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
             if size == 0 or size % page_size:
                 raise SourceError(
                     f"source {path}: size {size} bytes is not a whole number of {page_size}-byte pages"
@@ -79,6 +93,10 @@ class SourceImage:
         self.size = size
         self.pages = size // page_size
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def data_extents(self) -> np.ndarray | None:
+        """The page ranges that hold data now (holes.data_extents); None for a block device or a file without holes."""
+        return None if self._fd < 0 else data_extents(self._fd, self.size, self.page_size)
 
     def check_size(self) -> None:
         """Raise SourceError if the file behind the mapping is now shorter than the image (it was truncated)."""

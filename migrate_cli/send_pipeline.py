@@ -3,8 +3,11 @@
     reader --(batch ranges)--> work queue --> worker 1..N --(EncodedBatch)--> out queue --> network thread
 
 Workers live for the whole migration; each pass (one for a plain copy, several for a live migration) starts a
-reader for its list of ranges. The reader only enumerates batch ranges: it never touches page data and never
-compresses. Each worker owns, for its whole life, one compressor and a small ring of gather buffers; per batch it
+reader for its list of ranges. The reader only enumerates batch ranges, each with the pass's hole map (holes.py,
+asked once per pass): it never touches page data and never compresses. Each worker owns, for its whole life, one
+compressor and a small ring of gather buffers; per batch it
+0. takes the pages that lie in a hole of a sparse image as zero pages without reading them (a batch entirely in a
+   hole is not read at all),
 1. scans the live mapping for zero pages (one vectorised pass),
 2. copies the non-zero pages out of the mapping into its own buffer (a guest may write them meanwhile; from here
    on only the copy is used),
@@ -28,6 +31,7 @@ from .adaptive import MARGIN, AutoPolicy, Stopwatch
 from .codec import Compressor
 from .digest import fingerprint_pages, zero_fingerprint
 from .entropy import MIN_RUN, incompressible_batch, runs
+from .holes import HoleMap
 from .image import SourceImage
 from .pipeline import Failure, get, put, spawn
 from .protocol import Encoding, Pages, encode_parts
@@ -77,7 +81,7 @@ class SendPipeline:
         self.failure = failure
         # What was sent: the fingerprint of the copy of each page that went on the wire (digest.py).
         self.fingerprints = np.empty(source.pages, dtype=np.uint64)
-        self._work: queue.Queue[Batch | None] = queue.Queue(maxsize=threads * 4)
+        self._work: queue.Queue[tuple[Batch, HoleMap] | None] = queue.Queue(maxsize=threads * 4)
         self.out: queue.Queue[EncodedBatch] = queue.Queue(maxsize=threads * 2)
         self._workers: list[threading.Thread] = []
         self._reader: threading.Thread | None = None
@@ -104,8 +108,9 @@ class SendPipeline:
     # -- threads -------------------------------------------------------------------------------------------------
 
     def _read(self, batches: list[Batch]) -> None:
+        holes = HoleMap(self.source.data_extents())  # once per pass: a hole filled since is caught by the dirty scan
         for item in batches:
-            put(self._work, item, self.failure)
+            put(self._work, (item, holes), self.failure)
 
     def _worker(self) -> None:
         ps = self.source.page_size
@@ -116,26 +121,49 @@ class SendPipeline:
         while (item := get(self._work, self.failure)) is not _DONE:
             put(self.out, self._encode(item, free, compressor), self.failure)
 
-    def _encode(self, item: Batch, free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None) -> EncodedBatch:
+    def _encode(
+        self, work: tuple[Batch, HoleMap], free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None
+    ) -> EncodedBatch:
+        item, holes = work
         ps = self.source.page_size
+        gathered = not isinstance(item, tuple)
+        # Which pages to read: a page in a hole of the image is a zero page without being read.
+        if isinstance(item, tuple):
+            data_runs = holes.runs(item[0], item[0] + item[1])
+            in_hole = not data_runs
+        else:
+            data = holes.mask(item)  # None: every page holds data
+            in_hole = data is not None and not data.any()
+        if in_hole:
+            return self._hole_batch(item)
         # The buffer first: waiting for it can take long (backpressure), and the mapping is read only after.
         buf = get(free, self.failure)
         self.source.check_size()  # one fstat per batch, instead of a SIGBUS on a truncated file
         pages2d = self.source.array.reshape(self.source.pages, ps)
-        gathered = not isinstance(item, tuple)
         if isinstance(item, tuple):  # a contiguous range: scan the live mapping, copy out only non-zero pages
             start, count = item
             ids = np.arange(start, start + count)
             region = pages2d[start : start + count]
             indices = None
+            if data_runs == [(start, start + count)]:
+                nonzero = _nonzero_pages(region)
+            else:  # partly in a hole: only its data pages are scanned (and, below, copied)
+                nonzero = np.zeros(count, dtype=bool)
+                for first, end in data_runs:
+                    nonzero[first - start : end - start] = _nonzero_pages(pages2d[first:end])
         else:  # scattered pages (a later pass): gathering them is the copy out of the mapping
             ids, count = item, len(item)
             start = int(ids[0])
-            region = buf[: count * ps].reshape(count, ps)
-            np.take(pages2d, ids, axis=0, out=region, mode="clip")  # "clip": one copy (below)
+            read = ids if data is None else ids[data]  # a page in a hole is not gathered
+            region = buf[: read.size * ps].reshape(read.size, ps)
+            np.take(pages2d, read, axis=0, out=region, mode="clip")  # "clip": one copy (below)
             indices = ids.astype(">u8").tobytes()
-        # OR-reducing the 64-bit words of each page is ~1.5x faster than .any(axis=1), which casts every word to bool.
-        nonzero = np.bitwise_or.reduce(region.view(np.uint64), axis=1) != 0
+            read_nonzero = _nonzero_pages(region)
+            if data is None:
+                nonzero = read_nonzero
+            else:
+                nonzero = np.zeros(count, dtype=bool)
+                nonzero[data] = read_nonzero
         normal = int(np.count_nonzero(nonzero))
         bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
         self.fingerprints[ids[~nonzero]] = self._zero_fp
@@ -151,8 +179,8 @@ class SendPipeline:
                 # and back, three copies of the batch instead of one (perf: 4% of the sender). Indices are valid.
                 np.take(region, np.flatnonzero(nonzero), axis=0, out=copy, mode="clip")
         else:
-            if normal < count:
-                region[:normal] = region[nonzero]  # compact in place (the right side is a temporary copy)
+            if normal < region.shape[0]:
+                region[:normal] = region[read_nonzero]  # compact in place (the right side is a temporary copy)
             copy = region[:normal]
         # Fingerprints of the copy that goes on the wire, never of the live page (docs/ARCHITECTURE.md).
         normal_fps = np.empty(normal, dtype=np.uint64)
@@ -172,6 +200,21 @@ class SendPipeline:
             free.put(buf)
             return EncodedBatch(frames, None)
         return EncodedBatch(frames, partial(free.put, buf))
+
+    def _hole_batch(self, item: Batch) -> EncodedBatch:
+        """A batch that lies entirely in holes of the image: all zero pages, framed exactly as if they had been read
+        and found zero, without reading them (nor taking a buffer)."""
+        self.source.check_size()  # as for any batch: a truncated source fails here, not later
+        if isinstance(item, tuple):
+            start, count = item
+            ids: np.ndarray | slice = slice(start, start + count)
+            indices = None
+        else:
+            ids, start, count = item, int(item[0]), len(item)
+            indices = item.astype(">u8").tobytes()
+        self.fingerprints[ids] = self._zero_fp
+        bitmap = np.packbits(np.ones(count, dtype=bool), bitorder="little").tobytes()
+        return EncodedBatch([Pages(start, count, Encoding.RAW, bitmap, b"", indices)], None)
 
     def _frame(
         self,
@@ -242,6 +285,12 @@ class SendPipeline:
         pages = flat.size // ps
         samples = [flat[i * ps : (i + 1) * ps] for i in sorted({0, pages // 4, pages // 2, 3 * pages // 4})]
         return sum(s.size for s in samples) / max(1, sum(len(compressor.compress(s)) for s in samples))
+
+
+def _nonzero_pages(region: np.ndarray) -> np.ndarray:
+    """Which rows (pages) of ``region`` hold a non-zero byte."""
+    # OR-reducing the 64-bit words of each page is ~1.5x faster than .any(axis=1), which casts every word to bool.
+    return np.bitwise_or.reduce(region.view(np.uint64), axis=1) != 0
 
 
 def batch_ranges(pages: np.ndarray, batch_pages: int) -> list[Batch]:
