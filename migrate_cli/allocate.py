@@ -51,6 +51,7 @@ class Allocation:
         self._fd = fd
         self._cond = threading.Condition()
         self._stop = False
+        self._closed = False  # the fd is closing: never allocate again
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -72,7 +73,7 @@ class Allocation:
     def continue_in_background(self) -> None:
         """Allocate the rest on a thread. Called once the receiver has written what it must write beside DEST (its
         resume state): the thread may fill the disk."""
-        if self.allocated < self.size and self._thread is None:
+        if self.allocated < self.size and self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._run, name="allocate", daemon=True)
             self._thread.start()
 
@@ -82,9 +83,10 @@ class Allocation:
             length = min(CHUNK, self.size - offset)
             try:
                 fallocate(self._fd, offset, length)
-            except OSError as exc:
+            except Exception as exc:  # any failure must reach finish(), which would otherwise wait for ever
+                error = exc if isinstance(exc, OSError) else OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
                 with self._cond:
-                    self.error = exc
+                    self.error = error
                     self._cond.notify_all()
                 return
             offset += length
@@ -94,7 +96,9 @@ class Allocation:
 
     def finish(self) -> None:
         """Wait until the whole file is allocated (before DEST is published); raise if that failed."""
-        self.continue_in_background()  # never started: allocate now, rather than wait for nothing
+        self.continue_in_background()  # never started (or stopped): allocate now, rather than wait for nothing
+        if self._closed and self.allocated < self.size:
+            raise OSError(errno.EBADF, "the file was closed before it was allocated")
         with self._cond:
             while self.allocated < self.size and self.error is None:
                 self._cond.wait(0.5)
@@ -105,7 +109,15 @@ class Allocation:
             self._thread.join()
 
     def stop(self) -> None:
-        """Stop allocating (the migration failed): returns after at most one more chunk, before the fd closes."""
+        """Stop allocating: returns after at most one more chunk (one fallocate call). What is allocated stays,
+        and ``continue_in_background`` or ``finish`` carries on from there (a session parked for a resume)."""
         self._stop = True
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+        self._stop = False
+
+    def close(self) -> None:
+        """Stop for good, before the fd closes: nothing may allocate through a closed (or reused) fd number."""
+        self._closed = True
+        self.stop()

@@ -17,13 +17,13 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from .allocate import Allocation
 from .digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
-from .errors import DestinationError
+from .errors import DestinationError, UsageError
+from .units import format_bytes
 
 ZERO_CHUNK = 1 << 20  # bytes of zeros one pwrite puts over a run of pages that must read as zero
 
@@ -38,29 +38,50 @@ def partial_path(dest: str) -> str:
     return dest + ".partial"
 
 
+def check_destination_name(dest: str) -> None:
+    """DEST must name a file: not nothing, not a directory (an existing one, or a name ending in a slash)."""
+    if not dest:
+        raise UsageError("DEST is empty: name the image file to create")
+    if dest.endswith("/"):
+        raise DestinationError(f"destination {dest} ends in '/', so it names a directory: name the image file")
+    if os.path.isdir(dest):
+        raise DestinationError(f"destination {dest} is a directory: name the image file (in it) instead")
+
+
 def check_destination(dest: str, force: bool, in_place: bool = False) -> None:
-    """Refuse an existing DEST (without --force) and a leftover DEST.partial (naming --force). Before listening.
+    """Refuse an existing DEST (without --force) and a leftover DEST.partial (naming --force). Before listening,
+    so that a DEST that cannot work is refused before any sender connects.
 
     With ``in_place`` DEST must exist (a file, memfd or block device) and be writable; it is checked for size later.
     """
+    check_destination_name(dest)
     if in_place:
         if not os.path.exists(dest):
             raise DestinationError(f"destination {dest} does not exist: --in-place writes into an existing one")
+        mode = os.stat(dest).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise DestinationError(
+                f"destination {dest} is not a regular file, memfd or block device: --in-place cannot write into it"
+            )
         if not os.access(dest, os.W_OK):
             raise DestinationError(f"destination {dest} is not writable")
         return
-    if os.path.exists(dest) and (not stat.S_ISREG(os.stat(dest).st_mode) or _is_memfd(dest)):
-        raise DestinationError(f"destination {dest} is a device or memfd: use --in-place to write into it")
+    if os.path.exists(dest):
+        mode = os.stat(dest).st_mode
+        if stat.S_ISBLK(mode) or _is_memfd(dest):
+            raise DestinationError(f"destination {dest} is a block device or memfd: use --in-place to write into it")
+        if not stat.S_ISREG(mode):
+            raise DestinationError(f"destination {dest} is not a regular file (a character device, FIFO or socket)")
     partial = partial_path(dest)
-    parent = Path(dest).parent
-    if not parent.is_dir():
+    parent = os.path.dirname(dest) or "."
+    if not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise DestinationError(f"destination {dest}: {parent} is not a directory")
         raise DestinationError(f"destination {dest}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DestinationError(f"destination {dest}: directory {parent} is not writable")
     if os.path.lexists(dest) and not force:
         raise DestinationError(f"destination {dest} already exists (use --force to overwrite it)")
-    if os.path.isdir(dest):
-        raise DestinationError(f"destination {dest} is a directory")
     state = partial + ".state"  # resume.receiver_state_path
     if os.path.lexists(partial):
         if not force:
@@ -76,6 +97,38 @@ def check_destination(dest: str, force: bool, in_place: bool = False) -> None:
         os.unlink(partial)  # unlink never follows a symlink
     if force and os.path.lexists(state):
         os.unlink(state)
+
+
+def check_fits(dest: str, size: int, in_place: bool = False) -> None:
+    """Refuse, before the sender is welcomed, an image that DEST's file system has no room for (a HELLO is 56
+    bytes; the image it announces must not fill the disk). statvfs of DEST's directory, or for --in-place of the
+    existing file, counting only what that file has not allocated yet (devices and memfds are not checked).
+
+    Not for --sparse (zero pages are never written) nor --discard. Quotas are not seen here: the allocation
+    reports them (EDQUOT). A file system that reports no size (tmpfs or hugetlbfs without a limit) passes.
+    """
+    if in_place:
+        try:
+            st = os.stat(dest)
+        except OSError:
+            return  # opening it says what is wrong
+        if not stat.S_ISREG(st.st_mode) or _is_memfd(dest):
+            return
+        needed, where = max(0, size - st.st_blocks * 512), dest
+    else:
+        needed, where = size, os.path.dirname(dest) or "."
+    try:
+        vfs = os.statvfs(where)
+    except OSError:
+        return  # creating DEST.partial says what is wrong
+    if vfs.f_blocks == 0:
+        return
+    free = (vfs.f_bavail if os.geteuid() else vfs.f_bfree) * vfs.f_frsize
+    if needed > free:
+        raise DestinationError(
+            f"destination {dest} needs {needed:,} bytes ({format_bytes(needed)}), "
+            f"its file system has only {free:,} free ({format_bytes(free)})"
+        )
 
 
 class DestinationImage:
@@ -115,6 +168,9 @@ class DestinationImage:
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
 
     def _init_writes(self, page_size: int) -> None:
+        # A batch was applied to this file by this process: a DEST.partial nothing reached holds nothing worth
+        # keeping for a resume (a client that said HELLO and hung up must not leave one behind).
+        self.pages_written = False
         self._zero_fp = zero_fingerprint(page_size)
         self._zeros = memoryview(bytes(max(page_size, ZERO_CHUNK)))  # zero-page writes' source (slices: no copy)
         self._stores: np.ndarray | None = None  # a writable mapping, only where pwrite is refused (hugetlbfs)
@@ -131,6 +187,17 @@ class DestinationImage:
         if self._allocation is not None:
             self._allocation.continue_in_background()
 
+    @property
+    def allocation_failed(self) -> bool:
+        """The allocation thread stopped on an error (a full disk): DEST.partial is short of its size."""
+        return self._allocation is not None and self._allocation.error is not None
+
+    def stop_allocation(self) -> None:
+        """Stop the allocation thread (within one chunk) and keep what it allocated: a session parked for a resume
+        must not go on filling the disk; ``finish_allocation`` (at publish) allocates the rest."""
+        if self._allocation is not None:
+            self._allocation.stop()
+
     def check_allocation(self) -> None:
         """Raise now if the allocation thread hit a full disk: the migration fails while it runs, not at END (an
         image of mostly zero pages may otherwise write nothing that would hit it)."""
@@ -146,15 +213,16 @@ class DestinationImage:
                 raise self._allocation_error(exc) from None
 
     def _stop_allocation(self) -> None:
+        """For good: the fd closes next."""
         if self._allocation is not None:
-            self._allocation.stop()
+            self._allocation.close()
 
     @classmethod
     def adopt(cls, dest: str, size: int, page_size: int) -> DestinationImage:
         """Open the DEST.partial an interrupted migration left (``recv --resume``); its content is kept as it is."""
         self = cls.__new__(cls)
         self._map_existing(
-            dest, partial_path(dest), size, page_size, os.O_NOFOLLOW,
+            dest, partial_path(dest), size, page_size, os.O_NOFOLLOW, check=_check_adoptable,
             opening=f"cannot open {partial_path(dest)} to resume",
             mapping=f"cannot map {partial_path(dest)}",
             wrong_size=lambda actual: (
@@ -173,6 +241,7 @@ class DestinationImage:
         opening: str,
         mapping: str,
         wrong_size: Callable[[int], str],
+        check: Callable[[str, os.stat_result], None] | None = None,
     ) -> None:
         """Map an existing file (or device) of exactly ``size`` bytes read-write, its content unknown: the
         fingerprints start at 0, which no page hashes to (an adopted DEST.partial, an --in-place DEST)."""
@@ -185,8 +254,12 @@ class DestinationImage:
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
         except OSError as exc:
+            if exc.errno == errno.ELOOP and flags & os.O_NOFOLLOW and os.path.islink(path):
+                raise DestinationError(f"{opening}: it is a symbolic link (not followed)") from None
             raise DestinationError(f"{opening}: {exc.strerror}") from None
         try:
+            if check is not None:
+                check(path, os.fstat(self._fd))
             actual = destination_size(self._fd)
             if actual != size:
                 raise DestinationError(wrong_size(actual))
@@ -216,6 +289,7 @@ class DestinationImage:
         A zero page is neither read nor written where the fingerprint array says DEST holds zeros there already
         (a fresh file is all zeros): on a typical guest that skips 40% of the pages, their page faults included.
         """
+        self.pages_written = True
         zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
         if indices is not None:
             self._write_list(np.frombuffer(indices, dtype=">u8").astype(np.int64), zero, data)
@@ -416,6 +490,17 @@ def fingerprint_array(pages: int, fill: int, dest: str) -> np.ndarray:
         raise DestinationError(
             f"destination {dest}: cannot track {pages} pages ({pages * 8} bytes of fingerprints): image too large"
         ) from None
+
+
+def _check_adoptable(path: str, st: os.stat_result) -> None:
+    """A DEST.partial to resume into is one vmmig created: a regular file of ours with no other name. Anything
+    else (a hard link planted at the name, a device) would have pages written into someone else's file."""
+    if not stat.S_ISREG(st.st_mode):
+        raise DestinationError(f"cannot resume into {path}: it is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise DestinationError(f"cannot resume into {path}: it belongs to user {st.st_uid}, not to this one")
+    if st.st_nlink != 1:
+        raise DestinationError(f"cannot resume into {path}: it has {st.st_nlink} hard links (remove it to start over)")
 
 
 def _is_memfd(path: str) -> bool:

@@ -111,10 +111,18 @@ class PeerResumeRefused(PeerError):
     exit_code = ExitCode.RESUME_REFUSED
 
 
+class PeerAuthRefused(PeerError):
+    """The peer refused our TLS certificate after the handshake (its --tls-peer-name): this end exits 15 too."""
+
+    exit_code = ExitCode.AUTH
+
+
 def peer_abort(code: int, message: str, resumable: bool = False) -> PeerError:
     """The error for an ABORT frame received from the peer."""
     if code == ExitCode.CANCELLED:
         return PeerCancelled(message, code)
+    if code == ExitCode.AUTH:
+        return PeerAuthRefused(message, code)
     if code == ExitCode.RESUME_REFUSED:
         return PeerResumeRefused(message, code)
     return PeerError(message, code, resumable)

@@ -200,8 +200,8 @@ class Precopy:
             self.throttle.release()
             self.stats.throttle = 0
         self.result.paused_at = started = self.clock()  # downtime counts from the pause request
+        self.paused = True  # before the call: a signal landing inside pause() must still lead to a resume
         self.pauser.pause()
-        self.paused = True
         paused = self.clock()
         dirty = self.tracker.scan()  # the guest is still: this scan is exact
         scanned = self.clock()

@@ -10,6 +10,7 @@ CPU time (its refresh thread's) and shows it as a share of the process's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
+from .errors import UsageError
+from .safefile import open_output
 from .stats import Snapshot, Stats
 from .units import format_bytes, format_rate
 
@@ -61,7 +64,10 @@ def summary_line(verb: str, snap: Snapshot, digest: str) -> str:
 class StatsLog:
     """--stats FILE: NDJSON, one ``progress`` object a second, one ``pass`` object per finished pass, one at the end.
 
-    Writes come from the ticker thread and the orchestration; a lock keeps lines whole.
+    Writes come from the ticker thread and the orchestration; a lock keeps lines whole. FILE is opened with
+    safefile.open_output: created if missing, rewritten from its start if it is a regular file with no other
+    hard link, written as it is if it is a FIFO or a device; a symlink at FILE is refused, never followed (a
+    name in a shared directory may have been planted).
     """
 
     def __init__(self, stats: Stats, path: str | None, extra: dict[str, Any]) -> None:
@@ -75,7 +81,11 @@ class StatsLog:
         if path == "-":
             self._out = sys.stdout
         elif path:
-            self._out = open(path, "w", buffering=1)  # noqa: SIM115 (closed in close())
+            try:
+                fd = open_output(path)
+            except OSError as exc:
+                raise UsageError(f"--stats {path}: {exc.strerror or exc}") from None
+            self._out = os.fdopen(fd, "w", buffering=1)  # closed in close()
             self._owns = True
 
     def start(self) -> None:

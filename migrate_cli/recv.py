@@ -3,7 +3,10 @@
 Order matters and is the safety argument:
 1. refuse an existing DEST / leftover DEST.partial and a non-loopback address without --insecure, then listen and
    print the ready line (and --ready-file);
-2. accept one sender, read its HELLO, check version and codec;
+2. accept connections and run their handshakes concurrently (admission.py): a stranger's connection, garbage or
+   a HELLO this session cannot take (version, codec, a resume of another session, an image that does not fit) is
+   logged and turned away, and the receiver goes on waiting; the first sender it can take, with all its channels,
+   is the session's;
 3. create and allocate DEST.partial (keepalives flow meanwhile), then WELCOME the sender;
 4. the calling (main) thread reads frames into pool buffers and hands PAGES to the decompression workers
    (recv_pipeline.py); a ``keepalive`` thread sends KEEPALIVE every second so the sender's silence timer never trips;
@@ -16,17 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from . import codec as codecs
+from .admission import Admission
 from .control import ControlServer
-from .destination import DestinationImage, DiscardSink, InPlaceDestination, check_destination
+from .destination import DestinationImage, DiscardSink, InPlaceDestination, check_destination, check_fits
 from .digest import end_commitment
 from .errors import (
     CancelledError,
@@ -68,14 +72,13 @@ from .qmp import Qmp
 from .recv_options import RecvOptions
 from .recv_pipeline import PassBarrier, RecvPipeline
 from .resume import ReceiverState, StateNotWritable, resume_frames
+from .safefile import write_atomic
 from .send_options import usable_cpus
 from .stats import Stats
-from .tls import wrap_server
+from .tls import preflight, wrap_server
 from .transport import (
     Channel,
-    ClosedBetweenFrames,
     Deadline,
-    accept,
     format_address,
     is_loopback,
     listen,
@@ -92,6 +95,14 @@ CHECKPOINT_INTERVAL = 5.0  # seconds between flushes of a resumable DEST.partial
 
 class StreamLost(Exception):
     """An attempt ended by a link fault; DEST.partial and its state are kept and the session may continue."""
+
+    def __init__(self, error: MigrateError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class StartOver(Exception):
+    """An attempt ended by a link fault before any page arrived; nothing is kept and the receiver waits afresh."""
 
     def __init__(self, error: MigrateError) -> None:
         super().__init__(str(error))
@@ -145,6 +156,7 @@ class Receiver:
         elif not opts.discard:
             check_destination(opts.destination, opts.force, in_place=opts.in_place)
         try:
+            preflight(opts.tls, server=True, warn=self.notice)  # bad TLS files fail now, not at the first sender
             listener = listen(host, port)
         except BaseException:
             if self.dest is not None:
@@ -164,6 +176,11 @@ class Receiver:
                 try:
                     result = self._attempt(listener, bound, window_end)
                     break
+                except StartOver as over:
+                    listener.close()
+                    self.notice(f"{over.error}: nothing was received, DEST.partial removed; waiting for a sender")
+                    window_end = None
+                    listener = listen(*parse_address(bound))
                 except StreamLost as lost:
                     listener.close()
                     self.lost = lost.error
@@ -221,30 +238,14 @@ class Receiver:
         self._stop_keepalive = threading.Event()
         self.finished = False
         self.channels = []
-        channels: list[Channel] = []
+        admission = Admission(listener, self._handshake, opts.handshake_timeout, self.notice, self.verbose)
         try:
-            while True:
-                conn = accept(listener, poll=partial(self._poll_wait, window_end))
-                # The handshake of every channel (TLS, HELLO, the other channels joining) is bounded as a whole.
-                handshake_end = time.monotonic() + opts.handshake_timeout
-                try:
-                    channel, hello = self._handshake(conn, handshake_end)
-                    break
-                except ClosedBetweenFrames:
-                    # Closed without a byte: a health check, a port scan, or a sender killed before its HELLO.
-                    self.verbose("a connection closed before sending anything: still listening")
-                    self.failure = Failure()
-            channels.append(channel)
-            self._check_resume(hello)
-            while len(channels) < hello.channels:
-                extra, extra_hello = self._handshake(self._accept_more(listener, handshake_end), handshake_end)
-                channels.append(extra)
-                self._check_joining(hello, extra_hello, {c.index for c in channels[:-1]})
-        except BaseException as exc:
-            for each in channels:
-                each.abort(exc)
-            raise (self.failure.error or exc) if isinstance(exc, MigrateError) else exc from None
+            hello, channels = self._admit(admission, partial(self._poll_wait, window_end))
+        finally:
+            admission.close()
         listener.close()  # connections beyond the announced channels are refused from here on
+        for each in channels:
+            self.failure.add_waker(each.wake_reader)  # a worker's error must not wait for the next frame
         channels.sort(key=lambda c: c.index)
         self.channels = channels
         channel = channels[0]
@@ -257,9 +258,7 @@ class Receiver:
         try:
             stats.add_wire(sum(c.hello_wire for c in channels))
             codec = codecs.by_wire_id(hello.codec)
-            if codec is None:
-                known = ", ".join(f"{n}={int(codecs.by_name(n).wire_id)}" for n in codecs.names())
-                raise ProtocolError(f"sender asked for unknown codec id {hello.codec} (this receiver knows {known})")
+            assert codec is not None  # _check_hello refused an unknown one
             self.codec_name = codec.name
             stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
             handoff_uri = self._prepare_handoff(hello, channel)
@@ -304,17 +303,21 @@ class Receiver:
         except BaseException as exc:
             self.failure.set(exc)
             error = self.failure.error or exc
-            if self._can_park(error):
+            if self._can_park(error, resuming):
                 error.resumable = True  # our ABORT says so: the sender may reconnect with --resume
                 for each in channels:
                     each.abort(error)
                 assert isinstance(self.dest, DestinationImage)
+                self.dest.stop_allocation()  # a parked session must not go on filling the disk
                 with contextlib.suppress(MigrateError):
                     self.dest.flush()
                 self.parked = True
                 raise StreamLost(error) from None
             for each in channels:
                 each.abort(error)
+            if self._nothing_received(error, resuming):
+                self._drop_destination()
+                raise StartOver(error) from None
             raise error from None
         finally:
             self._stop_keepalive.set()
@@ -362,6 +365,59 @@ class Receiver:
                     self.notice(f"cannot keep resume state beside DEST ({exc}): this migration cannot be resumed")
             self.dest.allocate_rest()  # after the state file: the allocation may fill the disk
 
+    def _admit(self, admission: Admission, poll: Callable[[], None]) -> tuple[Hello, list[Channel]]:
+        """Wait for a sender whose HELLO this session can take, then for its other channels.
+
+        A HELLO the session cannot take, a channel of another session, or a sender whose other channels do not all
+        join within --handshake-timeout is turned away (ABORT, one log line), and the receiver goes on waiting.
+        """
+        while True:
+            channel, hello, peer = admission.next(poll)
+            try:
+                self._check_hello(hello)
+            except MigrateError as exc:
+                admission.reject(channel, peer, exc)
+                continue
+            channels = [channel]
+            joining_end = time.monotonic() + self.opts.handshake_timeout
+            try:
+                while len(channels) < hello.channels:
+                    extra, extra_hello, extra_peer = admission.next(partial(_joining, poll, joining_end))
+                    try:
+                        self._check_joining(hello, extra_hello, {c.index for c in channels})
+                    except ProtocolError as exc:
+                        admission.reject(extra, extra_peer, exc)
+                        continue
+                    channels.append(extra)
+            except JoinTimeout as exc:
+                self.notice(f"refused the sender at {peer}: {exc}")
+                for each in channels:
+                    each.abort(exc)
+                continue
+            except BaseException as exc:
+                for each in channels:
+                    each.abort(exc)
+                raise
+            return hello, channels
+
+    def _check_hello(self, hello: Hello) -> None:
+        """Can this session take the sender of ``hello``? Raises the reason it cannot (and stays listening)."""
+        opts = self.opts
+        if codecs.by_wire_id(hello.codec) is None:
+            known = ", ".join(f"{n}={int(codecs.by_name(n).wire_id)}" for n in codecs.names())
+            raise ProtocolError(f"sender asked for unknown codec id {hello.codec} (this receiver knows {known})")
+        wanted = bool(hello.features & FEATURE_QEMU_HANDOFF)
+        if wanted != (opts.qmp is not None):
+            raise UsageError(
+                "the sender asks for a QEMU handoff: start vmmig recv with --qmp and --in-place"
+                if wanted
+                else "recv --qmp expects a sender started with --qemu-handoff"
+            )
+        self._check_resume(hello)
+        if self.dest is None and not opts.discard and not opts.sparse:
+            # refused before WELCOME, before a byte is allocated: a 56-byte HELLO must not fill the disk
+            check_fits(opts.destination, hello.image_size, in_place=opts.in_place)
+
     def _check_resume(self, hello: Hello) -> None:
         """A resuming sender needs a kept session with its id and parameters; a fresh one needs none."""
         wants = bool(hello.features & FEATURE_RESUME)
@@ -378,15 +434,37 @@ class Receiver:
         if why is not None:
             raise ResumeRefused(f"cannot resume: {why}")
 
-    def _can_park(self, error: MigrateError) -> bool:
-        """Keep the session for a resume: only for a link fault, only for a DEST.partial that has a state file."""
+    def _can_park(self, error: MigrateError, resuming: bool) -> bool:
+        """Keep the session for a resume: only for a link fault, only for a DEST.partial that has a state file,
+        holds pages (written now, or kept from before) and was allocated without error."""
         return (
             error.resumable
             and self.state is not None
             and type(self.dest) is DestinationImage
+            and (resuming or self.dest.pages_written)
+            and not self.dest.allocation_failed
             and self.handoff is None
             and not self.published
         )
+
+    def _nothing_received(self, error: MigrateError, resuming: bool) -> bool:
+        """A link fault before any page of a new session arrived (a client that said HELLO and hung up): there is
+        nothing to keep, and the receiver waits for a sender again as if the connection had never happened."""
+        return (
+            error.resumable
+            and not resuming
+            and type(self.dest) is DestinationImage
+            and not self.dest.pages_written
+            and self.handoff is None
+            and self.opts.resume_window > 0
+        )
+
+    def _drop_destination(self) -> None:
+        assert self.dest is not None
+        self.dest.discard(keep_partial=False)
+        if self.state is not None:
+            ReceiverState.remove(self.opts.destination)
+        self.dest, self.state, self.parked = None, None, False
 
     def _poll_wait(self, window_end: float | None) -> None:
         self.failure.raise_if_set()
@@ -401,13 +479,6 @@ class Receiver:
 
     def _prepare_handoff(self, hello: Hello, channel: Channel) -> str | None:
         """Check the destination QEMU's RAM backend and start its incoming migration, before any page arrives."""
-        wanted = bool(hello.features & FEATURE_QEMU_HANDOFF)
-        if wanted != (self.opts.qmp is not None):
-            raise UsageError(
-                "the sender asks for a QEMU handoff: start vmmig recv with --qmp and --in-place"
-                if wanted
-                else "recv --qmp expects a sender started with --qemu-handoff"
-            )
         if self.opts.qmp is None:
             return None
         qmp = Qmp(self.opts.qmp)
@@ -460,10 +531,11 @@ class Receiver:
         line = f"vmmig recv: listening on {bound}"
         print(line, file=sys.stderr, flush=True)
         if self.opts.ready_file:
-            tmp = self.opts.ready_file + ".tmp"
-            with open(tmp, "w") as fh:
-                fh.write(bound + "\n")
-            os.replace(tmp, self.opts.ready_file)  # readers never see a half-written file
+            # readers never see a half-written file; a name planted beside it is never opened (safefile.py)
+            try:
+                write_atomic(self.opts.ready_file, (bound + "\n").encode(), mode=0o644)
+            except OSError as exc:
+                raise UsageError(f"--ready-file {self.opts.ready_file}: cannot write it: {exc.strerror}") from None
 
     def _keepalive(self, stop: threading.Event) -> None:
         """KEEPALIVE on quiet channels; and every CHECKPOINT_INTERVAL, DEST.partial to disk, so that a crash of
@@ -495,7 +567,6 @@ class Receiver:
                 deadline.cancel()
                 raise deadline.check(exc) from None
         channel = Channel(conn, Role.RECEIVER, opts.io_timeout)
-        self.failure.add_waker(channel.wake_reader)  # a worker's error must not wait for the next frame
         try:
             hello, wire = channel.read_frame()
             while isinstance(hello, Keepalive):
@@ -512,14 +583,6 @@ class Receiver:
             deadline.cancel()
         channel.index, channel.hello_wire = hello.channel_index, wire
         return channel, hello
-
-    def _accept_more(self, listener: socket.socket, handshake_end: float) -> socket.socket:
-        def poll() -> None:
-            self.failure.raise_if_set()
-            if time.monotonic() > handshake_end:
-                raise NetworkError("the sender's other channels did not connect within --handshake-timeout")
-
-        return accept(listener, poll=poll)
 
     @staticmethod
     def _check_joining(first: Hello, other: Hello, taken: set[int]) -> None:
@@ -613,6 +676,16 @@ class Receiver:
         self._stop_keepalive.set()
         channel.send_frame(Result(RESULT_VERIFIED, digest))
         return digest
+
+
+class JoinTimeout(NetworkError):
+    """A sender's other channels did not all connect in time: that sender is turned away."""
+
+
+def _joining(poll: Callable[[], None], joining_end: float) -> None:
+    poll()
+    if time.monotonic() > joining_end:
+        raise JoinTimeout("the sender's other channels did not connect within --handshake-timeout")
 
 
 def run(opts: RecvOptions) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -31,38 +32,73 @@ from typing import Any
 
 import numpy as np
 
+from . import codec as codecs
+from .destination import check_destination_name
 from .errors import DestinationError, ProtocolError, ResumeRefused, UsageError
-from .protocol import RESUME_CHUNK_PAGES, ResumeState
+from .image import check_page_size
+from .protocol import MAX_BATCH_BYTES, MAX_BATCH_PAGES, MAX_IMAGE_SIZE, MAX_PAGE_SIZE, RESUME_CHUNK_PAGES, ResumeState
+from .safefile import read_small, write_atomic
 
 STATE_VERSION = 1
+SESSION_BYTES = 16  # HELLO's session id
 
 
 def write_json_atomically(path: str, data: dict[str, Any]) -> None:
-    """Temp file, fsync, rename, fsync the directory: a reader sees the old file or the new one, never a torn one."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    except OSError:
-        os.unlink(tmp)
-        raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """A new file beside ``path`` under an unpredictable name, fsynced and renamed over it (safefile.py): a reader
+    sees the old file or the new one, never a torn one, and nothing planted at a temporary name is written into."""
+    write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    try:
+        data = json.loads(read_small(path))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
         raise ValueError(f"not a vmmig state file of version {STATE_VERSION}")
     return data
+
+
+def _whole(data: dict[str, Any], name: str, low: int, high: int) -> int:
+    """Field ``name`` of a state file: a JSON integer (not a bool, a float or a string) in [low, high]."""
+    value = _field(data, name)
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name} {value!r} is not a whole number in {low}..{high}")
+    return value
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = _field(data, name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} {value!r} is not a non-empty string")
+    return value
+
+
+def _field(data: dict[str, Any], name: str) -> Any:
+    if name not in data:
+        raise ValueError(f"field {name!r} is missing")
+    return data[name]
+
+
+def _check_session(data: dict[str, Any]) -> str:
+    session = _text(data, "session")
+    if not re.fullmatch(f"[0-9a-f]{{{2 * SESSION_BYTES}}}", session):
+        raise ValueError(f"session {session!r} is not {SESSION_BYTES} bytes in lowercase hex")
+    return session
+
+
+def _check_geometry(data: dict[str, Any]) -> tuple[int, int, int]:
+    """(image size, page size, batch pages), as HELLO would carry them: a state file is checked like a HELLO."""
+    page_size = _whole(data, "page_size", 0, MAX_PAGE_SIZE)
+    try:
+        check_page_size(page_size)
+    except ValueError as exc:
+        raise ValueError(f"page_size: {exc}") from None
+    image_size = _whole(data, "image_size", page_size, MAX_IMAGE_SIZE)
+    if image_size % page_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of page_size {page_size}")
+    batch_pages = _whole(data, "batch_pages", 1, min(MAX_BATCH_PAGES, MAX_BATCH_BYTES // page_size))
+    return image_size, page_size, batch_pages
 
 
 # --- receiver --------------------------------------------------------------------------------------------------
@@ -96,23 +132,32 @@ class ReceiverState:
 
     @staticmethod
     def load(dest: str) -> ReceiverState:
-        """The state of an interrupted migration to DEST (for ``recv --resume``), with a clear error if none."""
+        """The state of an interrupted migration to DEST (for ``recv --resume``), with a clear error if none.
+
+        Every field is checked as HELLO's are (a tampered file must not reach the destination's arithmetic)."""
+        check_destination_name(dest)
         path = receiver_state_path(dest)
         partial = dest + ".partial"
         if not os.path.lexists(partial):
             raise ResumeRefused(f"nothing to resume: no {partial} (start a new migration without --resume)")
         try:
-            data = _read_json(path)
-            return ReceiverState(
-                str(data["session"]), int(data["image_size"]), int(data["page_size"]), int(data["codec"]),
-                int(data["batch_pages"]),
-            )  # fmt: skip
+            return ReceiverState.from_json(_read_json(path))
         except FileNotFoundError:
             raise ResumeRefused(
                 f"{partial} has no state file {path}: it cannot be resumed (remove it, or use --force to start over)"
             ) from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ResumeRefused(f"{path} is unreadable ({exc}): remove it and DEST.partial to start over") from None
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ResumeRefused(f"{path} is unreadable ({reason}): remove it and {partial} to start over") from None
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ReceiverState:
+        """The state a file holds; ValueError naming the first field that is not what vmmig writes."""
+        image_size, page_size, batch_pages = _check_geometry(data)
+        codec = _whole(data, "codec", 0, 255)
+        if codecs.by_wire_id(codec) is None:
+            raise ValueError(f"codec id {codec} is not one this receiver knows")
+        return ReceiverState(_check_session(data), image_size, page_size, codec, batch_pages)
 
     @staticmethod
     def remove(dest: str) -> None:
@@ -167,17 +212,32 @@ class SenderState:
     @staticmethod
     def load(path: str, source: str, destination: str) -> SenderState:
         try:
-            data = _read_json(path)
-            data.pop("version", None)
-            data.pop("created", None)
-            return SenderState(**data)
+            return SenderState.from_json(_read_json(path))
         except FileNotFoundError:
             raise ResumeRefused(
                 f"no interrupted migration of {source} to {destination} to resume (no state file {path}; "
                 "run without --resume to start over)"
             ) from None
-        except (OSError, ValueError, TypeError) as exc:
-            raise ResumeRefused(f"resume state file {path} is unreadable ({exc}): run without --resume") from None
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ResumeRefused(f"resume state file {path} is unreadable ({reason}): run without --resume") from None
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> SenderState:
+        """The state a file holds; ValueError naming the first field that is not what vmmig writes."""
+        unknown = set(data) - {"version", "created", *SenderState.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown field {sorted(unknown)[0]!r}")
+        image_size, page_size, batch_pages = _check_geometry(data)
+        codec = _text(data, "codec")
+        if codec not in (*codecs.names(), "auto"):
+            raise ValueError(f"codec {codec!r} is not one of {', '.join(codecs.names())}, auto")
+        return SenderState(
+            session=_check_session(data), source=_text(data, "source"),
+            device=_whole(data, "device", 0, 2**64 - 1), inode=_whole(data, "inode", 0, 2**64 - 1),
+            image_size=image_size, page_size=page_size, codec=codec, level=_whole(data, "level", 0, 255),
+            batch_pages=batch_pages, destination=_text(data, "destination"),
+        )  # fmt: skip
 
     @staticmethod
     def remove(path: str) -> None:
@@ -187,15 +247,15 @@ class SenderState:
     @staticmethod
     def read_raw(path: str) -> bytes | None:
         try:
-            with open(path, "rb") as fh:
-                return fh.read()
+            return read_small(path)
         except OSError:
             return None
 
     @staticmethod
     def write_raw(path: str, data: bytes) -> None:
+        """Put back the state file a new session replaced (as it was, byte for byte)."""
         with contextlib.suppress(OSError):
-            write_json_atomically(path, json.loads(data))
+            write_atomic(path, data, mode=0o600)
 
     def check_same(self, other: SenderState) -> None:
         """Refuse to resume with another image or other options than the interrupted session had."""

@@ -76,7 +76,7 @@ from .resume import ResumeCollector, SenderState
 from .send_options import SendOptions, usable_cpus
 from .send_pipeline import RING, SendPipeline
 from .stats import Stats
-from .tls import wrap_client
+from .tls import preflight, wrap_client
 from .transport import Channel, connect, parse_address
 from .units import format_bytes, format_rate, parse_duration, parse_rate
 
@@ -291,8 +291,8 @@ class Sender:
                 self._wrote_while_paused(int(np.count_nonzero(live != pipeline.fingerprints)))
             return image_digest(live)
         if self.pauser is not None:  # stop-and-copy: every copy is taken while the guest is paused
+            self.paused = True  # before the call: a signal landing inside pause() must still lead to a resume
             self.pauser.pause()
-            self.paused = True
             self.on_pass(send_pass(1, first(), True))
             # Verify the pause held: a pause that did not stop the writer (the wrong pid, a hook that did nothing)
             # would otherwise publish an image that matches no moment of the source.
@@ -337,7 +337,9 @@ class Sender:
                     notice(f"soft-dirty tracking unavailable ({exc}): using fingerprint tracking")
             else:
                 notice("this kernel does not track soft-dirty pages: using fingerprint tracking")
-        return FingerprintTracker(source.array, source.page_size, sent, self.threads, source.check_size)
+        return FingerprintTracker(
+            source.array, source.page_size, sent, self.threads, source.check_size, source.data_extents
+        )
 
     def _settle_guest_after_failure(self) -> None:
         """Resume the guest if it is paused and the destination never confirmed; never when the outcome is unknown."""
@@ -400,9 +402,14 @@ class Sender:
         self.verbose("resuming: the receiver reported what it holds")
 
     def _restore_replaced_state(self) -> None:
-        """A new session that never started (refused, unreachable) gives the state file back to the one before."""
+        """A new session that never started (refused, unreachable) leaves no state file of its own: the one before
+        it gets its file back, or there is none (a resume would name a session no receiver ever saw)."""
+        if self.resuming:
+            return  # the interrupted session's own file: it stays for the next --resume
         if self.replaced_state is not None:
             SenderState.write_raw(self.opts.state_path(), self.replaced_state)
+        else:
+            SenderState.remove(self.opts.state_path())
 
     def _session_state(self, source: SourceImage, batch_pages: int) -> SenderState:
         """This run's session: a new one, or (resuming) the interrupted one, refused if anything differs."""
@@ -604,6 +611,7 @@ def run(opts: SendOptions) -> dict[str, Any]:
     """One migration; with --retries, a link fault is followed by a reconnect that resumes the session."""
     gc.freeze()  # everything imported so far lives as long as the process: out of the collector's sight
     resume, resumes = opts.resume, 0
+    preflight(opts.tls, server=False, warn=notice)  # bad TLS files fail before connecting; warned once, not per retry
     for attempt in range(opts.retries + 1):
         sender = Sender(opts, resume=resume, resumes=resumes)
         try:
@@ -611,9 +619,9 @@ def run(opts: SendOptions) -> dict[str, Any]:
         except MigrateError as exc:
             if not exc.resumable or attempt == opts.retries:
                 raise
-            # This session's id again (the receiver continues it if it holds it, or starts it afresh), unless the
-            # state file went back to an older interrupted session: then a new session again.
-            resume = resume or sender.session_started or sender.replaced_state is None
+            # This session's id again once the receiver WELCOMEd it (it continues it if it holds it, or starts it
+            # afresh); a session that never started left no state file: a new session again.
+            resume = resume or sender.session_started
             resumes = sender.resumes
             notice(f"{getattr(exc, 'cause', exc)}; retry {attempt + 1} of {opts.retries} in {opts.retry_delay:g}s")
             time.sleep(opts.retry_delay)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import select
 import socket
 import ssl
@@ -25,28 +26,56 @@ from .protocol import (
     FrameType,
     Header,
     Role,
+    State,
     check_crc,
     decode_payload,
     encode_parts,
     parse_header,
 )
+from .tls import clean, refusal
 
 Buffer = bytes | bytearray | memoryview
 
 
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``v6`` with brackets; the port may be 0 (any free port) for listening."""
-    host, sep, port = text.rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):
+    """``host:port`` or ``[v6]:port`` (``host``, ``[v6]`` or a bare ``v6`` with ``default_port``); the port may be 0
+    (any free port) for listening. Anything else is a usage error: nothing is guessed from a malformed address."""
+    host, port = _split_address(text)
+    if port is None:
         if default_port is None:
             raise UsageError(f"address {text!r} needs a port: HOST:PORT or [IPv6]:PORT")
-        host, port = text, str(default_port)
-    host = host.strip("[]")
+        port = str(default_port)
     if not host:
         raise UsageError(f"address {text!r} has no host")
-    if not port.isdigit() or int(port) > 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise UsageError(f"address {text!r}: port must be a number from 0 to 65535")
     return host, int(port)
+
+
+def _split_address(text: str) -> tuple[str, str | None]:
+    """(host, port or None) as written; brackets hold exactly one IPv6 address."""
+    if text.startswith("["):
+        inside, closed, rest = text[1:].partition("]")
+        if not closed:
+            raise UsageError(f"address {text!r}: no ']' after the IPv6 address")
+        if not _is_ipv6(inside):
+            raise UsageError(f"address {text!r}: brackets hold an IPv6 address, and {inside!r} is not one")
+        if rest and not rest.startswith(":"):
+            raise UsageError(f"address {text!r}: unexpected {rest!r} after ']' (write [IPv6]:PORT)")
+        return inside, rest[1:] if rest else None
+    if text.count(":") > 1:
+        if _is_ipv6(text):
+            return text, None
+        raise UsageError(f"address {text!r}: an IPv6 address with a port is written [IPv6]:PORT")
+    host, colon, port = text.partition(":")
+    return host, port if colon else None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def format_address(host: str, port: int) -> str:
@@ -206,14 +235,26 @@ class Channel:
             except ConnectionResetError:
                 raise NetworkError("connection reset by peer") from None
             except ssl.SSLError as exc:
-                raise NetworkError(f"TLS stream broken: {exc.reason or exc}") from None
+                # Under TLS 1.3 a sender's handshake ends before the receiver has checked its certificate: a
+                # refusal is an alert on the first read.
+                raise refusal(exc, self._peer) or NetworkError(f"TLS stream broken: {clean(exc)}") from None
             except OSError as exc:
                 raise NetworkError(f"connection lost: {exc.strerror}") from None
             if n == 0:
                 if got == 0 and what == "header":
-                    raise ClosedBetweenFrames("connection closed by peer before the migration finished")
+                    raise ClosedBetweenFrames(f"connection closed by peer before the migration finished{self._hint()}")
                 raise NetworkError(f"stream truncated: connection closed in the middle of a {what}")
             got += n
+
+    @property
+    def _peer(self) -> str:
+        return "the receiver" if self.conversation.role is Role.SENDER else "the sender"
+
+    def _hint(self) -> str:
+        """Why a TLS receiver may close before its first frame: it refused us without an alert (its log says)."""
+        if self.tls and self.conversation.role is Role.SENDER and self.conversation.state is State.HANDSHAKE:
+            return " (right after the TLS handshake: did the receiver refuse our certificate? its log says why)"
+        return ""
 
     def read_frame(self, alloc: Callable[[Header], memoryview] | None = None) -> tuple[Frame, int]:
         """Read, CRC-check, decode and order-check one frame. ``alloc`` may supply the payload buffer.

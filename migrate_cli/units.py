@@ -3,11 +3,16 @@
 Sizes: a number with an optional suffix. ``K M G T`` are powers of 10 (350M = 350,000,000), ``KiB MiB GiB TiB``
 (also ``Ki Mi Gi Ti``) are powers of 2, ``B`` or no suffix means bytes. Rates are sizes per second (a trailing
 ``/s`` is accepted). Durations need a unit: ``ms s m h``. Reports use MB = 10^6 bytes.
+
+Every parser raises ValueError with a one-line message for any text it refuses, a huge number included (never
+OverflowError): the CLI turns it into a usage error, `vmmig ctl ... set` into a refused request.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -34,20 +39,38 @@ _SIZE_UNITS: dict[str, int] = {
 }
 _DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
+MAX_SIZE = 2**63 - 1  # bytes, and bytes per second: what a signed 64-bit field or an off_t holds
+MAX_DURATION = 365 * 24 * 3600.0  # a year: far beyond any timeout, and well inside what time functions take
+_MAX_DIGITS = 40  # a number longer than this is refused before it is converted (no 4,300-digit int parsing)
+
 
 def parse_size(text: str) -> int:
     """Parse ``"350M"`` -> 350_000_000, ``"1GiB"`` -> 1_073_741_824, ``"4096"`` -> 4096."""
+    shown = _shown(text)
     match = _SIZE_RE.match(text)
     if not match:
-        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit such as 4KiB, 350M, 1GiB")
+        raise ValueError(f"invalid size {shown}: expected a number with an optional unit such as 4KiB, 350M, 1GiB")
     number, unit = match.groups()
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"invalid size {text!r}: unknown unit {unit!r} (use K, M, G, T or KiB, MiB, GiB, TiB)")
-    value = float(number) * factor
-    if value != int(value):
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+        raise ValueError(f"invalid size {shown}: unknown unit {unit!r} (use K, M, G, T or KiB, MiB, GiB, TiB)")
+    _check_digits(shown, number, "size")
+    value = Fraction(number) * factor  # exact: 1.1G is 1,100,000,000 bytes, not a float near it
+    if value.denominator != 1:
+        raise ValueError(f"invalid size {shown}: not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise ValueError(f"invalid size {shown}: more than the maximum of {MAX_SIZE} bytes")
     return int(value)
+
+
+def _shown(text: str) -> str:
+    """The text as quoted in an error: a 400-digit argument is not echoed whole."""
+    return repr(text) if len(text) <= _MAX_DIGITS else repr(text[:_MAX_DIGITS]) + "..."
+
+
+def _check_digits(shown: str, number: str, kind: str) -> None:
+    if len(number) > _MAX_DIGITS:
+        raise ValueError(f"invalid {kind} {shown}: a number of more than {_MAX_DIGITS} digits")
 
 
 def parse_rate(text: str) -> int | None:
@@ -57,7 +80,7 @@ def parse_rate(text: str) -> int | None:
         return None
     if stripped.lower().endswith("/s"):
         stripped = stripped[:-2]
-    value = parse_size(stripped)
+    value = parse_size(stripped)  # its errors say "invalid size": scripts match on that
     return value or None
 
 
@@ -65,11 +88,16 @@ def parse_duration(text: str) -> float:
     """Parse ``"300ms"`` -> 0.3, ``"2s"`` -> 2.0, ``"1m"`` -> 60.0. A unit is required, except for a plain 0."""
     if text.strip() == "0":
         return 0.0
+    shown = _shown(text)
     match = _DURATION_RE.match(text)
     if not match:
-        raise ValueError(f"invalid duration {text!r}: a number with a unit is required, such as 300ms, 2s, 1m, 1h")
+        raise ValueError(f"invalid duration {shown}: a number with a unit is required, such as 300ms, 2s, 1m, 1h")
     number, unit = match.groups()
-    return float(number) * _DURATION_UNITS[unit]
+    _check_digits(shown, number, "duration")
+    seconds = float(number) * _DURATION_UNITS[unit]
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ValueError(f"invalid duration {shown}: more than the maximum of a year (8760h)")
+    return seconds
 
 
 def format_bytes(value: float) -> str:

@@ -164,3 +164,15 @@ def migrate_through_fault(
     finally:
         proxy.close()
     return Outcome(proxy, code, out, err, recv_code, recv_out, recv_err)
+
+
+def still_serves(procs: Processes, recv: Proc, tmp_path: Path, size: int = 1 << 20) -> str:
+    """The receiver survived whatever reached it before: a real sender still migrates into it (then it exits 0).
+
+    Returns the receiver's stderr, where each connection it turned away has its "refused a connection" line.
+    """
+    image = make_image(tmp_path / "after-the-stranger.img", size, seed=9)
+    code, _, err = procs.send(image, recv.address).wait(60)
+    recv_code, _, recv_err = recv.wait(60)
+    assert (code, recv_code) == (0, 0), err + recv_err
+    return recv_err

@@ -58,7 +58,7 @@ from migrate_cli.protocol import (
     encode,
 )
 
-from .conftest import Proc, Processes, assert_no_destination, assert_resumable
+from .conftest import Proc, Processes, assert_no_destination, assert_resumable, still_serves
 from .fakepeer import FakePeer
 
 PS = 4096
@@ -243,6 +243,23 @@ def expect_failure(
     return line
 
 
+def expect_turned_away(procs: Processes, recv: Proc, dest: Path, code: int, fragment: str, peer: FakePeer) -> None:
+    """A connection whose handshake fails is turned away alone: its peer hears why (ABORT with ``code`` for a
+    protocol or integrity failure), the receiver logs one "refused a connection" line naming ``fragment``, writes
+    nothing, and goes on waiting: a real sender still migrates into it afterwards."""
+    word = last_word(peer)
+    peer.close()
+    if code in (PROTOCOL, INTEGRITY):
+        assert isinstance(word, Abort), f"no ABORT reached the peer (got {word!r})"
+        assert word.code == code and fragment in word.message, word
+    assert recv.popen.poll() is None, "a failed handshake must not end the receiver"
+    assert_no_destination(dest)
+    err = still_serves(procs, recv, dest.parent)
+    assert "Traceback" not in err, err
+    refused = [line for line in err.splitlines() if "refused a connection from 127.0.0.1:" in line]
+    assert len(refused) == 1 and fragment in refused[0], err
+
+
 @pytest.fixture
 def dest(tmp_path: Path) -> Path:
     return tmp_path / "dest.img"
@@ -301,7 +318,9 @@ def test_random_bytes_instead_of_a_hello_are_refused(
     peer = connect(recv.address)
     send_regardless(peer, data)
     half_close(peer)
-    expect_failure(recv, dest, expected, "CRC mismatch in HELLO frame" if expected == INTEGRITY else "", peer)
+    expect_turned_away(
+        procs, recv, dest, expected, "CRC mismatch in HELLO frame" if expected == INTEGRITY else "", peer
+    )
 
 
 # --- a valid stream cut short ----------------------------------------------------------------------------------
@@ -357,7 +376,11 @@ def test_a_stream_cut_anywhere_is_a_network_error(
     recv = start(procs, dest)
     peer = connect(recv.address)
     feed_prefix(peer, cut)
-    expect_failure(recv, dest, NETWORK, message, peer, resumable=cut >= HELLO_LENGTH)
+    if cut < HELLO_LENGTH:  # a handshake cut short: that connection is turned away, the receiver waits on
+        expect_turned_away(procs, recv, dest, NETWORK, message, peer)
+        return
+    # After the handshake, DEST.partial is kept for a resume only once it holds a page (the PAGES frame applied).
+    expect_failure(recv, dest, NETWORK, message, peer, resumable=cut >= HELLO_LENGTH + len(STREAM[1]))
 
 
 def test_a_connection_closed_before_its_first_byte_is_ignored(
@@ -419,7 +442,10 @@ def test_a_header_announcing_too_long_a_payload_is_refused_before_the_payload(
         recv = start(procs, dest)
         peer = connect(recv.address)
     peer.send(header)
-    expect_failure(recv, dest, PROTOCOL, message, peer)
+    if after_hello:
+        expect_failure(recv, dest, PROTOCOL, message, peer)
+    else:
+        expect_turned_away(procs, recv, dest, PROTOCOL, message, peer)
 
 
 # --- batches outside the image, or breaking their own rules ----------------------------------------------------
@@ -502,7 +528,7 @@ def test_a_hello_naming_an_unknown_codec_is_refused(
     recv = start(procs, dest)
     peer = connect(recv.address)
     peer.send(hello(codec=codec_id))
-    expect_failure(recv, dest, PROTOCOL, f"unknown codec id {codec_id}", peer)
+    expect_turned_away(procs, recv, dest, PROTOCOL, f"unknown codec id {codec_id}", peer)
 
 
 @pytest.mark.parametrize(
@@ -561,7 +587,8 @@ def test_a_corrupt_batch_is_an_integrity_error(
 ) -> None:
     recv, peer = streaming(procs, dest, connect, hello(codec=session_codec))
     peer.send(frame)
-    expect_failure(recv, dest, INTEGRITY, message, peer, resumable=message.startswith("CRC mismatch"))
+    # Even a CRC mismatch (a link fault) keeps nothing: no page of this session reached DEST.partial.
+    expect_failure(recv, dest, INTEGRITY, message, peer)
 
 
 # --- decompression bombs ---------------------------------------------------------------------------------------
@@ -769,7 +796,7 @@ def test_a_frame_before_the_hello_is_refused(
     recv = start(procs, dest)
     peer = connect(recv.address)
     peer.send(frame)
-    expect_failure(recv, dest, PROTOCOL, message, peer)
+    expect_turned_away(procs, recv, dest, PROTOCOL, message, peer)
 
 
 # --- time ------------------------------------------------------------------------------------------------------
@@ -791,9 +818,8 @@ def test_a_slow_loris_hello_ends_at_the_handshake_timeout(
             break
         time.sleep(0.5)
     elapsed = time.monotonic() - started
-    line = expect_failure(recv, dest, NETWORK, "handshake not completed within")
-    assert "(--handshake-timeout)" in line
     assert 1.5 <= elapsed <= 6, f"the receiver gave up after {elapsed:.1f}s"
+    expect_turned_away(procs, recv, dest, NETWORK, "handshake not completed within", peer)
 
 
 # --- symlinks at DEST and DEST.partial -------------------------------------------------------------------------
@@ -915,7 +941,7 @@ def test_an_abort_instead_of_a_hello_is_relayed_as_the_peers_reason(
     recv = start(procs, dest)
     peer = connect(recv.address)
     peer.send(Abort(3, "source image vanished"))
-    expect_failure(recv, dest, PEER, "peer: source image vanished", peer)
+    expect_turned_away(procs, recv, dest, PEER, "peer: source image vanished", peer)
 
 
 # --- an image too large to keep track of -----------------------------------------------------------------------

@@ -55,3 +55,31 @@ def test_human_sizes_use_binary_units() -> None:
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 << 30) == "3.0 GiB"
+
+
+def test_sizes_with_decimals_are_exact() -> None:
+    assert parse_size("1.1G") == 1_100_000_000  # not a float near it, refused as "not a whole number"
+    assert parse_size("0.5KiB") == 512
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "9223372036854775808", "8EiB", "99999999T", "1" + "0" * 39 + ".5"])
+def test_sizes_and_rates_beyond_the_maximum_are_value_errors_not_overflows(text: str) -> None:
+    for parse in (parse_size, parse_rate):
+        with pytest.raises(ValueError, match="invalid size") as info:
+            parse(text)
+        assert len(str(info.value)) < 160, "a huge value is not echoed whole"
+
+
+def test_the_largest_size_and_rate_are_accepted() -> None:
+    assert parse_size(str(2**63 - 1)) == 2**63 - 1
+    assert parse_rate(f"{2**63 - 1}/s") == 2**63 - 1
+
+
+@pytest.mark.parametrize("text", ["99999999999999h", "9" * 400 + "s", "8761h", "1" + "0" * 310 + "ms"])
+def test_durations_beyond_a_year_are_value_errors(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_a_year_is_the_longest_duration() -> None:
+    assert parse_duration("8760h") == 365 * 24 * 3600

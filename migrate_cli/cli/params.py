@@ -18,25 +18,33 @@ from ..units import parse_duration, parse_rate, parse_size
 
 
 class UnitType(click.ParamType):
-    """A click type for one of units.py's parsers (sizes, rates, durations): its error is click's usage error."""
+    """A click type for one of units.py's parsers (sizes, rates, durations): its error is click's usage error.
 
-    def __init__(self, name: str, parse: Callable[[str], Any], parsed: type) -> None:
+    ``positive``: 0 is refused too (a timeout of 0 would make a socket non-blocking, or give up before trying)."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any], parsed: type, positive: bool = False) -> None:
         self.name = name
         self._parse = parse
         self._parsed = parsed  # a value of this type (a default given as a number) is taken as it is
+        self._positive = positive
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if value is None or isinstance(value, self._parsed):
+        if value is None:
             return value
-        try:
-            return self._parse(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+        if not isinstance(value, self._parsed):
+            try:
+                value = self._parse(str(value))
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        if self._positive and not value > 0:
+            self.fail(f"must be more than 0, not {value:g}", param, ctx)
+        return value
 
 
 SIZE = UnitType("SIZE", parse_size, int)
 RATE = UnitType("RATE", parse_rate, int)
 DURATION = UnitType("DURATION", parse_duration, float)
+TIMEOUT = UnitType("DURATION", parse_duration, float, positive=True)  # a bound on a wait: 0 is not one
 
 
 def page_size_option(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -56,7 +64,15 @@ def tls_options(cert: str | None, key: str | None, ca: str | None, peer_name: st
         raise click.UsageError(str(exc)) from None
 
 
-def raise_interrupted(signum: int, frame: FrameType | None) -> NoReturn:
+_signalled: list[int] = []  # the first SIGINT/SIGTERM of this process, once it arrived
+
+
+def raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    """The first signal stops the migration (cleanup runs as after any error); later ones are ignored, because
+    raising again would cut that cleanup short, and it is what resumes a paused guest. SIGKILL still ends us."""
+    if _signalled:
+        return
+    _signalled.append(signum)
     raise Interrupted(signum, signal.Signals(signum).name)
 
 
@@ -88,7 +104,7 @@ EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
 
 common_options = [
     click.option(
-        "--io-timeout", type=DURATION, default="30s", show_default=True, help="Fail when the peer is silent this long."
+        "--io-timeout", type=TIMEOUT, default="30s", show_default=True, help="Fail when the peer is silent this long."
     ),
     click.option("--json", "json_output", is_flag=True, help="Print one final JSON report on stdout."),
     click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary line (errors still print)."),
@@ -109,7 +125,7 @@ common_options = [
     ),
     click.option(
         "--handshake-timeout",
-        type=DURATION,
+        type=TIMEOUT,
         default="10s",
         show_default=True,
         help="Bound on the whole handshake, TLS included.",

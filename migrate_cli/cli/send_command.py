@@ -7,7 +7,17 @@ import click
 from .. import codec as codecs
 from ..image import DEFAULT_BATCH_SIZE, DEFAULT_PAGE_SIZE
 from .app import main
-from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_option, tls_options, with_common
+from .params import (
+    DURATION,
+    EXIT_CODES_HELP,
+    RATE,
+    SIZE,
+    TIMEOUT,
+    execute,
+    page_size_option,
+    tls_options,
+    with_common,
+)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -62,7 +72,7 @@ from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_op
 )
 @click.option(
     "--connect-timeout",
-    type=DURATION,
+    type=TIMEOUT,
     default="10s",
     show_default=True,
     help="Keep retrying the connection this long (the receiver may start later).",
@@ -91,7 +101,7 @@ from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_op
 @click.option("--unpause-cmd", default=None, metavar="CMD", help="Shell command that resumes the guest.")
 @click.option(
     "--hook-timeout",
-    type=DURATION,
+    type=TIMEOUT,
     default="30s",
     show_default=True,
     help="Bound on --pause-cmd/--unpause-cmd and on QMP replies.",
