@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import AuthError, DestinationError, UsageError
+from .safefile import create_exclusive, fsync_directory
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def refusal(exc: BaseException, peer: str) -> AuthError | None:
     name = alert_name(exc)
     if name not in REFUSAL_ALERTS:
         return None
-    shown = name.replace(" ca", " CA")
+    shown = "unknown CA" if name == "unknown ca" else name
     return AuthError(f"TLS: {peer} rejected our certificate: {shown} ({REFUSAL_ALERTS[name]})")
 
 
@@ -423,7 +424,7 @@ def _place(out: Path, files: list[tuple[str, bytes, int]]) -> None:
         if not keep_staging:
             shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OSError):
-        _sync_directory(out)
+        fsync_directory(str(out / "ca.pem"))
 
 
 def _undo(out: Path, aside: Path, placed: list[str], moved: list[str]) -> bool:
@@ -441,20 +442,12 @@ def _undo(out: Path, aside: Path, placed: list[str], moved: list[str]) -> bool:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = create_exclusive(str(path))
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)

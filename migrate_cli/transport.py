@@ -197,6 +197,8 @@ class Channel:
                 ) from None
             except (BrokenPipeError, ConnectionResetError):
                 raise NetworkError("connection lost: the peer closed it while we were sending") from None
+            except ssl.SSLError as exc:
+                raise NetworkError(f"TLS stream broken while sending: {clean(exc)}") from None
             except OSError as exc:
                 raise NetworkError(f"connection lost while sending: {exc.strerror}") from None
             self.last_send = time.monotonic()

@@ -7,7 +7,6 @@ import datetime
 import os
 import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .conftest import ROOT, Proc, Processes, assert_no_destination, last_line, vmmig_command
-from .test_e2e_tls import make_expired, tls_args
+from .conftest import ROOT, Processes, assert_no_destination, last_line, vmmig_command
+from .test_e2e_tls import make_expired, read_stderr_until, tls_args
 
 
 def tls_init(directory: Path, *args: str) -> tuple[int, str, str]:
@@ -70,23 +69,6 @@ def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir())
 
 
-def read_stderr_until(proc: Proc, text: str, timeout: float = 30) -> str:
-    """Lines of a running process's stderr up to the first one containing ``text`` (or its end, or ``timeout``)."""
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.popen.stderr is not None
-        for line in proc.popen.stderr:
-            lines.append(line)
-            if text in line:
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return "".join(lines)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -125,19 +107,18 @@ def test_tls_init_refuses_a_host_given_twice(tmp_path: Path, hosts: list[str]) -
 
 
 def test_tls_init_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
-    """A (dangling) symlink at a file's name is an existing file: refused without --force, replaced (not followed)
-    with it."""
+    """A symlink at a file's name, even a dangling one, is an existing file: refused without --force (it was
+    followed, writing outside DIR), replaced as a link with --force (never followed)."""
     directory, outside = tmp_path / "pki", tmp_path / "outside"
     directory.mkdir()
     outside.mkdir()
     (directory / "h.test.pem").symlink_to(outside / "planted.pem")
-    (outside / "victim.key").write_text("precious")
-    (directory / "ca.key").symlink_to(outside / "victim.key")
-
     code, _, err = tls_init(directory, "--host", "h.test")
     assert code == 2 and "--force" in err
-    assert files_under(outside) == ["victim.key"]
+    assert files_under(outside) == []
 
+    (outside / "victim.key").write_text("precious")
+    (directory / "ca.key").symlink_to(outside / "victim.key")
     code, _, err = tls_init(directory, "--host", "h.test", "--force")
     assert code == 0, err
     assert files_under(outside) == ["victim.key"] and (outside / "victim.key").read_text() == "precious"
@@ -316,7 +297,14 @@ def test_well_formed_addresses_parse(text: str, expected: tuple[str, int]) -> No
     from migrate_cli.transport import parse_address
 
     assert parse_address(text) == expected
+
+
+def test_an_address_without_a_port_takes_the_default_port() -> None:
+    from migrate_cli.transport import parse_address
+
     assert parse_address("[::1]", default_port=7) == ("::1", 7)
+    assert parse_address("::1", default_port=7) == ("::1", 7)
+    assert parse_address("host.test", default_port=7) == ("host.test", 7)
 
 
 def test_send_to_an_unclosed_ipv6_bracket_is_a_usage_error(procs: Processes, image_8m: Path) -> None:

@@ -58,10 +58,14 @@ def tls() -> None:
     multiple=True,
     required=True,
     metavar="NAME",
-    help="A host name or IP address to issue a certificate for (repeat for each host).",
+    help="A DNS name or IP address to issue a certificate for (repeat for each host; not 'ca', each once).",
 )
 @click.option(
-    "--days", type=click.IntRange(min=1), default=825, show_default=True, help="Validity of host certificates."
+    "--days",
+    type=click.IntRange(min=1, max=36500),
+    default=825,
+    show_default=True,
+    help="Validity of host certificates.",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
@@ -72,7 +76,9 @@ def tls_init(directory: str, hosts: tuple[str, ...], days: int, force: bool, deb
     Files: DIR/ca.pem (give to every host), DIR/ca.key (keep it safe: it signs certificates),
            DIR/NAME.pem and DIR/NAME.key for each --host NAME (keys are mode 0600).
     Certificates carry NAME as subject alternative name (DNS name, or IP address when NAME is one), are valid
-    for both ends (server and client) and for --days days; keys are ECDSA P-256.
+    for both ends (server and client) and for --days days; keys are ECDSA P-256. NAME must be a DNS name (letters,
+    digits and hyphens in dot-separated labels) or an IP address. The files are written all or none, never through
+    a symlink found in DIR; existing ones are replaced only with --force.
 
     \b
     Example (two hosts):
