@@ -3,7 +3,7 @@
 
 What it measures
 ----------------
-1. **Fingerprint pass** -- ``migrate_cli.digest.fingerprint_image`` over an mmap of the generated image in /dev/shm
+1. **Fingerprint pass** -- ``migrate_cli.wire.digest.fingerprint_image`` over an mmap of the generated image in /dev/shm
    (the dirty tracker runs it once per pass, and once more while the guest is paused), median of 5 runs at 1 and at
    2 threads, reported in seconds per GiB. Goal: <= 0.15 s/GiB at 2 threads (the sender's default thread count on
    this 2-CPU machine).
@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from migrate_cli.digest import fingerprint_image
+from migrate_cli.wire.digest import fingerprint_image
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATOR = REPO / "examples" / "make_guest_image.py"

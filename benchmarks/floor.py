@@ -97,11 +97,11 @@ def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def startup_wall(repeat: int = 3) -> float:
-    """Median wall time of ``python -c 'import migrate_cli.send'`` (bytecode compiled by the caller)."""
+    """Median wall time of ``python -c 'import migrate_cli.sender.session'`` (bytecode compiled by the caller)."""
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import migrate_cli.send"], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "-c", "import migrate_cli.sender.session"], cwd=REPO, check=True)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 

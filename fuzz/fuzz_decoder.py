@@ -62,11 +62,11 @@ if atheris is not None and WORKER_FLAG in sys.argv:
         import numpy as np
         from zlib_ng import zlib_ng
 
-        from migrate_cli import codec as codecs
-        from migrate_cli.digest import fingerprint_pages, image_digest
         from migrate_cli.errors import IntegrityError, ProtocolError
-        from migrate_cli.image import DiscardSink
-        from migrate_cli.protocol import (
+        from migrate_cli.sender.source import DiscardSink
+        from migrate_cli.wire import codec as codecs
+        from migrate_cli.wire.digest import fingerprint_pages, image_digest
+        from migrate_cli.wire.protocol import (
             FRAME_MAGIC,
             HEADER,
             Abort,
@@ -91,11 +91,11 @@ else:
     import numpy as np
     from zlib_ng import zlib_ng
 
-    from migrate_cli import codec as codecs
-    from migrate_cli.digest import fingerprint_pages, image_digest
     from migrate_cli.errors import IntegrityError, ProtocolError
-    from migrate_cli.image import DiscardSink
-    from migrate_cli.protocol import (
+    from migrate_cli.sender.source import DiscardSink
+    from migrate_cli.wire import codec as codecs
+    from migrate_cli.wire.digest import fingerprint_pages, image_digest
+    from migrate_cli.wire.protocol import (
         FRAME_MAGIC,
         HEADER,
         Abort,

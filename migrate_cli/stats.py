@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .wire.protocol import DEFAULT_PAGE_SIZE
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -102,7 +104,7 @@ class Snapshot:
 @dataclass
 class Stats:
     image_bytes: int = 0
-    page_size: int = 4096
+    page_size: int = DEFAULT_PAGE_SIZE
     born: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
     # Set by the orchestration (single writer each; readers tolerate a stale value for one refresh).

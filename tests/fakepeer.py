@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from migrate_cli.protocol import Decoder, Frame, Role, encode
+from migrate_cli.wire.protocol import Decoder, Frame, Role, encode
 
 
 class FakePeer:

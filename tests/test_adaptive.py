@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from migrate_cli.adaptive import AutoPolicy
+from migrate_cli.sender.adaptive import AutoPolicy
 
 from .conftest import Processes, make_image
 

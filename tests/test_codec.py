@@ -5,9 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from migrate_cli import codec as codecs
 from migrate_cli.errors import IntegrityError
-from migrate_cli.protocol import Encoding
+from migrate_cli.wire import codec as codecs
+from migrate_cli.wire.protocol import Encoding
 
 COMPRESSING = [n for n in codecs.names() if n != "none"]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from migrate_cli.destination import ZERO_CHUNK, InPlaceDestination, run_bounds
+from migrate_cli.receiver.destination import ZERO_CHUNK, InPlaceDestination, run_bounds
 
 PAGE = 4096
 

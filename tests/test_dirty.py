@@ -7,8 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from migrate_cli.digest import fingerprint_image, fingerprint_pages, zero_fingerprint
-from migrate_cli.dirty import (
+from migrate_cli.sender.dirty import (
     PAGEMAP_PRESENT,
     PAGEMAP_SOFT_DIRTY,
     FingerprintTracker,
@@ -16,7 +15,8 @@ from migrate_cli.dirty import (
     soft_dirty_pages,
     soft_dirty_supported,
 )
-from migrate_cli.send_pipeline import all_ranges, batch_ranges
+from migrate_cli.sender.pipeline import all_ranges, batch_ranges
+from migrate_cli.wire.digest import fingerprint_image, fingerprint_pages, zero_fingerprint
 
 PS = 4096
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from migrate_cli.protocol import Abort, Encoding, Hello
+from migrate_cli.wire.protocol import Abort, Encoding, Hello
 
 from .conftest import Processes, assert_no_destination, make_image, still_serves
 from .fakepeer import FakePeer

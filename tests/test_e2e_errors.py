@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from zlib_ng import zlib_ng
 
-from migrate_cli.digest import end_commitment, fingerprint_pages, image_digest
-from migrate_cli.protocol import (
+from migrate_cli.wire.digest import end_commitment, fingerprint_pages, image_digest
+from migrate_cli.wire.protocol import (
     PROTOCOL_VERSION,
     RESULT_DIGEST_MISMATCH,
     Abort,

@@ -173,7 +173,7 @@ def test_a_failure_after_the_pause_resumes_the_guest(procs: Processes, guests: l
 def test_a_verdict_lost_after_the_end_frame_leaves_the_guest_paused_outcome_unknown(
     procs: Processes, guests: list[Guest], tmp_path: Path
 ) -> None:
-    from migrate_cli.protocol import End, Hello, Role, Welcome
+    from migrate_cli.wire.protocol import End, Hello, Role, Welcome
 
     from .fakepeer import FakePeer
 

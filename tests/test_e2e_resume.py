@@ -81,7 +81,7 @@ def test_a_multi_channel_migration_resumes_on_all_its_channels(procs: Processes,
     run = migrate_through_fault(
         procs, source, dest, "cut", 4 * MiB, ("--json",),  # channel 0 is the first connection: it is cut
         ("--json", "--compress", "zstd", "--channels", "2", "--retries", "2", "--retry-delay", "200ms",
-         "--state-file", str(tmp_path / "send.state")),
+         "--batch-size", "256K", "--state-file", str(tmp_path / "send.state")),  # batches land before the cut
     )  # fmt: skip
     assert (run.send_code, run.recv_code) == (0, 0), run.send_err + run.recv_err
     assert run.proxy.connections == 4, "two channels, twice"

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from zlib_ng import zlib_ng
 
-from migrate_cli.entropy import MIN_RUN, incompressible, incompressible_batch, runs
+from migrate_cli.sender.entropy import MIN_RUN, incompressible, incompressible_batch, runs
 
 from .conftest import make_image
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from migrate_cli.protocol import FEATURE_QEMU_HANDOFF, End, Hello, Result, Role, Welcome
+from migrate_cli.wire.protocol import FEATURE_QEMU_HANDOFF, End, Hello, Result, Role, Welcome
 
 from .conftest import Processes, assert_no_destination, last_line, make_image, still_serves
 from .fakepeer import FakePeer

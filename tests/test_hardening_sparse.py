@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migrate_cli import codec as codecs
-from migrate_cli.digest import fingerprint_image, zero_fingerprint
-from migrate_cli.dirty import FingerprintTracker
-from migrate_cli.holes import BYTES_PER_EXTENT, MIN_HOLE, HoleMap, data_extents
-from migrate_cli.image import SourceImage
-from migrate_cli.pipeline import Failure
-from migrate_cli.send_pipeline import Batch, SendPipeline
+from migrate_cli.failure import Failure
+from migrate_cli.sender.dirty import FingerprintTracker
+from migrate_cli.sender.holes import BYTES_PER_EXTENT, MIN_HOLE, HoleMap, data_extents
+from migrate_cli.sender.pipeline import Batch, SendPipeline
+from migrate_cli.sender.source import SourceImage
+from migrate_cli.wire import codec as codecs
+from migrate_cli.wire.digest import fingerprint_image, zero_fingerprint
 
 from .conftest import Processes, json_report, last_line
 

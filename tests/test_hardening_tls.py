@@ -144,8 +144,8 @@ def test_a_failure_while_placing_the_files_puts_everything_back(
 ) -> None:
     """The rollback itself: the third file fails to land (a full disk, a race): the old PKI is back, nothing new
     stays, and no staging directory is left in DIR."""
-    from migrate_cli import tls
     from migrate_cli.errors import MigrateError
+    from migrate_cli.net import tls
 
     directory = tmp_path / "pki"
     tls.init(str(directory), ["h.test"])
@@ -283,7 +283,7 @@ def test_a_key_other_users_can_read_is_warned_about_on_both_ends(
 )
 def test_malformed_addresses_are_usage_errors(text: str) -> None:
     from migrate_cli.errors import UsageError
-    from migrate_cli.transport import parse_address
+    from migrate_cli.net.transport import parse_address
 
     with pytest.raises(UsageError):
         parse_address(text)
@@ -294,13 +294,13 @@ def test_malformed_addresses_are_usage_errors(text: str) -> None:
     [("[::1]:1", ("::1", 1)), ("localhost:0", ("localhost", 0)), ("10.0.0.1:65535", ("10.0.0.1", 65535))],
 )
 def test_well_formed_addresses_parse(text: str, expected: tuple[str, int]) -> None:
-    from migrate_cli.transport import parse_address
+    from migrate_cli.net.transport import parse_address
 
     assert parse_address(text) == expected
 
 
 def test_an_address_without_a_port_takes_the_default_port() -> None:
-    from migrate_cli.transport import parse_address
+    from migrate_cli.net.transport import parse_address
 
     assert parse_address("[::1]", default_port=7) == ("::1", 7)
     assert parse_address("::1", default_port=7) == ("::1", 7)
@@ -330,6 +330,6 @@ def test_send_to_an_unclosed_ipv6_bracket_is_a_usage_error(procs: Processes, ima
     ],
 )
 def test_peer_name_matching(presented: str, wanted: str, matches: bool) -> None:
-    from migrate_cli.tls import name_matches
+    from migrate_cli.net.tls import name_matches
 
     assert name_matches(presented, wanted) is matches

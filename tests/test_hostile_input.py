@@ -34,10 +34,10 @@ import pytest
 import zstandard
 from zlib_ng import zlib_ng
 
-from migrate_cli import codec as codecs
-from migrate_cli.digest import end_commitment, fingerprint_pages, image_digest
 from migrate_cli.errors import ExitCode, IntegrityError, ProtocolError
-from migrate_cli.protocol import (
+from migrate_cli.wire import codec as codecs
+from migrate_cli.wire.digest import end_commitment, fingerprint_pages, image_digest
+from migrate_cli.wire.protocol import (
     FRAME_MAGIC,
     MAX_PAYLOAD,
     RESULT_DIGEST_MISMATCH,
@@ -460,7 +460,7 @@ def test_a_header_announcing_too_long_a_payload_is_refused_before_the_payload(
         pytest.param(page_list([0, 4]), "names page 4, past the image end (4 pages)", id="page-list-past-the-end"),
         pytest.param(page_list([2, 1]), "not strictly increasing", id="page-list-decreasing"),
         pytest.param(page_list([1, 1]), "not strictly increasing", id="page-list-repeating-a-page"),
-        pytest.param(raw_pages(0, 5), "carries 5 pages, more than the announced batch of 4", id="pages-above-batch"),
+        pytest.param(raw_pages(0, 5), "exceeds the announced batch of 4 pages", id="pages-above-batch"),
         pytest.param(framed(FrameType.PAGES, struct.pack("!QIBBH", 0, 0, 0, 0, 0)), "page count 0", id="count-0"),
         pytest.param(
             Pages(0, 2, Encoding.RAW, b"\x04", b"\x05" * 2 * PS), "bits set past its page count", id="bitmap-overflow"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from migrate_cli.errors import PauseError, UsageError
-from migrate_cli.pause import CommandPauser, GuestProcess, PidPauser, QmpPauser, Throttle, check_pause_pid
+from migrate_cli.guest.pause import CommandPauser, GuestProcess, PidPauser, QmpPauser, Throttle, check_pause_pid
 
 from .fakeqmp import FakeQmp
 

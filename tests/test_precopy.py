@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from migrate_cli.errors import NoConvergence
-from migrate_cli.precopy import SWITCHOVER_OVERHEAD, ConvergencePolicy, Decision, PassRecord, Precopy
+from migrate_cli.sender.precopy import SWITCHOVER_OVERHEAD, ConvergencePolicy, Decision, PassRecord, Precopy
 from migrate_cli.stats import Stats
 
 PS = 4096

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migrate_cli.errors import IntegrityError, ProtocolError
-from migrate_cli.protocol import (
+from migrate_cli.wire.protocol import (
     HEADER_SIZE,
     MAX_PAYLOAD,
     NEED_DATA,
@@ -233,3 +233,22 @@ def test_a_page_list_past_the_image_end_is_refused() -> None:
     frame = Pages(3, 2, Encoding.RAW, b"\x03", b"", indices=np.array([3, 100], dtype=">u8").tobytes())
     with pytest.raises(ProtocolError, match="names page 100, past the image end"):
         validate_pages(frame, page_size=4096, total_pages=100, batch_pages=64)
+
+
+def test_the_wire_size_of_a_batch_frame_is_its_encoded_length() -> None:
+    """What the bandwidth cap charges for a batch is exactly what goes on the wire, PAGE_LIST indices included."""
+    from migrate_cli.wire.protocol import pages_wire_size
+
+    ranged = Pages(8, 3, Encoding.RAW, b"\x02", b"\x07" * 2 * 4096)
+    listed = Pages(1, 3, Encoding.RAW, b"\x00", b"\x07" * 3 * 4096, struct.pack("!3Q", 1, 5, 9))
+    for frame in (ranged, listed):
+        assert pages_wire_size(frame) == len(encode(frame))
+
+
+def test_the_receivers_buffers_hold_the_largest_batch_frame_of_either_kind() -> None:
+    from migrate_cli.wire.protocol import HEADER_SIZE, max_pages_payload
+
+    pages = 64
+    indices = struct.pack(f"!{pages}Q", *range(pages))
+    largest = Pages(0, pages, Encoding.RAW, bytes(pages // 8), b"\x07" * pages * 4096, indices)
+    assert len(encode(largest)) - HEADER_SIZE == max_pages_payload(pages, 4096)

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from zlib_ng import zlib_ng
 
 from migrate_cli.errors import CorruptFrame, ProtocolError, ResumeRefused
-from migrate_cli.protocol import (
+from migrate_cli.receiver.state_file import ReceiverState
+from migrate_cli.sender.state_file import SenderState
+from migrate_cli.wire.protocol import (
     FLAG_RESUMABLE,
     HEADER,
     RESUME_CHUNK_PAGES,
@@ -25,7 +27,7 @@ from migrate_cli.protocol import (
     Welcome,
     encode,
 )
-from migrate_cli.resume import ReceiverState, ResumeCollector, SenderState, resume_frames
+from migrate_cli.wire.resume import ResumeCollector, resume_frames
 
 
 def decode_all(role: Role, data: bytes) -> list:

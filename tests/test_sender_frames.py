@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migrate_cli import codec as codecs
-from migrate_cli.image import SourceImage
-from migrate_cli.pipeline import Failure
-from migrate_cli.protocol import HEADER_SIZE, Encoding, Pages, check_crc, decode_payload, parse_header
-from migrate_cli.send_pipeline import Batch, EncodedBatch, SendPipeline
+from migrate_cli.failure import Failure
+from migrate_cli.sender.pipeline import Batch, EncodedBatch, SendPipeline
+from migrate_cli.sender.source import SourceImage
+from migrate_cli.wire import codec as codecs
+from migrate_cli.wire.protocol import HEADER_SIZE, Encoding, Pages, check_crc, decode_payload, parse_header
 
 from .conftest import make_image
 

@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 import click
 
 from ..errors import ExitCode, Interrupted, MigrateError
-from ..image import check_page_size
 from ..units import parse_duration, parse_rate, parse_size
+from ..wire.protocol import check_page_size
 
 
 class UnitType(click.ParamType):
@@ -56,7 +56,7 @@ def page_size_option(ctx: click.Context, param: click.Parameter, value: int) -> 
 
 
 def tls_options(cert: str | None, key: str | None, ca: str | None, peer_name: str | None) -> Any:
-    from ..tls import TlsOptions
+    from ..net.tls import TlsOptions
 
     try:
         return TlsOptions.from_cli(cert, key, ca, peer_name)

@@ -125,8 +125,8 @@ def recv(
       vmmig recv --discard --control /run/vmmig-recv.sock          # measure the link, keep nothing
       vmmig recv --resume /dev/shm/vm.ram                          # continue an interrupted migration
     """
-    from ..recv import run
-    from ..recv_options import RecvOptions
+    from ..receiver.options import RecvOptions
+    from ..receiver.session import run
 
     if (destination is None) == (not discard):
         raise click.UsageError("give DEST, or --discard to keep nothing (not both)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .. import codec as codecs
-from ..image import DEFAULT_BATCH_SIZE, DEFAULT_PAGE_SIZE
+from ..sender.options import DEFAULT_BATCH_SIZE
+from ..wire import codec as codecs
+from ..wire.protocol import DEFAULT_PAGE_SIZE
 from .app import main
 from .params import (
     DURATION,
@@ -246,8 +247,8 @@ def send(
         )
     if batch_size is not None and (batch_size < page_size or batch_size > 16 * 1024 * 1024):
         raise click.BadParameter("must be between the page size and 16MiB", param_hint="--batch-size")
-    from ..send import run
-    from ..send_options import SendOptions
+    from ..sender.options import SendOptions
+    from ..sender.session import run
 
     opts = SendOptions(
         source=source,

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..image import DEFAULT_PAGE_SIZE
+from ..wire.protocol import DEFAULT_PAGE_SIZE
 from .app import main
 from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_option
 
@@ -91,7 +91,7 @@ def tls_init(directory: str, hosts: tuple[str, ...], days: int, force: bool, deb
     """
 
     def call() -> None:
-        from ..tls import init
+        from ..net.tls import init
 
         for path in init(directory, list(hosts), force=force, days=days):
             print(path)
@@ -134,9 +134,9 @@ def analyze(
     def call() -> None:
         import json
 
-        from ..analyze import analyze as run
-        from ..analyze import render
-        from ..send_options import usable_cpus
+        from ..cpus import usable_cpus
+        from ..sender.analyze import analyze as run
+        from ..sender.analyze import render
 
         report = run(
             image, page_size, None if full else sample_bytes, threads or usable_cpus(), dirty_for, max_bandwidth

@@ -26,15 +26,15 @@ from functools import partial
 
 import numpy as np
 
-from . import codec as codecs
+from ..failure import Failure, get, put, spawn
+from ..wire import codec as codecs
+from ..wire.codec import Compressor
+from ..wire.digest import fingerprint_pages, zero_fingerprint
+from ..wire.protocol import Encoding, Pages, encode_parts
 from .adaptive import MARGIN, AutoPolicy, Stopwatch
-from .codec import Compressor
-from .digest import fingerprint_pages, zero_fingerprint
 from .entropy import MIN_RUN, incompressible_batch, runs
 from .holes import HoleMap
-from .image import SourceImage
-from .pipeline import Failure, get, put, spawn
-from .protocol import Encoding, Pages, encode_parts
+from .source import SourceImage
 
 RING = 3  # gather buffers per worker: one being filled, up to two raw batches waiting for the network thread
 

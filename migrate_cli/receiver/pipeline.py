@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import codec as codecs
+from ..errors import ProtocolError
+from ..failure import Failure, get, put, spawn
+from ..stats import Stats
+from ..wire import codec as codecs
+from ..wire.protocol import Encoding, Header, Pages, max_pages_payload
 from .destination import DestinationImage
-from .errors import ProtocolError
-from .pipeline import Failure, get, put, spawn
-from .protocol import MAX_BATCH_PAGES, Encoding, Header, Pages
-from .stats import Stats
 
 _DONE = None
 
@@ -69,8 +69,7 @@ class RecvPipeline:
         self.stats = stats
         self.failure = failure
         self.batch_pages = batch_pages
-        # Room for either frame kind: PAGES (16-byte head) or PAGE_LIST (8-byte head + 8 bytes per page).
-        payload_max = 16 + 8 * batch_pages + (MAX_BATCH_PAGES + 7) // 8 + batch_pages * dest.page_size
+        payload_max = max_pages_payload(batch_pages, dest.page_size)
         self.pool = BufferPool(pool_count(threads, payload_max), payload_max, failure)
         self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=threads * 2)
         self._threads: list[threading.Thread] = []

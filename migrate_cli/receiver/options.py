@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tls import TlsOptions
+from ..net.tls import TlsOptions
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import codec as codecs
-from .adaptive import AutoPolicy
-from .control import ControlError, ControlServer
-from .digest import end_commitment, image_digest
-from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
-from .errors import (
+from ..control import ControlError, ControlServer
+from ..cpus import usable_cpus
+from ..errors import (
     CancelledError,
     IntegrityError,
     MigrateError,
@@ -48,13 +45,18 @@ from .errors import (
     SourceError,
     peer_abort,
 )
-from .image import SourceImage, default_batch_size
-from .passes import PassSender
-from .pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
-from .pipeline import Failure, Stopped, spawn
-from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
-from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
-from .protocol import (
+from ..failure import Failure, Stopped, spawn
+from ..guest.pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
+from ..guest.qemu import SourceHandoff, check_backend
+from ..net.tls import preflight, wrap_client
+from ..net.transport import Channel, connect, parse_address
+from ..ratelimit import TokenBucket
+from ..report import StatsLog, display_wanted, live_display, print_json, report, summary_line
+from ..stats import Stats
+from ..units import format_bytes, format_rate, parse_duration, parse_rate
+from ..wire import codec as codecs
+from ..wire.digest import end_commitment, image_digest
+from ..wire.protocol import (
     FEATURE_QEMU_HANDOFF,
     FEATURE_RESUME,
     HANDOFF_RUNNING,
@@ -70,18 +72,18 @@ from .protocol import (
     Role,
     Welcome,
 )
-from .qemu import SourceHandoff, check_backend
-from .ratelimit import TokenBucket
-from .resume import ResumeCollector, SenderState
-from .send_options import SendOptions, usable_cpus
-from .send_pipeline import RING, SendPipeline
-from .stats import Stats
-from .tls import preflight, wrap_client
-from .transport import Channel, connect, parse_address
-from .units import format_bytes, format_rate, parse_duration, parse_rate
+from ..wire.resume import ResumeCollector
+from .adaptive import AutoPolicy
+from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
+from .options import SendOptions, default_batch_size
+from .pipeline import RING, SendPipeline
+from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
+from .source import SourceImage
+from .state_file import SenderState
+from .transmit import PassSender
 
 if TYPE_CHECKING:
-    from .display import DisplayView
+    from ..display import DisplayView
 
 
 def notice(message: str) -> None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import AuthError, DestinationError, UsageError
-from .safefile import create_exclusive, fsync_directory
+from ..errors import AuthError, DestinationError, UsageError
+from ..safefile import create_exclusive, fsync_directory
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def wrap_server(
 def _refuse_after_handshake(tls: ssl.SSLSocket, timeout: float, message: str) -> None:
     """Tell the sender why with an ABORT (exit 15 there): OpenSSL sent no alert, its own checks having passed, and
     a bare close would read as a link fault."""
-    from .protocol import Role
+    from ..wire.protocol import Role
     from .transport import Channel  # transport imports this module
 
     Channel(tls, Role.RECEIVER, timeout).abort(AuthError(message))

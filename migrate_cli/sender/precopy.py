@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NoConvergence
+from ..guest.pause import Pauser, Throttle
+from ..stats import Stats
+from ..units import format_bytes, format_rate
 from .dirty import DirtyTracker
-from .errors import NoConvergence
-from .pause import Pauser, Throttle
-from .stats import Stats
-from .units import format_bytes, format_rate
 
 SWITCHOVER_OVERHEAD = 0.02  # seconds: the final frames' round trip and the rename, on top of the scans
 

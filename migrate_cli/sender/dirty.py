@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .digest import fingerprint_image, fingerprint_pages, zero_fingerprint
+from ..wire.digest import fingerprint_image, fingerprint_pages, zero_fingerprint
 from .holes import HoleMap
 
 PAGEMAP_SOFT_DIRTY = 1 << 55

@@ -11,32 +11,9 @@ import stat
 
 import numpy as np
 
-from .errors import SourceError
+from ..errors import SourceError
+from ..wire.protocol import DEFAULT_PAGE_SIZE
 from .holes import data_extents
-
-DEFAULT_PAGE_SIZE = 4096
-# Pages are read, compressed, framed and checksummed a batch at a time. Per-batch costs (Python glue, frame,
-# queue hops, the receiver's dispatch) fall with size: 4 MiB cost 7% less CPU than 1 MiB for zstd (docs/PERFORMANCE.md).
-DEFAULT_BATCH_SIZE = 4 * 1024 * 1024
-MIN_DEFAULT_BATCH_SIZE = 1024 * 1024
-SENDER_BUFFER_BUDGET = 96 * 1024 * 1024  # the sender's gather buffers (RING per worker) stay under this by default
-
-
-def default_batch_size(threads: int, ring: int) -> int:
-    """4 MiB, halved (not below 1 MiB) until ``ring`` buffers per compression thread (send_pipeline.RING) fit the
-    budget: a 64-thread host would otherwise hold 768 MiB of batch buffers on the sender."""
-    size = DEFAULT_BATCH_SIZE
-    while size > MIN_DEFAULT_BATCH_SIZE and ring * threads * size > SENDER_BUFFER_BUDGET:
-        size //= 2
-    return size
-
-
-def check_page_size(page_size: int) -> None:
-    from .protocol import MAX_PAGE_SIZE, MIN_PAGE_SIZE
-
-    if page_size < MIN_PAGE_SIZE or page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
-        raise ValueError(f"page size {page_size} is not a power of two between {MIN_PAGE_SIZE} and {MAX_PAGE_SIZE}")
-
 
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFDIR: "a directory"}
 

@@ -19,7 +19,7 @@ from typing import Protocol
 import zstandard
 from zlib_ng import zlib_ng
 
-from .errors import IntegrityError
+from ..errors import IntegrityError
 from .protocol import Encoding
 
 Buffer = bytes | bytearray | memoryview

@@ -18,7 +18,7 @@ from enum import Enum, IntEnum
 import numpy as np
 from zlib_ng import zlib_ng
 
-from .errors import CorruptFrame, IntegrityError, ProtocolError
+from ..errors import CorruptFrame, IntegrityError, ProtocolError
 
 PROTOCOL_VERSION = 2  # 2: END carries a commitment to the digest, not the digest (digest.end_commitment)
 FRAME_MAGIC = 0x564D  # "VM"
@@ -27,6 +27,7 @@ HEADER = struct.Struct("!HBBII")  # magic, type, flags, payload length, crc32(he
 HEADER_SIZE = HEADER.size  # 12
 
 MIN_PAGE_SIZE = 512
+DEFAULT_PAGE_SIZE = 4096  # x86's base page: what a guest's RAM is tracked in
 MAX_PAGE_SIZE = 2 * 1024 * 1024
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # page bytes one PAGES frame may describe
 MAX_BATCH_PAGES = 65536
@@ -491,9 +492,33 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
     raise AssertionError(f"unhandled frame type {kind!r}")
 
 
+def is_valid_page_size(page_size: int) -> bool:
+    """The one page-size rule, for options, state files and HELLO alike: a power of two in MIN..MAX_PAGE_SIZE."""
+    return MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE and not page_size & (page_size - 1)
+
+
+def check_page_size(page_size: int) -> None:
+    """``is_valid_page_size`` as a ValueError naming the rule (options and state files)."""
+    if not is_valid_page_size(page_size):
+        raise ValueError(f"page size {page_size} is not a power of two between {MIN_PAGE_SIZE} and {MAX_PAGE_SIZE}")
+
+
+def pages_wire_size(frame: Pages) -> int:
+    """Bytes a PAGES or PAGE_LIST frame takes on the wire, header included (what the bandwidth cap charges)."""
+    head = _PAGE_LIST.size + len(frame.indices) if frame.indices is not None else _PAGES.size
+    return HEADER_SIZE + head + len(frame.zero_bitmap) + len(frame.data)
+
+
+def max_pages_payload(batch_pages: int, page_size: int) -> int:
+    """The largest payload a PAGES or PAGE_LIST frame of a session with this batch may carry (the receiver's buffers):
+    the larger head (PAGES', or PAGE_LIST's with its 8-byte index per page), the zero bitmap, every page raw."""
+    head = max(_PAGES.size, _PAGE_LIST.size + 8 * batch_pages)
+    return head + (batch_pages + 7) // 8 + batch_pages * page_size
+
+
 def validate_hello(hello: Hello) -> None:
     ps = hello.page_size
-    if ps < MIN_PAGE_SIZE or ps > MAX_PAGE_SIZE or ps & (ps - 1):
+    if not is_valid_page_size(ps):
         raise ProtocolError(f"HELLO page size {ps} is not a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}")
     if hello.image_size == 0 or hello.image_size % ps or hello.image_size > MAX_IMAGE_SIZE:
         raise ProtocolError(f"HELLO image size {hello.image_size} is not a positive multiple of the page size {ps}")

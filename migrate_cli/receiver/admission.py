@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import MigrateError, NetworkError, ProtocolError
-from .protocol import Hello
-from .transport import Channel, ClosedBetweenFrames, format_address
+from ..errors import MigrateError, NetworkError, ProtocolError
+from ..net.transport import Channel, ClosedBetweenFrames, format_address
+from ..wire.protocol import Hello
 
 MAX_PENDING = 16  # handshakes in flight; beyond that a new connection is closed at once (and logged)
 

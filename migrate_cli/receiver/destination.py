@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import DestinationError, UsageError
+from ..units import format_bytes
+from ..wire.digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
 from .allocate import Allocation
-from .digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
-from .errors import DestinationError, UsageError
-from .units import format_bytes
 
 ZERO_CHUNK = 1 << 20  # bytes of zeros one pwrite puts over a run of pages that must read as zero
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import QemuError
+from ..errors import QemuError
 from .qmp import Qmp
 
 RAM_BACKEND_TYPES = ("memory-backend-file", "memory-backend-memfd", "memory-backend-ram")

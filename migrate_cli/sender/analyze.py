@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from . import codec as codecs
-from .digest import fingerprint_image
-from .image import DEFAULT_BATCH_SIZE, SourceImage
-from .units import format_bytes, format_rate
+from ..units import format_bytes, format_rate
+from ..wire import codec as codecs
+from ..wire.digest import fingerprint_image
+from .options import DEFAULT_BATCH_SIZE
+from .source import SourceImage
 
 DEFAULT_LINK = 1.25e9  # 10 Gb/s
 BATCH_BYTES = DEFAULT_BATCH_SIZE  # as send's default --batch-size

@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import MigrateError, NetworkError, PeerError, UsageError
-from .protocol import (
+from ..errors import MigrateError, NetworkError, PeerError, UsageError
+from ..wire.protocol import (
     HEADER_SIZE,
     Abort,
     Conversation,

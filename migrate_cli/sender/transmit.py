@@ -17,18 +17,17 @@ from functools import partial
 
 import numpy as np
 
+from ..failure import Failure, spawn
+from ..net.transport import Channel
+from ..ratelimit import TokenBucket
+from ..stats import Stats
+from ..wire.protocol import Encoding, Keepalive, PassEnd, pages_wire_size
 from .adaptive import AutoPolicy, Stopwatch
-from .image import SourceImage
-from .pipeline import Failure, spawn
+from .pipeline import SendPipeline, all_ranges, batch_ranges
 from .precopy import PassRecord
-from .protocol import Encoding, Keepalive, PassEnd
-from .ratelimit import TokenBucket
-from .send_pipeline import SendPipeline, all_ranges, batch_ranges
-from .stats import Stats
-from .transport import Channel
+from .source import SourceImage
 
 KEEPALIVE_INTERVAL = 0.5  # as the receiver's: any --io-timeout >= 1s holds on a healthy link
-FRAME_OVERHEAD = 28  # frame header + PAGES header, charged to the bucket with the data
 
 
 class PassShare:
@@ -134,9 +133,7 @@ class PassSender:
                     keep_alive()
             frames = batch.frames
             watch = Stopwatch()
-            self.bucket.consume(
-                sum(len(f.data) + len(f.zero_bitmap) + FRAME_OVERHEAD for f in frames), self.failure.event, keep_alive
-            )
+            self.bucket.consume(sum(pages_wire_size(f) for f in frames), self.failure.event, keep_alive)
             sent = channel.send_parts(batch.parts)
             if self.auto is not None:
                 self.auto.note_wire(sent, watch.elapsed())

@@ -27,12 +27,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import codec as codecs
-from .admission import Admission
-from .control import ControlServer
-from .destination import DestinationImage, DiscardSink, InPlaceDestination, check_destination, check_fits
-from .digest import end_commitment
-from .errors import (
+from ..control import ControlServer
+from ..cpus import usable_cpus
+from ..errors import (
     CancelledError,
     DestinationModified,
     IntegrityError,
@@ -45,9 +42,25 @@ from .errors import (
     UsageError,
     peer_abort,
 )
-from .pipeline import Failure, spawn
-from .progress import StatsLog, display_wanted, live_display, print_json, report, summary_line
-from .protocol import (
+from ..failure import Failure, spawn
+from ..guest.qemu import DestHandoff, check_backend
+from ..guest.qmp import Qmp
+from ..net.tls import preflight, wrap_server
+from ..net.transport import (
+    Channel,
+    Deadline,
+    format_address,
+    is_loopback,
+    listen,
+    parse_address,
+)
+from ..report import StatsLog, display_wanted, live_display, print_json, report, summary_line
+from ..safefile import write_atomic
+from ..stats import Stats
+from ..units import format_bytes
+from ..wire import codec as codecs
+from ..wire.digest import end_commitment
+from ..wire.protocol import (
     FEATURE_QEMU_HANDOFF,
     FEATURE_RESUME,
     HANDOFF_FAILED,
@@ -67,27 +80,15 @@ from .protocol import (
     Welcome,
     validate_pages,
 )
-from .qemu import DestHandoff, check_backend
-from .qmp import Qmp
-from .recv_options import RecvOptions
-from .recv_pipeline import PassBarrier, RecvPipeline
-from .resume import ReceiverState, StateNotWritable, resume_frames
-from .safefile import write_atomic
-from .send_options import usable_cpus
-from .stats import Stats
-from .tls import preflight, wrap_server
-from .transport import (
-    Channel,
-    Deadline,
-    format_address,
-    is_loopback,
-    listen,
-    parse_address,
-)
-from .units import format_bytes
+from ..wire.resume import resume_frames
+from .admission import Admission
+from .destination import DestinationImage, DiscardSink, InPlaceDestination, check_destination, check_fits
+from .options import RecvOptions
+from .pipeline import PassBarrier, RecvPipeline
+from .state_file import ReceiverState, StateNotWritable
 
 if TYPE_CHECKING:
-    from .display import DisplayView
+    from ..display import DisplayView
 
 KEEPALIVE_INTERVAL = 0.5  # a quiet channel gets a KEEPALIVE this often, so any --io-timeout >= 1s holds
 CHECKPOINT_INTERVAL = 5.0  # seconds between flushes of a resumable DEST.partial

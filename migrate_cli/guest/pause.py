@@ -24,7 +24,7 @@ import weakref
 from pathlib import Path
 from typing import Protocol
 
-from .errors import PauseError, QemuError, UsageError
+from ..errors import PauseError, QemuError, UsageError
 from .qmp import Qmp
 
 

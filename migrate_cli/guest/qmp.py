@@ -6,7 +6,7 @@ import json
 import socket
 from typing import Any
 
-from .errors import QemuError
+from ..errors import QemuError
 
 
 class Qmp:

@@ -1,0 +1,1 @@
+"""Connections: sockets, framed channels, TLS."""

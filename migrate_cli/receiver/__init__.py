@@ -1,0 +1,1 @@
+"""The receiving end: admission, decompression workers, the destination image and its allocation."""

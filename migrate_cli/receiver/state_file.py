@@ -1,0 +1,106 @@
+"""The receiver's state file: DEST.partial.state names the session that DEST.partial belongs to.
+
+It is written once, atomically, when the session starts. What DEST.partial *holds* is deliberately not recorded:
+on a resume the receiver reads DEST.partial back and fingerprints every page (about 0.05 s per GiB here), so the
+state can never disagree with the data, and a crash of the receiver loses nothing that reached the file (a torn
+page simply hashes differently and is sent again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import DestinationError, ResumeRefused
+from ..state_files import (
+    STATE_VERSION,
+    check_geometry,
+    check_session,
+    read_json,
+    whole,
+    write_json_atomically,
+)
+from ..wire import codec as codecs
+from .destination import check_destination_name
+
+
+class StateNotWritable(DestinationError):
+    """DEST's file system takes no ordinary files (hugetlbfs refuses write(2)): the migration runs, not resumable."""
+
+
+def receiver_state_path(dest: str) -> str:
+    return dest + ".partial.state"
+
+
+@dataclass(frozen=True)
+class ReceiverState:
+    session: str  # hex
+    image_size: int
+    page_size: int
+    codec: int
+    batch_pages: int
+
+    def save(self, dest: str) -> None:
+        try:
+            write_json_atomically(
+                receiver_state_path(dest), {"version": STATE_VERSION, "created": time.time(), **asdict(self)}
+            )
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise StateNotWritable(f"{receiver_state_path(dest)}: {exc.strerror}") from None
+            raise DestinationError(f"cannot write {receiver_state_path(dest)}: {exc.strerror}") from None
+
+    @staticmethod
+    def load(dest: str) -> ReceiverState:
+        """The state of an interrupted migration to DEST (for ``recv --resume``), with a clear error if none.
+
+        Every field is checked as HELLO's are (a tampered file must not reach the destination's arithmetic)."""
+        check_destination_name(dest)
+        path = receiver_state_path(dest)
+        partial = dest + ".partial"
+        if not os.path.lexists(partial):
+            raise ResumeRefused(f"nothing to resume: no {partial} (start a new migration without --resume)")
+        try:
+            return ReceiverState.from_json(read_json(path))
+        except FileNotFoundError:
+            raise ResumeRefused(
+                f"{partial} has no state file {path}: it cannot be resumed (remove it, or use --force to start over)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ResumeRefused(f"{path} is unreadable ({reason}): remove it and {partial} to start over") from None
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ReceiverState:
+        """The state a file holds; ValueError naming the first field that is not what vmmig writes."""
+        image_size, page_size, batch_pages = check_geometry(data)
+        codec = whole(data, "codec", 0, 255)
+        if codecs.by_wire_id(codec) is None:
+            raise ValueError(f"codec id {codec} is not one this receiver knows")
+        return ReceiverState(check_session(data), image_size, page_size, codec, batch_pages)
+
+    @staticmethod
+    def remove(dest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(receiver_state_path(dest))
+
+    def mismatch(self, session: bytes, image_size: int, page_size: int, codec: int, batch_pages: int) -> str | None:
+        """Why a resuming HELLO does not continue this session, or None when it does."""
+        if session.hex() != self.session:
+            return f"session {session.hex()[:12]} is not the interrupted session {self.session[:12]} kept here"
+        for name, ours, theirs in (
+            ("image size", self.image_size, image_size),
+            ("page size", self.page_size, page_size),
+            ("codec id", self.codec, codec),
+            ("batch size (pages)", self.batch_pages, batch_pages),
+        ):
+            if ours != theirs:
+                return f"{name} {theirs} differs from the interrupted session's {ours}"
+        return None
+
+
+# --- sender ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The wire: frames (sans-IO), the codec table, page fingerprints and the image digest."""
