@@ -1,13 +1,13 @@
 """Batch buffers stay bounded whatever the thread count: the defaults of a many-core host must not pin gigabytes."""
 
 from migrate_cli.receiver.pipeline import POOL_BUDGET, pool_count
-from migrate_cli.sender.pipeline import RING
 from migrate_cli.sender.options import (
     DEFAULT_BATCH_SIZE,
     MIN_DEFAULT_BATCH_SIZE,
     SENDER_BUFFER_BUDGET,
     default_batch_size,
 )
+from migrate_cli.sender.pipeline import RING
 
 MiB = 1 << 20
 
