@@ -18,15 +18,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .errors import MigrateError, UsageError
+from .errors import ControlError, MigrateError, UsageError
 
 Handler = Callable[[dict[str, Any]], Any]
 MAX_REQUEST = 4096
 IDLE_TIMEOUT = 10.0  # seconds a client may stay silent before the server closes its connection
-
-
-class ControlError(UsageError):
-    """A control request failed or could not be delivered; `vmmig ctl` exits with the usage code."""
 
 
 class ControlServer:

@@ -7,6 +7,7 @@ rows and never reuse a number. The table is repeated in README.md ("Exit codes")
 
 from __future__ import annotations
 
+import traceback
 from enum import IntEnum
 
 
@@ -172,6 +173,44 @@ class PauseError(MigrateError):
     """Pausing, resuming or throttling the source guest failed."""
 
     exit_code = ExitCode.PAUSE
+
+
+class ClosedBetweenFrames(NetworkError):
+    """The peer closed cleanly where a frame would start (before HELLO: a health check or a port scan)."""
+
+
+class TlsHandshakeLost(AuthError):
+    """The handshake ended without a verdict (closed, reset, timed out): a refusal or a link fault, which cannot
+    be told apart, so --retries may try again (a real refusal fails the same way each time)."""
+
+    resumable = True
+
+
+class InternalError(MigrateError):
+    """An unexpected exception in a thread, with its traceback kept for --debug."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"internal error: {type(exc).__name__}: {exc}")
+        self.detail = "".join(traceback.format_exception(exc))
+
+
+class VersionMismatch(ProtocolError):
+    def __init__(self, ours: int, theirs: int) -> None:
+        super().__init__(f"protocol version mismatch: peer speaks version {theirs}, this vmmig speaks {ours}")
+        self.ours = ours
+        self.theirs = theirs
+
+
+class ControlError(UsageError):
+    """A control request failed or could not be delivered; `vmmig ctl` exits with the usage code."""
+
+
+class HookTimeout(PauseError):
+    """A hook ran past --hook-timeout and was killed, with every process it started."""
+
+
+class StateNotWritable(DestinationError):
+    """DEST's file system takes no ordinary files (hugetlbfs refuses write(2)): the migration runs, not resumable."""
 
 
 class Interrupted(MigrateError):

@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import queue
 import threading
-import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import MigrateError, NetworkError, PeerError
+from .errors import InternalError, MigrateError, NetworkError, PeerError
 
 T = TypeVar("T")
 POLL = 0.2  # seconds between checks of the latch while blocked
-
-
-class InternalError(MigrateError):
-    """An unexpected exception in a thread, with its traceback kept for --debug."""
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(f"internal error: {type(exc).__name__}: {exc}")
-        self.detail = "".join(traceback.format_exception(exc))
 
 
 class Failure:

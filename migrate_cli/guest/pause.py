@@ -24,7 +24,7 @@ import weakref
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import PauseError, QemuError, UsageError
+from ..errors import HookTimeout, PauseError, QemuError, UsageError
 from .qmp import Qmp
 
 
@@ -163,10 +163,6 @@ class QmpPauser:
             raise PauseError(str(exc)) from None
         if status != "running":
             raise PauseError(f"QMP cont: guest status is {status!r}, not running")
-
-
-class HookTimeout(PauseError):
-    """A hook ran past --hook-timeout and was killed, with every process it started."""
 
 
 class CommandPauser:

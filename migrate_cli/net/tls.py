@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from ..errors import AuthError, DestinationError, UsageError
+from ..errors import AuthError, DestinationError, TlsHandshakeLost, UsageError
 from ..safefile import create_exclusive, fsync_directory
 
 
@@ -115,13 +115,6 @@ def clean(exc: BaseException) -> str:
     text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc))
     text = re.sub(r"^\[[A-Za-z0-9_]+(: [A-Za-z0-9_]+)?\]\s*", "", text)
     return text or getattr(exc, "reason", None) or type(exc).__name__
-
-
-class TlsHandshakeLost(AuthError):
-    """The handshake ended without a verdict (closed, reset, timed out): a refusal or a link fault, which cannot
-    be told apart, so --retries may try again (a real refusal fails the same way each time)."""
-
-    resumable = True
 
 
 # Alerts by which a peer refuses our certificate, and what each most likely means. OpenSSL names a received alert

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import MigrateError, NetworkError, PeerError, UsageError
+from ..errors import ClosedBetweenFrames, MigrateError, NetworkError, PeerError, UsageError
 from ..wire.protocol import (
     HEADER_SIZE,
     Abort,
@@ -88,10 +88,6 @@ def is_loopback(host: str) -> bool:
     except socket.gaierror:
         return False
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
-class ClosedBetweenFrames(NetworkError):
-    """The peer closed cleanly where a frame would start (before HELLO: a health check or a port scan)."""
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import DestinationError, ResumeRefused
+from ..errors import DestinationError, ResumeRefused, StateNotWritable
 from ..state_files import (
     STATE_VERSION,
     check_geometry,
@@ -26,10 +26,6 @@ from ..state_files import (
 )
 from ..wire import codec as codecs
 from .destination import check_destination_name
-
-
-class StateNotWritable(DestinationError):
-    """DEST's file system takes no ordinary files (hugetlbfs refuses write(2)): the migration runs, not resumable."""
 
 
 def receiver_state_path(dest: str) -> str:

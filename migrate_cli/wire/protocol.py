@@ -18,7 +18,7 @@ from enum import Enum, IntEnum
 import numpy as np
 from zlib_ng import zlib_ng
 
-from ..errors import CorruptFrame, IntegrityError, ProtocolError
+from ..errors import CorruptFrame, IntegrityError, ProtocolError, VersionMismatch
 
 PROTOCOL_VERSION = 2  # 2: END carries a commitment to the digest, not the digest (digest.end_commitment)
 FRAME_MAGIC = 0x564D  # "VM"
@@ -57,13 +57,6 @@ class Encoding(IntEnum):
     RAW = 0
     ZLIB = 1
     ZSTD = 2
-
-
-class VersionMismatch(ProtocolError):
-    def __init__(self, ours: int, theirs: int) -> None:
-        super().__init__(f"protocol version mismatch: peer speaks version {theirs}, this vmmig speaks {ours}")
-        self.ours = ours
-        self.theirs = theirs
 
 
 # --- frames -------------------------------------------------------------------------------------------------------
