@@ -2,7 +2,7 @@
 
 This module is the only place exit codes are defined. Each error class carries its code; the CLI's one handler
 prints ``vmmig <command>: <message>`` on stderr and exits with it. Codes are grouped by cause; later features add
-rows and never reuse a number. The table is repeated in README.md ("Exit codes").
+rows and never reuse a number. The table is repeated in docs/CLI.md ("Exit codes").
 """
 
 from __future__ import annotations

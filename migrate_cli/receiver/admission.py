@@ -8,7 +8,7 @@ real but misconfigured sender exits with that reason); the receiver goes on wait
 
 The orchestrator takes valid (channel, HELLO) pairs with ``next`` and decides what they mean for the session;
 ``reject`` turns one away with the same treatment. What counts as valid here is the handshake proper (TLS, a
-well-formed HELLO of our version): who may migrate is decided by TLS, not by being first (README, "Security").
+well-formed HELLO of our version): who may migrate is decided by TLS, not by being first (docs/SECURITY.md).
 """
 
 from __future__ import annotations
