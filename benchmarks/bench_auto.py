@@ -19,114 +19,72 @@ PASS/FAIL against 0.95; ``--json PATH`` writes it.
 from __future__ import annotations
 
 import argparse
-import compileall
-import importlib.util
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import VmmigPair, arg_parser, load_generator, remove, run_main
+
 RULE = 0.95
 CODECS = ("none", "zlib", "auto")
 
 
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", ROOT / "examples" / "make_guest_image.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def vmmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "migrate_cli", *args]
-
-
 def run_once(image: Path, work: Path, codec: str, cap: str | None) -> float:
-    dest, ready = work / "dest.img", work / "ready"
-    for path in (dest, ready):
-        path.unlink(missing_ok=True)
-    recv = subprocess.Popen(
-        vmmig("recv", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--decompress-threads", "2",
-              "--json", "--quiet", str(dest)),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    """One migration at 2 threads; image MB/s by wall clock (send start to both exited)."""
+    dest = work / "dest.img"
+    remove(dest)
     try:
-        while not ready.exists():
-            if recv.poll() is not None:
-                raise RuntimeError(f"recv exited: {recv.communicate()[1]}")
-            time.sleep(0.02)
-        level = [] if codec == "none" else ["--level", "1"]
-        capped = ["--max-bandwidth", cap] if cap else []
-        started = time.perf_counter()
-        send = subprocess.run(
-            vmmig("send", str(image), ready.read_text().strip(), "--compress", codec, *level, *capped,
-                  "--compress-threads", "2", "--json", "--quiet"),
-            cwd=ROOT, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        recv_out, recv_err = recv.communicate(timeout=120)
-        wall = time.perf_counter() - started
-        if send.returncode or recv.returncode:
-            detail = f"send {send.returncode} {send.stderr[-300:]} recv {recv.returncode} {recv_err}"
-            raise RuntimeError(f"{codec}: {detail}")
-        if json.loads(send.stdout)["digest"] != json.loads(recv_out)["digest"]:
-            raise RuntimeError(f"{codec}: digests differ")
-        return image.stat().st_size / 1e6 / wall
+        with VmmigPair(work, codec) as pair:
+            address = pair.start_recv("--decompress-threads", "2", str(dest))
+            level = [] if codec == "none" else ["--level", "1"]
+            capped = ["--max-bandwidth", cap] if cap else []
+            pair.start_send(str(image), address, "--compress", codec, *level, *capped, "--compress-threads", "2")
+            wall = pair.wait(600)
+            pair.reports()
+            return image.stat().st_size / 1e6 / wall
     finally:
-        if recv.poll() is None:
-            recv.kill()
-            recv.wait()
-        dest.unlink(missing_ok=True)
+        remove(dest)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="512MiB")
+    parser = arg_parser(__doc__.split("\n\n")[0], "512MiB", "128 MiB, 1 round")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cap", default="150M")
-    parser.add_argument("--quick", action="store_true", help="128 MiB, 1 round")
-    parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
-    compileall.compile_dir(ROOT / "migrate_cli", quiet=1)  # as installed: no per-run compile in start-up times
+    return run_main(lambda work: benchmark(args, work), "vmmig-bench-auto-", args.tree)
+
+
+def benchmark(args: argparse.Namespace, work: Path) -> int:
     generator = load_generator()
     size = generator.parse_size("128MiB" if args.quick else args.size)
     repeat = 1 if args.quick else args.repeat
-    work = Path(tempfile.mkdtemp(prefix="vmmig-bench-auto-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     settings = {"mixed": ("mixed", None), "random": ("random", None), f"mixed, cap {args.cap}": ("mixed", args.cap)}
     rates: dict[tuple[str, str], list[float]] = {}
-    try:
-        images = {}
-        for profile in ("mixed", "random"):
-            images[profile] = work / f"{profile}.img"
-            generator.generate(str(images[profile]), size, seed=3, profile=profile)
-        for round_ in range(repeat):
-            for setting, (profile, cap) in settings.items():
-                for codec in CODECS:
-                    rate = run_once(images[profile], work, codec, cap)
-                    rates.setdefault((setting, codec), []).append(rate)
-                    print(f"round {round_ + 1}: {setting:<20} {codec:<5} {rate:8.1f} MB/s", flush=True)
-        print(f"\nimage {size / 2**20:.0f} MiB, 2 threads, medians of {repeat}; MB/s of image by wall clock")
-        print(f"{'setting':<22}{'none':>9}{'zlib':>9}{'auto':>9}  auto/best")
-        verdicts, rows = [], {}
-        for setting in settings:
-            med = {c: statistics.median(rates[(setting, c)]) for c in CODECS}
-            ratio = med["auto"] / max(med["none"], med["zlib"])
-            verdicts.append(ratio >= RULE)
-            rows[setting] = {**med, "auto-over-best": ratio}
-            print(f"{setting:<22}{med['none']:9.1f}{med['zlib']:9.1f}{med['auto']:9.1f}  {ratio:8.3f}")
-        verdict = "PASS" if all(verdicts) else "FAIL"
-        print(f"\nauto within {1 - RULE:.0%} of the better of none and zlib everywhere: {verdict}")
-        if args.json_path:
-            Path(args.json_path).write_text(json.dumps({"size": size, "repeat": repeat, "rows": rows}, indent=1))
-        return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    images = {}
+    for profile in ("mixed", "random"):
+        images[profile] = work / f"{profile}.img"
+        generator.generate(str(images[profile]), size, seed=3, profile=profile)
+    for round_ in range(repeat):
+        for setting, (profile, cap) in settings.items():
+            for codec in CODECS:
+                rate = run_once(images[profile], work, codec, cap)
+                rates.setdefault((setting, codec), []).append(rate)
+                print(f"round {round_ + 1}: {setting:<20} {codec:<5} {rate:8.1f} MB/s", flush=True)
+    print(f"\nimage {size / 2**20:.0f} MiB, 2 threads, medians of {repeat}; MB/s of image by wall clock")
+    print(f"{'setting':<22}{'none':>9}{'zlib':>9}{'auto':>9}  auto/best")
+    verdicts, rows = [], {}
+    for setting in settings:
+        med = {c: statistics.median(rates[(setting, c)]) for c in CODECS}
+        ratio = med["auto"] / max(med["none"], med["zlib"])
+        verdicts.append(ratio >= RULE)
+        rows[setting] = {**med, "auto-over-best": ratio}
+        print(f"{setting:<22}{med['none']:9.1f}{med['zlib']:9.1f}{med['auto']:9.1f}  {ratio:8.3f}")
+    verdict = "PASS" if all(verdicts) else "FAIL"
+    print(f"\nauto within {1 - RULE:.0%} of the better of none and zlib everywhere: {verdict}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"size": size, "repeat": repeat, "rows": rows}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

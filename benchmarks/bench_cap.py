@@ -35,17 +35,14 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib.util
+import functools
 import json
 import os
 import platform
-import shutil
-import signal
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import threading
 import time
@@ -53,16 +50,22 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-GENERATOR = REPO / "examples" / "make_guest_image.py"
-SHM = Path("/dev/shm")
+from harness import (
+    GIB,
+    MB,
+    MIB,
+    BenchError,
+    VmmigPair,
+    add_tree_option,
+    cpu_clock,
+    fmt,
+    load_generator,
+    other_cpu,
+    run_main,
+)
 
-MB = 1_000_000
-MIB = 1 << 20
-GIB = 1 << 30
 PAGE_SIZE = 4096
 
 CAPS: tuple[int, ...] = (50 * MB, 100 * MB, 200 * MB)
@@ -82,12 +85,7 @@ DISPLAY_GOAL = 0.02
 PTY_COLUMNS, PTY_ROWS = 120, 40
 
 START_TIMEOUT = 20.0
-KILL_WAIT = 5.0
 COPY_CHUNK = 64 * MIB
-
-
-class BenchError(Exception):
-    """A child did not start."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,23 +130,6 @@ class CapResult:
 # Helpers
 
 
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", GENERATOR)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot import {GENERATOR}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def vmmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "migrate_cli", *args]
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def pct(value: float | None, spec: str = ".2f") -> str:
     """A ratio as a percentage, "-" when unknown."""
     return fmt(None if value is None else 100 * value, spec)
@@ -156,40 +137,6 @@ def pct(value: float | None, spec: str = ".2f") -> str:
 
 def pages_floor(size: float) -> int:
     return int(size) // PAGE_SIZE * PAGE_SIZE
-
-
-def kill_child(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGKILL one child by its pid (if still running) and reap it."""
-    if proc is None or proc.returncode is not None:
-        return
-    try:
-        os.kill(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(KILL_WAIT)
-    except subprocess.TimeoutExpired:
-        print(f"warning: child {proc.pid} did not exit after SIGKILL", file=sys.stderr)
-
-
-def wait_rusage(proc: subprocess.Popen[bytes], deadline: float) -> float | None:
-    """Reap ``proc`` with ``os.wait4``; return its user+system CPU seconds, or None if ``deadline`` passed first."""
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return usage.ru_utime + usage.ru_stime
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.01)
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all CPUs spent not idle since boot (/proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def copy_prefix(source: Path, dest: Path, size: int) -> None:
@@ -232,25 +179,6 @@ class Reader(threading.Thread):
 # One migration
 
 
-def start_receiver(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    ready = workdir / "recv.ready"
-    ready.unlink(missing_ok=True)
-    command = vmmig("recv", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--discard", "--quiet", "--json")
-    proc = subprocess.Popen(
-        command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if ready.exists() and (text := ready.read_text().strip()):
-            ready.unlink()
-            return proc, text
-        if proc.poll() is not None:
-            raise BenchError(f"receiver exited with status {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise BenchError(f"receiver not ready after {START_TIMEOUT:.0f}s")
-        time.sleep(0.02)
-
-
 def open_pty() -> tuple[int, int]:
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", PTY_ROWS, PTY_COLUMNS, 0, 0))
@@ -264,72 +192,48 @@ def migrate(
     result = Migration(label)
     stats_path = workdir / "send.ndjson"
     stats_path.unlink(missing_ok=True)
-    recv: subprocess.Popen[bytes] | None = None
-    send: subprocess.Popen[bytes] | None = None
     master: int | None = None
-    readers: list[Reader] = []
+    drain: Reader | None = None
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(PTY_COLUMNS), "LINES": str(PTY_ROWS)}
     try:
-        recv, address = start_receiver(workdir)
-        command = vmmig("send", str(image), address, "--json", "--stats", str(stats_path), *send_args)
-        stderr: int = subprocess.DEVNULL
-        slave: int | None = None
-        if display:
-            master, slave = open_pty()
-            stderr = slave
-        busy0 = machine_busy_s()
-        started = time.monotonic()
-        try:
-            send = subprocess.Popen(
-                command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
-            )
-        finally:
-            if slave is not None:
-                os.close(slave)
-        assert send.stdout is not None
-        readers.append(Reader(send.stdout.fileno()))
-        if master is not None:
-            readers.append(Reader(master, keep=False))
-        for reader in readers:
-            reader.start()
-        deadline = started + timeout
-        result.send_cpu_s = wait_rusage(send, deadline)
-        result.wall_s = time.monotonic() - started
-        if result.send_cpu_s is None:
-            result.error = f"sender killed after {timeout:.0f}s"
-            kill_child(send)
-        result.send_code = send.returncode
-        result.recv_cpu_s = wait_rusage(recv, max(deadline, time.monotonic() + 10.0))
-        if result.recv_cpu_s is None:
-            result.error = result.error or "receiver did not exit"
-            kill_child(recv)
-        result.recv_code = recv.returncode
-        if result.send_cpu_s is not None and result.recv_cpu_s is not None:
-            result.other_cpu_s = machine_busy_s() - busy0 - result.send_cpu_s - result.recv_cpu_s
-        for reader in readers:
-            reader.join(5.0)
-        stdout = readers[0].data().decode(errors="replace").strip()
-        if result.send_code == 0 and stdout:
-            result.report = json.loads(stdout.splitlines()[-1])
-        elif not result.error:
-            recv_lines = recv.stderr.read().decode(errors="replace").strip().splitlines() if recv.stderr else []
-            recv_err = recv_lines[-1].strip()[-300:] if recv_lines else ""
-            result.error = f"send exit {result.send_code}, recv exit {result.recv_code}: {recv_err}"
-        if stats_path.exists():
-            lines = stats_path.read_text().splitlines()
-            result.records = [json.loads(line) for line in lines if line.strip()]
-    except BenchError as exc:
-        result.error = str(exc)
+        with VmmigPair(workdir, label) as pair:
+            try:
+                address = pair.start_recv("--discard", timeout=START_TIMEOUT)
+                slave: int | None = None
+                if display:
+                    master, slave = open_pty()
+                    drain = Reader(master, keep=False)  # a pty nobody reads would block the display
+                before = cpu_clock()
+                try:
+                    send_args = [str(image), address, "--stats", str(stats_path), *send_args]
+                    pair.start_send(
+                        *send_args, quiet=False, stderr=subprocess.DEVNULL if slave is None else slave, env=env
+                    )
+                finally:
+                    if slave is not None:
+                        os.close(slave)
+                if drain is not None:
+                    drain.start()
+                try:
+                    pair.wait(timeout)
+                finally:
+                    send, recv = pair.children
+                    result.send_code, result.recv_code = send.returncode, recv.returncode
+                    result.send_cpu_s, result.recv_cpu_s = send.cpu_s, recv.cpu_s
+                    if send.ended is not None:
+                        result.wall_s = send.ended - pair.started
+                    if send.done.is_set() and recv.done.is_set():
+                        result.other_cpu_s = other_cpu(before, pair.cpu_s)
+                result.report = send.report(label)
+                if stats_path.exists():
+                    lines = stats_path.read_text().splitlines()
+                    result.records = [json.loads(line) for line in lines if line.strip()]
+            except BenchError as exc:
+                result.error = str(exc)
     finally:
-        kill_child(send)
-        kill_child(recv)
-        for proc in (send, recv):
-            for stream in (proc.stdout, proc.stderr) if proc is not None else ():
-                if stream is not None:
-                    stream.close()
         if master is not None:
-            for reader in readers[1:]:
-                reader.join(2.0)
+            if drain is not None:
+                drain.join(2.0)
             os.close(master)
         stats_path.unlink(missing_ok=True)
     return result
@@ -488,6 +392,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None, help="seconds per cap (default 20; 5 with --quick)")
     parser.add_argument("--display-runs", type=int, default=None, help="display runs each way (default 5; 3 quick)")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="write every result to PATH")
+    add_tree_option(parser)
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (QUICK_SECONDS if args.quick else FULL_SECONDS)
     args.display_runs = args.display_runs or (QUICK_DISPLAY_RUNS if args.quick else DISPLAY_RUNS)
@@ -498,7 +403,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks clean up on SIGTERM
+    return run_main(functools.partial(benchmark, args), "vmmig-bench-cap-", args.tree)
+
+
+def benchmark(args: argparse.Namespace, workdir: Path) -> int:
     load = os.getloadavg()
     print(f"vmmig cap/display benchmark  {datetime.now().isoformat(timespec='seconds')}  {platform.node()}")
     print(
@@ -508,37 +416,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     generator = load_generator()
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-cap-", dir=SHM))
-    try:
-        random_image = workdir / "random.ram"
-        random_size = max(pages_floor(max(CAPS) * (args.seconds + EXTRA_SECONDS)), UNCAPPED_SIZE)
-        t0 = time.monotonic()
-        generator.generate(str(random_image), random_size, seed=1, profile="random", page_size=PAGE_SIZE)
-        print(f"generated a {random_size / MB:.0f} MB random image in {time.monotonic() - t0:.1f}s")
+    random_image = workdir / "random.ram"
+    random_size = max(pages_floor(max(CAPS) * (args.seconds + EXTRA_SECONDS)), UNCAPPED_SIZE)
+    t0 = time.monotonic()
+    generator.generate(str(random_image), random_size, seed=1, profile="random", page_size=PAGE_SIZE)
+    print(f"generated a {random_size / MB:.0f} MB random image in {time.monotonic() - t0:.1f}s")
 
-        print(
-            f"\n1. Cap accuracy ({WINDOW_S:.0f} s windows from {SKIP_S:.0f} s after the first page, slid by 1 s; "
-            f"ratio = window wire rate / cap; PASS if all within {1 - TOLERANCE:.2f}-{1 + TOLERANCE:.2f})"
-        )
-        uncapped = measure_uncapped(workdir, random_image)
-        uncapped_rate = rate_of(uncapped.report) if uncapped.ok else None
-        print_cap_header(uncapped)
-        caps = []
-        for cap in CAPS:
-            result = run_cap(workdir, random_image, cap, args.seconds, uncapped_rate)
-            caps.append(result)
-            print_cap_row(result)
-        random_image.unlink()
+    print(
+        f"\n1. Cap accuracy ({WINDOW_S:.0f} s windows from {SKIP_S:.0f} s after the first page, slid by 1 s; "
+        f"ratio = window wire rate / cap; PASS if all within {1 - TOLERANCE:.2f}-{1 + TOLERANCE:.2f})"
+    )
+    uncapped = measure_uncapped(workdir, random_image)
+    uncapped_rate = rate_of(uncapped.report) if uncapped.ok else None
+    print_cap_header(uncapped)
+    caps = []
+    for cap in CAPS:
+        result = run_cap(workdir, random_image, cap, args.seconds, uncapped_rate)
+        caps.append(result)
+        print_cap_row(result)
+    random_image.unlink()
 
-        display_image = workdir / "mixed.ram"
-        generator.generate(str(display_image), DISPLAY_SIZE, seed=1, profile="mixed", page_size=PAGE_SIZE)
-        print(
-            f"\n2. Display CPU share ({DISPLAY_SIZE // MIB} MiB mixed image, zlib level 1, --max-bandwidth "
-            f"{DISPLAY_CAP}; display on = stderr is a {PTY_COLUMNS}x{PTY_ROWS} pty, off = stderr to /dev/null)"
-        )
-        display_runs = run_display(workdir, display_image, args.display_runs)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    display_image = workdir / "mixed.ram"
+    generator.generate(str(display_image), DISPLAY_SIZE, seed=1, profile="mixed", page_size=PAGE_SIZE)
+    print(
+        f"\n2. Display CPU share ({DISPLAY_SIZE // MIB} MiB mixed image, zlib level 1, --max-bandwidth "
+        f"{DISPLAY_CAP}; display on = stderr is a {PTY_COLUMNS}x{PTY_ROWS} pty, off = stderr to /dev/null)"
+    )
+    display_runs = run_display(workdir, display_image, args.display_runs)
 
     display = display_summary(display_runs)
     share, diff = display["median_self_measured_share"], display["on_minus_off_share"]

@@ -47,38 +47,44 @@ at 2 x cap, and byte-identical destinations. The exit status is 0 unless a desti
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import json
 import mmap
 import os
 import platform
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+from harness import (
+    GIB,
+    MB,
+    REPO,
+    BenchError,
+    Child,
+    VmmigPair,
+    add_tree_option,
+    fmt,
+    kill_all,
+    load_generator,
+    remove,
+    run_main,
+    wait_for_text,
+)
 
 from migrate_cli.wire.digest import fingerprint_image
 
-REPO = Path(__file__).resolve().parent.parent
-GENERATOR = REPO / "examples" / "make_guest_image.py"
 WORKLOAD = REPO / "examples" / "guest_workload.py"
-SHM = Path("/dev/shm")
 
 PAGE_SIZE = 4096
-MB = 1_000_000
-GIB = 1 << 30
 COMPARE_CHUNK = 64 << 20  # bytes compared at a time
 
 FULL_FRACTIONS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -92,7 +98,6 @@ MAX_TIME = "60s"
 CASE_TIMEOUT = 120.0  # seconds from starting the sender until both sides must have exited
 START_TIMEOUT = 20.0  # seconds for the guest to write its pid file / the receiver its ready file
 RECV_GRACE = 10.0  # seconds the receiver gets after the sender exited, even past the case deadline
-KILL_WAIT = 5.0  # seconds to reap a killed child
 
 FP_REPEATS = 5
 FP_THREADS: tuple[int, ...] = (1, 2)
@@ -104,10 +109,6 @@ AC_GOAL_FRACTION = 2.0
 _PASSES_RE = re.compile(r"after (\d+) passes")
 _DIRTY_RE = re.compile(r"\(dirty ([\d.]+) MB/s")
 _EXPECTED_RE = re.compile(r"expected downtime (\d+)ms")
-
-
-class BenchError(Exception):
-    """A case could not run (a child did not start); recorded as an error, the sweep goes on."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,6 +125,7 @@ class Config:
     quick: bool
     fractions: tuple[float, ...]
     json_path: str | None
+    tree: Path | None = None  # whose vmmig runs (--tree); this checkout's by default
 
 
 @dataclass
@@ -167,7 +169,7 @@ class CasePaths:
 
     @classmethod
     def inside(cls, workdir: Path) -> CasePaths:
-        return cls(workdir / "guest.ram", workdir / "dest.ram", workdir / "recv.ready", workdir / "guest.pid")
+        return cls(workdir / "guest.ram", workdir / "dest.ram", workdir / "ready", workdir / "guest.pid")
 
     @property
     def partial(self) -> Path:
@@ -178,54 +180,8 @@ class CasePaths:
 # Helpers
 
 
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", GENERATOR)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot import {GENERATOR}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def in_mb(value: float | None) -> float | None:
     return None if value is None else value / MB
-
-
-def remove_files(*paths: Path) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
-def kill_child(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGCONT (it may be stopped) then SIGKILL one child by its pid, and reap it."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.kill(proc.pid, sig)
-        except ProcessLookupError:
-            break
-    try:
-        proc.wait(KILL_WAIT)
-    except subprocess.TimeoutExpired:
-        print(f"warning: child {proc.pid} did not exit after SIGKILL", file=sys.stderr)
-
-
-def wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str) -> str:
-    """Poll until ``path`` holds text; fail if ``proc`` exits or START_TIMEOUT passes first."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if path.exists() and (text := path.read_text().strip()):
-            return text
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited with status {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} not ready after {START_TIMEOUT:.0f}s")
-        time.sleep(0.02)
 
 
 def all_threads_stopped(pid: int) -> bool:
@@ -276,50 +232,26 @@ def print_fingerprint(results: dict[str, Any], size: int) -> None:
 # 3. One live migration
 
 
-def start_guest(paths: CasePaths, rate: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_guest(paths: CasePaths, rate: int) -> tuple[Child, int]:
     command = [
         sys.executable, str(WORKLOAD), str(paths.image), "--threads", str(GUEST_THREADS), "--rate", str(rate),
         "--pattern", GUEST_PATTERN, "--pid-file", str(paths.pid),
     ]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, int(wait_for_file(paths.pid, proc, "guest workload"))
+    guest = Child(command, paths.image.parent, "guest")
+    return guest, int(wait_for_text(paths.pid, guest, START_TIMEOUT, "guest workload"))
 
 
-def start_receiver(paths: CasePaths) -> tuple[subprocess.Popen[bytes], str]:
-    command = [
-        sys.executable, "-m", "migrate_cli", "recv", "--listen", "127.0.0.1:0", "--ready-file", str(paths.ready),
-        "--quiet", str(paths.dest),
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return proc, wait_for_file(paths.ready, proc, "receiver")
-
-
-def sender_command(config: Config, paths: CasePaths, address: str, guest_pid: int, auto: bool) -> list[str]:
-    command = [
-        sys.executable, "-m", "migrate_cli", "send", "--live", str(paths.image), address,
-        "--pause-pid", str(guest_pid), "--json", "--quiet", "--compress", config.codec,
+def sender_args(config: Config, paths: CasePaths, address: str, guest_pid: int, auto: bool) -> list[str]:
+    args = [
+        "--live", str(paths.image), address, "--pause-pid", str(guest_pid), "--compress", config.codec,
         "--max-bandwidth", config.cap_text, "--downtime-limit", f"{DOWNTIME_LIMIT_MS:.0f}ms",
         "--max-time", MAX_TIME, "--on-no-converge", "abort",
     ]  # fmt: skip
     if config.codec != "none":
-        command += ["--level", "1"]
+        args += ["--level", "1"]
     if auto:
-        command.append("--auto-converge")
-    return command
-
-
-def communicate(proc: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, bytes] | None:
-    """Wait for ``proc`` and collect its output; None (after killing it) on timeout."""
-    try:
-        return proc.communicate(timeout=max(timeout, 0.1))
-    except subprocess.TimeoutExpired:
-        kill_child(proc)
-        return None
-
-
-def last_line(data: bytes | None) -> str:
-    lines = [line for line in (data or b"").decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
+        args.append("--auto-converge")
+    return args
 
 
 def fill_from_report(result: CaseResult, report: dict[str, Any]) -> None:
@@ -348,39 +280,36 @@ def fill_from_no_convergence(result: CaseResult, stderr: str) -> None:
         result.expected_downtime_ms = float(match.group(1))
 
 
-def classify(result: CaseResult, send_out: tuple[bytes, bytes] | None, recv_out: tuple[bytes, bytes] | None) -> None:
-    if send_out is None or recv_out is None:
+def classify(result: CaseResult, send: Child, recv: Child, finished: bool) -> None:
+    if not finished:
         result.status, result.note = "timeout", f"killed after {CASE_TIMEOUT:.0f}s"
         return
-    stderr = last_line(send_out[1])
+    stderr = send.stderr_tail(1)
     if result.send_code == 0 and result.recv_code == 0:
         result.status = "converged"
-        fill_from_report(result, json.loads(send_out[0]))
+        fill_from_report(result, send.report("send"))
     elif result.send_code == 10:
         result.status = "no-conv"
         fill_from_no_convergence(result, stderr)
     else:
         result.status = "error"
-        result.note = f"send exit {result.send_code}: {stderr} | recv exit {result.recv_code}: {last_line(recv_out[1])}"
+        result.note = f"send exit {result.send_code}: {stderr} | recv exit {result.recv_code}: {recv.stderr_tail(1)}"
 
 
-def migrate(config: Config, paths: CasePaths, result: CaseResult, children: list[subprocess.Popen[bytes]]) -> None:
-    """Start guest, receiver and sender (appending each to ``children``), wait for the outcome, record it."""
+def migrate(config: Config, paths: CasePaths, result: CaseResult, guests: list[Child]) -> None:
+    """Start guest (appended to ``guests``), receiver and sender, wait for the outcome, record it."""
     guest, guest_pid = start_guest(paths, result.write_rate)
-    children.append(guest)
-    receiver, address = start_receiver(paths)
-    children.append(receiver)
-    command = sender_command(config, paths, address, guest_pid, result.auto_converge)
-    start = time.monotonic()
-    deadline = start + CASE_TIMEOUT
-    sender = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    children.append(sender)
-    send_out = communicate(sender, deadline - time.monotonic())
-    result.wall_s = time.monotonic() - start
-    result.send_code = sender.returncode
-    recv_out = communicate(receiver, max(deadline - time.monotonic(), RECV_GRACE))
-    result.recv_code = receiver.returncode
-    classify(result, send_out, recv_out)
+    guests.append(guest)
+    with VmmigPair(paths.image.parent, "live") as pair:
+        address = pair.start_recv(str(paths.dest), timeout=START_TIMEOUT)
+        pair.start_send(*sender_args(config, paths, address, guest_pid, result.auto_converge))
+        send, recv = pair.children
+        sent = send.wait(CASE_TIMEOUT)
+        result.wall_s = (send.ended or time.perf_counter()) - pair.started
+        result.send_code = send.returncode
+        received = recv.wait(max(pair.started + CASE_TIMEOUT - time.perf_counter(), RECV_GRACE))
+        result.recv_code = recv.returncode
+        classify(result, send, recv, sent and received)
     if result.converged:
         result.guest_paused = all_threads_stopped(guest_pid)
         verify(result, paths)
@@ -389,17 +318,16 @@ def migrate(config: Config, paths: CasePaths, result: CaseResult, children: list
 def run_case(config: Config, workdir: Path, pristine: Path, fraction: float, auto: bool) -> CaseResult:
     result = CaseResult(fraction=fraction, write_rate=round(fraction * config.cap), auto_converge=auto)
     paths = CasePaths.inside(workdir)
-    remove_files(paths.dest, paths.partial, paths.ready, paths.pid)
+    remove(paths.dest, paths.partial, paths.ready, paths.pid)
     shutil.copyfile(pristine, paths.image)
-    children: list[subprocess.Popen[bytes]] = []
+    guests: list[Child] = []
     try:
-        migrate(config, paths, result, children)
+        migrate(config, paths, result, guests)
     except BenchError as exc:
         result.status, result.note = "error", str(exc)
     finally:
-        for child in reversed(children):  # sender, receiver, then the (possibly stopped) guest
-            kill_child(child)
-        remove_files(paths.dest, paths.partial, paths.ready, paths.pid)
+        kill_all(guests)  # SIGKILL ends a guest stopped by --pause-pid too
+        remove(paths.dest, paths.partial, paths.ready, paths.pid)
     return result
 
 
@@ -565,6 +493,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--cap", default="100M", help="sender --max-bandwidth in wire bytes/s (default 100M)")
     parser.add_argument("--codec", default="none", choices=("none", "zlib", "zstd"), help="sender codec (default none)")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="write every result to PATH")
+    add_tree_option(parser)
     args = parser.parse_args(argv)
     generator = load_generator()
     size_text = args.size or (QUICK_SIZE if args.quick else "1GiB")
@@ -572,7 +501,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     if size <= 0 or size % PAGE_SIZE or cap <= 0:
         parser.error("--size must be a positive multiple of 4096 and --cap positive")
     fractions = QUICK_FRACTIONS if args.quick else FULL_FRACTIONS
-    return Config(size, size_text, cap, args.cap, args.codec, args.quick, fractions, args.json_path)
+    return Config(size, size_text, cap, args.cap, args.codec, args.quick, fractions, args.json_path, args.tree)
 
 
 def print_intro(config: Config) -> None:
@@ -600,7 +529,7 @@ def write_json(config: Config, fp: dict[str, Any], results: Sequence[CaseResult]
     if not config.json_path:
         return
     document = {
-        "config": asdict(config),
+        "config": {**asdict(config), "tree": str(config.tree) if config.tree else None},
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "fingerprint": fp,
         "cases": [asdict(r) for r in results],
@@ -612,19 +541,18 @@ def write_json(config: Config, fp: dict[str, Any], results: Sequence[CaseResult]
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks clean up on SIGTERM
+    return run_main(functools.partial(benchmark, config), "vmmig-bench-live-", config.tree)
+
+
+def benchmark(config: Config, workdir: Path) -> int:
     print_intro(config)
-    workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-live-", dir=SHM))
-    try:
-        pristine = workdir / "pristine.ram"
-        started = time.monotonic()
-        load_generator().generate(str(pristine), config.size, seed=1, profile="mixed", page_size=PAGE_SIZE)
-        print(f"generated {pristine.name} in {time.monotonic() - started:.1f}s")
-        fp = bench_fingerprint(pristine)
-        print_fingerprint(fp, config.size)
-        results = run_sweep(config, workdir, pristine)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    pristine = workdir / "pristine.ram"
+    started = time.monotonic()
+    load_generator().generate(str(pristine), config.size, seed=1, profile="mixed", page_size=PAGE_SIZE)
+    print(f"generated {pristine.name} in {time.monotonic() - started:.1f}s")
+    fp = bench_fingerprint(pristine)
+    print_fingerprint(fp, config.size)
+    results = run_sweep(config, workdir, pristine)
     print_notes(results)
     summary = summarize(config, fp, results)
     write_json(config, fp, results, summary)

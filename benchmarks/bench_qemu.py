@@ -68,51 +68,34 @@ guest never runs.
 from __future__ import annotations
 
 import argparse
-import compileall
-import importlib.util
+import functools
 import json
-import mmap
-import os
-import platform
-import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from types import FrameType, ModuleType
 from typing import Any
 
 import floor
+import harness
 import numpy as np
+from harness import CPUS, MB, MIB, fmt, fmt_size
 
-REPO = Path(__file__).resolve().parent.parent
-GENERATOR = REPO / "examples" / "make_guest_image.py"
-SHM = Path("/dev/shm")
 QEMU = "qemu-system-x86_64"
 
-MB = 1_000_000
-MIB = 1 << 20
 PAGE = 4096
 CASE_TIMEOUT = 300.0  # seconds for one migration
 START_TIMEOUT = 60.0  # seconds for a QEMU to answer QMP (the destination preallocates first) or vmmig recv to listen
 QMP_TIMEOUT = 30.0  # seconds for one QMP reply
 POLL = 0.005  # seconds between query-migrate / query-status polls
 QUIT_TIMEOUT = 15.0  # seconds for a QEMU to exit after 'quit'
-KILL_GRACE = 5.0
 COMPARE_CHUNK = 16 * MIB
 MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively unlimited (QEMU 7.2's default is 128 MiB/s, older ones 32 MiB/s)
-OTHER_CPU_WARN = 0.5
-CPUS = len(os.sched_getaffinity(0))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # QEMU cases: name -> (capabilities, parameters); the same on both sides. max-bandwidth is added to all.
 QEMU_CASES: dict[str, tuple[list[str], dict[str, Any]]] = {
@@ -168,10 +151,6 @@ COUNTERPART = {
 FLOOR_OF = {"vmmig zstd": "floor zstd", "vmmig none": "floor none"}
 
 
-class BenchError(Exception):
-    """A run failed (migration failed, a copy differs, a timeout): exit status 1."""
-
-
 class SkipCase(Exception):
     """The installed QEMU does not support a case (e.g. the 'compress' capability, removed in QEMU 9.1)."""
 
@@ -181,12 +160,9 @@ class SkipCase(Exception):
 
 
 @dataclass
-class Run:
+class Run(harness.Measured):
     """One migration."""
 
-    wall_s: float
-    image_bytes: int
-    wire_bytes: int
     ip_bytes: int
     tool_mbps: float | None
     src_cpu_s: float | None
@@ -199,36 +175,16 @@ class Run:
     qemu_process_cpu_s: tuple[float | None, float | None] | None = None  # whole-process rusage (src, dst)
     report: dict[str, Any] = field(default_factory=dict)  # final query-migrate, or vmmig's send + recv reports
 
-    @property
-    def wall_mbps(self) -> float:
-        return self.image_bytes / MB / self.wall_s
-
 
 @dataclass
-class Result:
+class Result(harness.Aggregate):
     """A case aggregated over its repeats (medians)."""
 
-    name: str
-    image_bytes: int
-    runs: list[Run] = field(default_factory=list)
-    error: str | None = None
     skipped: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.skipped is None and bool(self.runs)
-
-    def median(self, get: Callable[[Run], float | None]) -> float | None:
-        values = [v for r in self.runs if (v := get(r)) is not None]
-        return statistics.median(values) if values else None
-
-    @property
-    def wall_mbps(self) -> float | None:
-        return self.median(lambda r: r.wall_mbps)
-
-    @property
-    def wire_mb(self) -> float | None:
-        return self.median(lambda r: r.wire_bytes / MB)
 
     @property
     def ip_mb(self) -> float | None:
@@ -255,96 +211,6 @@ class Result:
 # Child processes: own session, reaped by a thread with os.wait4 (exit time and rusage)
 
 
-class Child:
-    def __init__(self, argv: Sequence[str], workdir: Path, tag: str) -> None:
-        self.tag = tag
-        self.stdout_path = workdir / f"{tag}.out"
-        self.stderr_path = workdir / f"{tag}.err"
-        self.done = threading.Event()
-        self.ended: float | None = None
-        self.returncode: int | None = None
-        self.rusage: Any = None
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                list(argv), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-            )
-        self.pid = self.proc.pid
-        threading.Thread(target=self._reap, name=f"reap-{tag}", daemon=True).start()
-
-    def _reap(self) -> None:
-        _, status, rusage = os.wait4(self.pid, 0)
-        self.ended = time.perf_counter()
-        self.rusage = rusage
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self.proc.returncode = self.returncode  # Popen must not wait for it again
-        self.done.set()
-
-    @property
-    def cpu_s(self) -> float | None:
-        return None if self.rusage is None else self.rusage.ru_utime + self.rusage.ru_stime
-
-    def proc_cpu_s(self) -> float | None:
-        """utime + stime of the live process (all threads) from /proc/PID/stat; None once it has exited."""
-        if self.done.is_set():
-            return None
-        try:
-            with open(f"/proc/{self.pid}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
-
-    def wait(self, timeout: float) -> bool:
-        return self.done.wait(max(0.0, timeout))
-
-    def kill(self) -> None:
-        """SIGKILL the child's process group (its own session: pgid == pid) unless it has been reaped already."""
-        if not self.done.is_set():
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.done.wait(KILL_GRACE)
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def stderr_tail(self, lines: int = 5) -> str:
-        text = self.stderr_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) if text else "(no stderr)"
-
-
-def kill_all(children: Sequence[Child | None]) -> None:
-    for child in children:
-        if child is not None:
-            child.kill()
-
-
-def cpu_clock() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process)."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fh.readline().split()[1:8])
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (user + nice + system + irq + softirq) / CLK_TCK, own.ru_utime + own.ru_stime
-
-
-def other_cpu(before: tuple[float, float], ours: float) -> float:
-    """CPU seconds the rest of the machine used since ``before``, given ``ours`` for the case's processes."""
-    busy, own = cpu_clock()
-    return max(0.0, busy - before[0] - (own - before[1]) - ours)
-
-
-def ip_out_octets() -> int:
-    """IpExt OutOctets of this network namespace (loopback included)."""
-    with open("/proc/net/netstat", encoding="ascii") as fh:
-        lines = fh.read().splitlines()
-    for header, values in zip(lines[::2], lines[1::2], strict=False):
-        if header.startswith("IpExt:"):
-            table = dict(zip(header.split()[1:], values.split()[1:], strict=True))
-            return int(table["OutOctets"])
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # QMP
 
@@ -359,7 +225,7 @@ class QmpError(Exception):
 class Qmp:
     """A minimal QMP client: unix socket, greeting, qmp_capabilities, then one command at a time (events skipped)."""
 
-    def __init__(self, path: Path, child: Child) -> None:
+    def __init__(self, path: Path, child: harness.Child) -> None:
         deadline = time.perf_counter() + START_TIMEOUT
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
@@ -369,16 +235,16 @@ class Qmp:
             except (FileNotFoundError, ConnectionRefusedError):
                 if child.done.is_set():
                     self.sock.close()
-                    raise BenchError(f"{child.tag} exited {child.returncode}: {child.stderr_tail()}") from None
+                    raise harness.BenchError(f"{child.tag} exited {child.returncode}: {child.stderr_tail()}") from None
                 if time.perf_counter() > deadline:
                     self.sock.close()
-                    raise BenchError(f"{child.tag}: no QMP socket after {START_TIMEOUT:.0f}s") from None
+                    raise harness.BenchError(f"{child.tag}: no QMP socket after {START_TIMEOUT:.0f}s") from None
                 time.sleep(0.01)
         self.sock.settimeout(START_TIMEOUT)  # the greeting comes once the machine is initialised (prealloc included)
         self.file = self.sock.makefile("rwb")
         self.greeting = self._read()
         if "QMP" not in self.greeting:
-            raise BenchError(f"{child.tag}: unexpected QMP greeting {self.greeting}")
+            raise harness.BenchError(f"{child.tag}: unexpected QMP greeting {self.greeting}")
         self.sock.settimeout(QMP_TIMEOUT)
         self.command("qmp_capabilities")
 
@@ -422,7 +288,17 @@ def qemu_argv(ram: Path, size: int, qmp: Path, incoming: bool) -> list[str]:
     backend = f"memory-backend-file,id=mem,size={size},mem-path={ram},share=on"
     if incoming:
         backend += ",prealloc=on"
-    argv = [QEMU, "-accel", "tcg", "-machine", "pc,memory-backend=mem", "-m", f"{size // MIB}M", "-object", backend]
+    argv = [
+        QEMU,
+        "-accel",
+        "tcg",
+        "-machine",
+        "pc,memory-backend=mem",
+        "-m",
+        f"{size // MIB}M",
+        "-object",
+        backend,
+    ]
     argv += ["-S", "-nographic", "-nodefaults", "-qmp", f"unix:{qmp},server=on,wait=off"]
     return argv + (["-incoming", "defer"] if incoming else [])
 
@@ -441,13 +317,7 @@ def configure(qmp: Qmp, capabilities: Sequence[str], parameters: dict[str, Any],
         raise SkipCase(f"{case}: this QEMU rejects parameters {parameters}: {exc.desc}") from None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def quit_qemu(qmp: Qmp | None, child: Child | None) -> None:
+def quit_qemu(qmp: Qmp | None, child: harness.Child | None) -> None:
     if qmp is not None:
         try:
             qmp.command("quit")
@@ -462,23 +332,23 @@ def run_qemu_case(name: str, image: Path, size: int, workdir: Path) -> Run:
     capabilities, parameters = QEMU_CASES[name]
     src_ram, dst_ram = workdir / "qemu-src.ram", workdir / "qemu-dst.ram"
     src_sock, dst_sock = workdir / "src.qmp", workdir / "dst.qmp"
-    remove(src_ram, dst_ram, src_sock, dst_sock)
-    src: Child | None = None
-    dst: Child | None = None
+    harness.remove(src_ram, dst_ram, src_sock, dst_sock)
+    src: harness.Child | None = None
+    dst: harness.Child | None = None
     qs: Qmp | None = None
     qd: Qmp | None = None
     try:
         shutil.copyfile(image, src_ram)  # a fully allocated copy, like a VM's RAM
-        src = Child(qemu_argv(src_ram, size, src_sock, incoming=False), workdir, "qemu-src")
-        dst = Child(qemu_argv(dst_ram, size, dst_sock, incoming=True), workdir, "qemu-dst")
+        src = harness.Child(qemu_argv(src_ram, size, src_sock, incoming=False), workdir, "qemu-src")
+        dst = harness.Child(qemu_argv(dst_ram, size, dst_sock, incoming=True), workdir, "qemu-dst")
         qs, qd = Qmp(src_sock, src), Qmp(dst_sock, dst)
         for qmp in (qd, qs):
             configure(qmp, capabilities, parameters, name)
-        port = free_port()
+        port = harness.free_port()
         uri = f"tcp:127.0.0.1:{port}"
         qd.command("migrate-incoming", uri=uri)
-        before, ip_before = cpu_clock(), ip_out_octets()
-        cpu0 = (src.proc_cpu_s(), dst.proc_cpu_s())
+        before, ip_before = harness.cpu_clock(), harness.ip_out_octets()
+        cpu0 = (src.live_cpu_s(), dst.live_cpu_s())
         started = time.perf_counter()
         qs.command("migrate", uri=uri)
         deadline = started + CASE_TIMEOUT
@@ -489,7 +359,9 @@ def run_qemu_case(name: str, image: Path, size: int, workdir: Path) -> Run:
             if status == "completed":
                 break
             if status in ("failed", "cancelled"):
-                raise BenchError(f"{name}: migration {status}: {info.get('error-desc', '')} / {dst.stderr_tail()}")
+                raise harness.BenchError(
+                    f"{name}: migration {status}: {info.get('error-desc', '')} / {dst.stderr_tail()}"
+                )
             check_alive(name, src, dst, deadline)
             time.sleep(POLL)
         src_done = time.perf_counter()
@@ -500,13 +372,13 @@ def run_qemu_case(name: str, image: Path, size: int, workdir: Path) -> Run:
             check_alive(name, src, dst, deadline)
             time.sleep(POLL)
         ended = max(src_done, time.perf_counter())
-        cpu1 = (src.proc_cpu_s(), dst.proc_cpu_s())
-        ip_bytes = ip_out_octets() - ip_before
+        cpu1 = (src.live_cpu_s(), dst.live_cpu_s())
+        ip_bytes = harness.ip_out_octets() - ip_before
         if dst_status.get("running") or dst_status.get("status") not in ("paused", "prelaunch", "postmigrate"):
-            raise BenchError(f"{name}: destination ended in state {dst_status}")
+            raise harness.BenchError(f"{name}: destination ended in state {dst_status}")
         src_cpu = None if None in (cpu0[0], cpu1[0]) else cpu1[0] - cpu0[0]  # type: ignore[operator]
         dst_cpu = None if None in (cpu0[1], cpu1[1]) else cpu1[1] - cpu0[1]  # type: ignore[operator]
-        others = other_cpu(before, (src_cpu or 0.0) + (dst_cpu or 0.0))
+        others = harness.other_cpu(before, (src_cpu or 0.0) + (dst_cpu or 0.0))
         quit_qemu(qs, src)
         quit_qemu(qd, dst)
         qs = qd = None
@@ -514,7 +386,7 @@ def run_qemu_case(name: str, image: Path, size: int, workdir: Path) -> Run:
         wire = int(ram.get("transferred", info.get("transferred", 0)))
         total_ms = info.get("total-time")
         if differing_pages(dst_ram, src_ram, size) != 0:
-            raise BenchError(f"{name}: the destination's RAM differs from the source's after the migration")
+            raise harness.BenchError(f"{name}: the destination's RAM differs from the source's after the migration")
         return Run(
             wall_s=ended - started,
             image_bytes=size,
@@ -535,108 +407,63 @@ def run_qemu_case(name: str, image: Path, size: int, workdir: Path) -> Run:
         for qmp in (qs, qd):
             if qmp is not None:
                 qmp.close()
-        kill_all([src, dst])
-        remove(src_ram, dst_ram, src_sock, dst_sock)
+        harness.kill_all([src, dst])
+        harness.remove(src_ram, dst_ram, src_sock, dst_sock)
 
 
-def check_alive(name: str, src: Child, dst: Child, deadline: float) -> None:
+def check_alive(name: str, src: harness.Child, dst: harness.Child, deadline: float) -> None:
     for child in (src, dst):
         if child.done.is_set():
-            raise BenchError(f"{name}: {child.tag} died (exit {child.returncode}): {child.stderr_tail()}")
+            raise harness.BenchError(f"{name}: {child.tag} died (exit {child.returncode}): {child.stderr_tail()}")
     if time.perf_counter() > deadline:
-        raise BenchError(f"{name}: timed out after {CASE_TIMEOUT:.0f}s")
+        raise harness.BenchError(f"{name}: timed out after {CASE_TIMEOUT:.0f}s")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # vmmig cases
 
 
-def vmmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "migrate_cli", *args]
-
-
-def wait_ready(ready: Path, recv: Child) -> str:
-    deadline = time.perf_counter() + START_TIMEOUT
-    while True:
-        if ready.exists() and (text := ready.read_text().strip()):
-            return text
-        if recv.done.is_set():
-            raise BenchError(f"vmmig recv exited {recv.returncode} before listening: {recv.stderr_tail()}")
-        if time.perf_counter() > deadline:
-            raise BenchError(f"vmmig recv not listening after {START_TIMEOUT:.0f}s")
-        time.sleep(0.01)
-
-
-def parse_report(child: Child, what: str) -> dict[str, Any]:
-    try:
-        report = json.loads(child.stdout().strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError) as exc:
-        raise BenchError(f"{what}: {child.tag} printed no JSON report ({exc}): {child.stderr_tail()}") from None
-    if not isinstance(report, dict):
-        raise BenchError(f"{what}: {child.tag} JSON report is not an object")
-    return report
-
-
 def run_vmmig_case(name: str, image: Path, size: int, workdir: Path) -> Run:
     codec = VMMIG_CASES[name]
-    dest, ready = workdir / "vmmig-dest.ram", workdir / "ready"
+    dest = workdir / "vmmig-dest.ram"
     partial = Path(f"{dest}.partial")
-    remove(dest, partial, ready)
-    recv: Child | None = None
-    send: Child | None = None
+    harness.remove(dest, partial)
     try:
-        recv_argv = ["recv", "--listen", "127.0.0.1:0", "--ready-file", str(ready)]
-        recv_argv += ["--decompress-threads", str(VMMIG_THREADS), "--json", "--quiet", str(dest)]
-        before, ip_before = cpu_clock(), ip_out_octets()
-        recv = Child(vmmig(*recv_argv), workdir, "vmmig-recv")
-        address = wait_ready(ready, recv)
-        started = time.perf_counter()
-        level = [] if codec == "none" else ["--level", str(VMMIG_LEVEL)]
-        send_argv = ["send", str(image), address, "--compress", codec, *level]
-        send_argv += ["--compress-threads", str(VMMIG_THREADS), "--json", "--quiet"]
-        send = Child(vmmig(*send_argv), workdir, "vmmig-send")
-        deadline = started + CASE_TIMEOUT
-        for child in (send, recv):
-            if not child.wait(deadline - time.perf_counter()):
-                raise BenchError(f"{name}: timed out after {CASE_TIMEOUT:.0f}s")
-        assert send.ended is not None and recv.ended is not None
-        wall = max(send.ended, recv.ended) - started
-        ip_bytes = ip_out_octets() - ip_before
-        others = other_cpu(before, (send.cpu_s or 0.0) + (recv.cpu_s or 0.0))
-        for child in (send, recv):
-            if child.returncode != 0:
-                raise BenchError(f"{name}: {child.tag} exited {child.returncode}: {child.stderr_tail()}")
-        sent, received = parse_report(send, name), parse_report(recv, name)
-        if sent.get("status") != "completed" or received.get("status") != "completed":
-            raise BenchError(f"{name}: status send={sent.get('status')} recv={received.get('status')}")
-        if not sent.get("digest") or sent.get("digest") != received.get("digest"):
-            raise BenchError(f"{name}: digest mismatch: send {sent.get('digest')} recv {received.get('digest')}")
-        if not dest.exists():
-            raise BenchError(f"{name}: {dest} was not created")
-        if differing_pages(dest, image, size) != 0:
-            raise BenchError(f"{name}: the destination differs from the image")
-        return Run(
-            wall_s=wall,
-            image_bytes=size,
-            wire_bytes=int(sent["transferred"]),
-            ip_bytes=ip_bytes,
-            tool_mbps=float(sent["image-mbytes-per-second"]),
-            src_cpu_s=send.cpu_s,
-            dst_cpu_s=recv.cpu_s,
-            other_cpu_s=others,
-            report={"send": sent, "recv": received},
-        )
+        with harness.VmmigPair(workdir, name, tags=("vmmig-recv", "vmmig-send")) as pair:
+            before, ip_before = harness.cpu_clock(), harness.ip_out_octets()
+            address = pair.start_recv("--decompress-threads", str(VMMIG_THREADS), str(dest), timeout=START_TIMEOUT)
+            level = [] if codec == "none" else ["--level", str(VMMIG_LEVEL)]
+            pair.start_send(str(image), address, "--compress", codec, *level, "--compress-threads", str(VMMIG_THREADS))
+            wall = pair.wait(CASE_TIMEOUT)
+            ip_bytes = harness.ip_out_octets() - ip_before
+            others = harness.other_cpu(before, pair.cpu_s)
+            sent, received = pair.reports()
+            if not dest.exists():
+                raise harness.BenchError(f"{name}: {dest} was not created")
+            if differing_pages(dest, image, size) != 0:
+                raise harness.BenchError(f"{name}: the destination differs from the image")
+            send, recv = pair.children
+            return Run(
+                wall_s=wall,
+                image_bytes=size,
+                wire_bytes=int(sent["transferred"]),
+                ip_bytes=ip_bytes,
+                tool_mbps=float(sent["image-mbytes-per-second"]),
+                src_cpu_s=send.cpu_s,
+                dst_cpu_s=recv.cpu_s,
+                other_cpu_s=others,
+                report={"send": sent, "recv": received},
+            )
     finally:
-        kill_all([send, recv])
-        remove(dest, partial, ready)
+        harness.remove(dest, partial)
 
 
 def run_floor_case(name: str, image: Path, size: int, workdir: Path) -> Run:
     """The design floor (floor.py) on the same image: wall = its CPU sum over the usable CPUs, plus a start-up."""
-    before, ip_before = cpu_clock(), ip_out_octets()
+    before, ip_before = harness.cpu_clock(), harness.ip_out_octets()
     measured = floor.measure(image, FLOOR_CASES[name], workdir)
-    ip_bytes = ip_out_octets() - ip_before
-    others = other_cpu(before, 0.0)  # the steps ran in this process, which other_cpu leaves out
+    ip_bytes = harness.ip_out_octets() - ip_before
+    others = harness.other_cpu(before, 0.0)  # the steps ran in this process, which other_cpu leaves out
     measured.startup_s = floor.startup_wall()
 
     def side(prefix: str) -> float:
@@ -662,11 +489,6 @@ def run_floor_case(name: str, image: Path, size: int, workdir: Path) -> Run:
 # Files
 
 
-def remove(*paths: Path) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
 def differing_pages(a: Path, b: Path, size: int) -> int:
     """Number of PAGE-sized pages that differ between two files of ``size`` bytes (-1 if a size differs)."""
     if a.stat().st_size != size or b.stat().st_size != size:
@@ -686,93 +508,12 @@ def differing_pages(a: Path, b: Path, size: int) -> int:
             differing += int(np.count_nonzero((pa != pb).any(axis=1)))
 
 
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", GENERATOR)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot import {GENERATOR}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_image(generator: ModuleType, path: Path, size: int) -> None:
-    """Generate the image, then allocate its holes (zero runs), so it is fully resident like the QEMU copies."""
-    started = time.perf_counter()
-    counts = generator.generate(str(path), size, seed=1, profile="mixed")
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, size)
-    finally:
-        os.close(fd)
-    log(f"generated {fmt_size(size)} mixed image in {time.perf_counter() - started:.1f}s: {counts}")
-
-
-def check_space(size: int) -> None:
-    """The image, the QEMU source copy and one destination live in /dev/shm at the same time."""
-    free = shutil.disk_usage(SHM).free
-    need = size * 3.2
-    if free < need:
-        raise BenchError(f"/dev/shm has {free / 2**30:.1f} GiB free, need about {need / 2**30:.1f} GiB")
-
-
-def prefault(workdir: Path, size: int) -> None:
-    """Warm-up: allocate, touch and free ``size`` bytes of /dev/shm once (first-touch memory can be much slower)."""
-    path = workdir / "prefault"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, size)
-        mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE).close()
-    finally:
-        os.close(fd)
-        remove(path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Output
 
 
-def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def fmt_size(size: int) -> str:
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} B"
-
-
-def fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def command_output(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unavailable"
-    return out.strip().splitlines()[0] if out.strip() else "unavailable"
-
-
 def machine_info(version: str) -> dict[str, Any]:
-    model = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "usable-cpus": CPUS,
-        "cpu-model": model,
-        "kernel": platform.release(),
-        "load-average": Path("/proc/loadavg").read_text().split()[:3],
-        "python": platform.python_version(),
-        "vmmig": command_output(vmmig("--version")),
-        "commit": command_output(["git", "rev-parse", "--short", "HEAD"]),  # read-only
-        "qemu": version,
-    }
+    return {**harness.machine_info(), "qemu": version}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -816,19 +557,7 @@ def table_row(result: Result, by_name: dict[str, Result]) -> list[str]:
 
 def print_table(results: Sequence[Result]) -> None:
     by_name = {r.name: r for r in results}
-    widths = [max(width, len(name)) for name, width in COLUMNS]
-
-    def join(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    header = join([name for name, _ in COLUMNS])
-    print(header)
-    print("-" * len(header))
-    for result in results:
-        print(join(table_row(result, by_name)))
+    harness.print_table(COLUMNS, [table_row(r, by_name) for r in results], left=(0, -1))
     for result in results:
         if result.error is not None:
             print(f"  {result.name}: FAILED: {result.error}")
@@ -845,13 +574,9 @@ def print_table(results: Sequence[Result]) -> None:
                 f"  NOTE: {result.name}: the tool's wire MB ({wire:.1f}) differs from the IP bytes measured ({ip:.1f}):"
                 " that counter is not the bytes on the wire (QEMU 7.2 counts multifd pages before compression)."
             )
-    busy = [
-        r.name
-        for r in results
-        if r.ok and (r.median(lambda x: x.other_cpu_s) or 0) > max(OTHER_CPU_WARN, 0.1 * r.runs[0].wall_s * CPUS)
-    ]
-    if busy:
-        print(f"  WARNING: the machine was busy during {', '.join(busy)}: those numbers are not reliable; rerun.")
+    load = [(r.name, r.median(lambda x: x.other_cpu_s), r.runs[0].wall_s) for r in results if r.ok]
+    if warning := harness.busy_warning(load):
+        print(f"  {warning}")
     print()
 
 
@@ -913,6 +638,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke test: --size 256MiB --repeat 1")
     parser.add_argument("--json", metavar="PATH", help="also write every run (and QEMU's query-migrate) as JSON")
+    harness.add_tree_option(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.repeat = "256MiB", 1
@@ -922,13 +648,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> int:
-    generator = load_generator()
+    generator = harness.load_generator()
     size = generator.parse_size(args.size)
     if size <= 0 or size % MIB:
-        raise BenchError("--size must be a positive whole number of MiB (QEMU's -m)")
+        raise harness.BenchError("--size must be a positive whole number of MiB (QEMU's -m)")
     version = qemu_version()
     if version is None:
-        raise BenchError(f"{QEMU} not found: install it (Debian: apt-get install qemu-system-x86)")
+        raise harness.BenchError(f"{QEMU} not found: install it (Debian: apt-get install qemu-system-x86)")
     info = machine_info(version)
     print("vmmig vs QEMU migration over 127.0.0.1")
     print(f"  date     {info['date']}   (load average at start: {' '.join(info['load-average'])})")
@@ -938,10 +664,10 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
     print(f"  image    {fmt_size(size)} 'mixed' (seed 1) in /dev/shm; {args.repeat} interleaved round(s), medians")
     print(flush=True)
 
-    check_space(size)
+    harness.check_space(size, 3.2, "the image, the QEMU source copy and one destination")
     image = workdir / "image.ram"
-    make_image(generator, image, size)
-    prefault(workdir, size)
+    harness.make_image(generator, image, size, allocate=True)  # fully resident, like the QEMU copies
+    harness.prefault(workdir, size)
     results = {name: Result(name=name, image_bytes=size) for name in ROUND}
     for round_no in range(1, args.repeat + 1):
         for name in ROUND:
@@ -959,21 +685,21 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
                 result.skipped = str(exc)
                 print(f"NOTICE: {exc}: skipped", flush=True)
                 continue
-            except (BenchError, QmpError, OSError, ConnectionError, ValueError) as exc:
+            except (harness.BenchError, QmpError, OSError, ConnectionError, ValueError) as exc:
                 result.error = str(exc)
-                log(f"{name}: FAILED: {exc}")
+                harness.log(f"{name}: FAILED: {exc}")
                 continue
             result.runs.append(run)
             extra = ""
             if run.src_changed_pages:
                 extra = f", source RAM changed in {run.src_changed_pages} pages"
-            log(
+            harness.log(
                 f"round {round_no}/{args.repeat} {name}: {run.wall_mbps:.1f} MB/s wall ({run.wall_s:.2f}s), "
                 f"wire {run.wire_bytes / MB:.1f} MB, IP {run.ip_bytes / MB:.1f} MB, "
                 f"CPU src {fmt(run.src_cpu_s, '.2f')} dst {fmt(run.dst_cpu_s, '.2f')} s, "
                 f"other {fmt(run.other_cpu_s, '.2f')} s{extra}"
             )
-    remove(image)
+    harness.remove(image)
 
     ordered = [results[n] for n in (*QEMU_CASES, *VMMIG_CASES, *FLOOR_CASES)]
     print_table(ordered)
@@ -990,37 +716,13 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
             "results": [r.summary() for r in ordered],
             "targets": [{"verdict": v, "target": t} for v, t in targets],
         }
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=1)
-            fh.write("\n")
-        log(f"wrote {args.json}")
-    failed = [r.name for r in ordered if r.error is not None]
-    if failed:
-        print(f"FAILED: {', '.join(failed)} (exit status 1)")
-    return 1 if failed else 0
-
-
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+        harness.write_json(args.json, document)
+    return harness.exit_status(ordered)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Bytecode, as an installed package has it (pip compiles on install; an editable install under
-    # PYTHONDONTWRITEBYTECODE would compile every module again in every vmmig process's start-up time).
-    compileall.compile_dir(REPO / "migrate_cli", quiet=1)
-    signal.signal(signal.SIGTERM, _terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-qemu-", dir=SHM))
-    try:
-        return benchmark(args, workdir)
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return harness.run_main(functools.partial(benchmark, args), "vmmig-bench-qemu-", args.tree)
 
 
 if __name__ == "__main__":

@@ -57,28 +57,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType, ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-SHM = Path("/dev/shm")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-MB = 1_000_000
+from harness import (
+    MB,
+    REPO,
+    BenchError,
+    VmmigPair,
+    add_tree_option,
+    fmt,
+    free_port,
+    ip_out_octets,
+    load_module,
+    machine_busy_s,
+    own_cpu_s,
+    proc_cpu_s,
+    run_main,
+)
+
 MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" for QEMU
 DOWNTIME_LIMIT_MS = 300
 BOOT_TIMEOUT = 180.0
@@ -89,58 +96,11 @@ POLL = 0.005
 CASES = ("qemu plain", "qemu multifd-zstd", "vmmig zlib", "vmmig zstd")
 
 
-def load_run_guest() -> ModuleType:
-    path = REPO / "examples" / "qemu" / "run_guest.py"
-    spec = importlib.util.spec_from_file_location("run_guest", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_guest"] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-rg = load_run_guest()
-
-
-class BenchError(Exception):
-    pass
+rg = load_module(REPO / "examples" / "qemu" / "run_guest.py", "run_guest")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Measurement helpers
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime (all threads) of a live process; 0.0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_s() -> float:
-    with open("/proc/stat", encoding="ascii") as fh:
-        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fh.readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / CLK_TCK
-
-
-def own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def ip_out_octets() -> int:
-    """IpExt OutOctets of this network namespace (loopback included)."""
-    with open("/proc/net/netstat", encoding="ascii") as fh:
-        lines = fh.read().splitlines()
-    for header, values in zip(lines[::2], lines[1::2], strict=False):
-        if header.startswith("IpExt:"):
-            table = dict(zip(header.split()[1:], values.split()[1:], strict=True))
-            return int(table["OutOctets"])
-    return 0
 
 
 @dataclass
@@ -165,66 +125,6 @@ def loadavg() -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # vmmig child processes: own session, reaped by a thread with os.wait4 (exit time and rusage)
-
-
-class Child:
-    def __init__(self, argv: Sequence[str], workdir: Path, tag: str) -> None:
-        self.tag = tag
-        self.stdout_path = workdir / f"{tag}.out"
-        self.stderr_path = workdir / f"{tag}.err"
-        self.done = threading.Event()
-        self.ended: float | None = None
-        self.returncode: int | None = None
-        self.cpu_s: float | None = None
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                list(argv), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-            )
-        self.pid = self.proc.pid
-        threading.Thread(target=self._reap, name=f"reap-{tag}", daemon=True).start()
-
-    def _reap(self) -> None:
-        _, status, rusage = os.wait4(self.pid, 0)
-        self.ended = time.perf_counter()
-        self.cpu_s = rusage.ru_utime + rusage.ru_stime
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self.proc.returncode = self.returncode  # Popen must not wait for it again
-        self.done.set()
-
-    def wait(self, timeout: float) -> bool:
-        return self.done.wait(max(0.0, timeout))
-
-    def kill(self) -> None:
-        """SIGKILL this process by its PID unless it has been reaped already."""
-        if not self.done.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        self.done.wait(10.0)
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def stderr_tail(self, lines: int = 5) -> str:
-        text = self.stderr_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) if text else "(no stderr)"
-
-
-def vmmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "migrate_cli", *args]
-
-
-def parse_report(child: Child) -> dict[str, Any]:
-    text = child.stdout().strip()
-    try:
-        report = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            report = json.loads(text.splitlines()[-1])
-        except (IndexError, json.JSONDecodeError) as exc:
-            raise BenchError(f"{child.tag} printed no JSON report ({exc}): {child.stderr_tail()}") from None
-    if not isinstance(report, dict):
-        raise BenchError(f"{child.tag}: the JSON report is not an object")
-    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,12 +154,6 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.error is None and bool(self.continued)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def qmp_status(qmp: Any) -> str:
@@ -305,7 +199,7 @@ def migrate_qemu(run: Run, src: Any, dst: Any, multifd: bool) -> None:
     with src.qmp() as sq, dst.qmp() as dq:
         if qmp_status(dq) != "inmigrate":
             raise BenchError("destination QEMU is not inmigrate")
-        qemu_cpu0 = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
+        qemu_cpu0 = qemu_cpu_s(src, dst)
         win = Window()
         for q in (dq, sq):
             if caps:
@@ -325,7 +219,7 @@ def migrate_qemu(run: Run, src: Any, dst: Any, multifd: bool) -> None:
         if dest_state == "paused":
             dq.execute("cont")
         t1 = time.perf_counter()
-        case_cpu = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid) - qemu_cpu0
+        case_cpu = qemu_cpu_s(src, dst) - qemu_cpu0
         finish_window(run, win, t1, case_cpu)
         run.detail["dest-status-after-load"] = dest_state
         run.detail["dest-status"] = qmp_status(dq)
@@ -353,49 +247,29 @@ def migrate_qemu(run: Run, src: Any, dst: Any, multifd: bool) -> None:
             raise BenchError(f"destination QEMU is {run.detail['dest-status']!r} after cont")
 
 
+def qemu_cpu_s(*guests: Any) -> float:
+    """CPU seconds so far of the QEMU processes (0 for one that is gone)."""
+    return sum(proc_cpu_s(guest.pid) or 0.0 for guest in guests)
+
+
 def migrate_vmmig(run: Run, src: Any, dst: Any, codec: str, workdir: Path) -> None:
-    ready = workdir / "ready"
-    recv = send = None
-    try:
-        recv = Child(
-            vmmig(
-                "recv", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--in-place",
-                "--qmp", str(dst.qmp_path), "--json", "--quiet", str(dst.ram_path),
-            ),
-            workdir, "recv",
-        )  # fmt: skip
-
-        def listening() -> str | None:
-            if recv is not None and recv.done.is_set():
-                raise BenchError(f"vmmig recv exited {recv.returncode} before listening: {recv.stderr_tail()}")
-            return ready.read_text().strip() if ready.exists() else None
-
-        addr = wait_until(listening, READY_TIMEOUT, "vmmig recv to listen", interval=0.01)
-        qemu_cpu0 = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
-        recv_cpu0 = proc_cpu_s(recv.pid)
+    with VmmigPair(workdir, f"vmmig {codec}") as pair:
+        addr = pair.start_recv("--in-place", "--qmp", str(dst.qmp_path), str(dst.ram_path), timeout=READY_TIMEOUT)
+        assert pair.recv is not None
+        qemu_cpu0 = qemu_cpu_s(src, dst)
+        recv_cpu0 = pair.recv.live_cpu_s() or 0.0
         win = Window()
-        send = Child(
-            vmmig(
-                "send", "--live", str(src.ram_path), addr, "--qmp", str(src.qmp_path), "--qemu-handoff",
-                "--compress", codec, "--json", "--quiet",
-            ),
-            workdir, "send",
-        )  # fmt: skip
-        deadline = time.perf_counter() + MIGRATE_TIMEOUT
-        if not (send.wait(deadline - time.perf_counter()) and recv.wait(deadline - time.perf_counter())):
-            raise BenchError(f"vmmig did not finish within {MIGRATE_TIMEOUT:g}s")
-        assert send.ended is not None and recv.ended is not None
-        t1 = max(send.ended, recv.ended)
-        qemu_cpu = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid) - qemu_cpu0
-        case_cpu = qemu_cpu + (send.cpu_s or 0.0) + (recv.cpu_s or 0.0) - recv_cpu0
-        finish_window(run, win, t1, case_cpu)
-        if send.returncode != 0 or recv.returncode != 0:
-            raise BenchError(
-                f"vmmig send exited {send.returncode} ({send.stderr_tail()}), "
-                f"recv exited {recv.returncode} ({recv.stderr_tail()})"
-            )
-        report = parse_report(send)
-        recv_report = parse_report(recv)
+        pair.start_send(
+            "--live", str(src.ram_path), addr, "--qmp", str(src.qmp_path), "--qemu-handoff", "--compress", codec
+        )
+        try:
+            pair.wait(MIGRATE_TIMEOUT)
+        finally:
+            if all(c.done.is_set() for c in pair.children):
+                case_cpu = qemu_cpu_s(src, dst) - qemu_cpu0 + pair.cpu_s - recv_cpu0
+                finish_window(run, win, pair.ended, case_cpu)
+        send, recv = pair.children
+        report, recv_report = pair.reports(verify=False)  # a live hand-off: no digest to compare
         handoff = report.get("qemu-handoff") or {}
         run.total_time_ms = report.get("total-time")
         run.downtime_ms = report.get("downtime")
@@ -423,10 +297,6 @@ def migrate_vmmig(run: Run, src: Any, dst: Any, codec: str, workdir: Path) -> No
             run.detail["dest-status"] = qmp_status(dq)
         if run.detail["dest-status"] != "running":
             raise BenchError(f"destination QEMU is {run.detail['dest-status']!r} after vmmig")
-    finally:
-        for child in (send, recv):
-            if child is not None:
-                child.kill()
 
 
 def check_continued(run: Run, src: Any, dst: Any) -> None:
@@ -499,10 +369,6 @@ def run_case(case: str, rnd: int, args: argparse.Namespace, workdir: Path, ramdi
 # Output
 
 
-def fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def median(runs: Sequence[Run], get: Callable[[Run], float | None]) -> float | None:
     values = [v for r in runs if r.error is None and (v := get(r)) is not None]
     return statistics.median(values) if values else None
@@ -527,8 +393,17 @@ def run_line(r: Run) -> str:
 
 def print_table(cases: Sequence[str], runs: Sequence[Run]) -> None:
     head = [
-        "case", "wall s", "total-time ms", "downtime ms", "stop->run ms", "wire MB", "IP MB", "passes", "CPU s",
-        "other CPU s", "continued",
+        "case",
+        "wall s",
+        "total-time ms",
+        "downtime ms",
+        "stop->run ms",
+        "wire MB",
+        "IP MB",
+        "passes",
+        "CPU s",
+        "other CPU s",
+        "continued",
     ]  # fmt: skip
     rows = []
     for case in cases:
@@ -612,6 +487,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--write-mb", type=int, default=4, help="MiB of RAM the guest rewrites every second (default 4)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
     ap.add_argument("--json", type=Path, help="also write every run as JSON here")
+    add_tree_option(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.repeat = 1
@@ -655,10 +531,6 @@ def benchmark(args: argparse.Namespace, workdir: Path, ramdir: Path) -> int:
     return 0
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -669,17 +541,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which(rg.QEMU) is None:
         print(f"bench: {rg.QEMU} not found (apt-get install qemu-system-x86)", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-qemu-live-"))
-    ramdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-qemu-live-", dir=SHM))
-    try:
-        return benchmark(args, workdir, ramdir)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(ramdir, ignore_errors=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+
+    def in_dirs(ramdir: Path) -> int:  # the guests' RAM in /dev/shm, their sockets and logs in /tmp
+        with tempfile.TemporaryDirectory(prefix="vmmig-bench-qemu-live-") as workdir:
+            return benchmark(args, Path(workdir), ramdir)
+
+    return run_main(in_dirs, "vmmig-bench-qemu-live-", args.tree)
 
 
 if __name__ == "__main__":

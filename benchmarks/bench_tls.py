@@ -14,31 +14,14 @@ deflate). Prints a table and PASS/FAIL; exits 1 only if a migration failed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import VmmigPair, arg_parser, load_generator, remove, run_main, tree, vmmig
+
 GOAL = 0.15
-
-
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", ROOT / "examples" / "make_guest_image.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def vmmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "migrate_cli", *args]
 
 
 def tls_args(pki: Path | None, me: str, peer: str) -> list[str]:
@@ -53,75 +36,48 @@ def tls_args(pki: Path | None, me: str, peer: str) -> list[str]:
 
 def run_once(image: Path, work: Path, channels: int, pki: Path | None) -> float:
     """One migration (TLS when ``pki`` is given); returns image MB/s by wall clock (send start to both exited)."""
-    dest, ready = work / "dest.img", work / "ready"
-    for path in (dest, ready):
-        path.unlink(missing_ok=True)
-    recv = subprocess.Popen(
-        vmmig("recv", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--json", "--quiet",
-              *tls_args(pki, "receiver", "sender"), str(dest)),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    send: subprocess.Popen[str] | None = None
+    dest = work / "dest.img"
+    remove(dest)
     try:
-        while not ready.exists():
-            if recv.poll() is not None:
-                raise RuntimeError(f"recv exited: {recv.stderr.read() if recv.stderr else ''}")
-            time.sleep(0.02)
-        address = ready.read_text().strip()
-        started = time.perf_counter()
-        send = subprocess.Popen(
-            vmmig("send", str(image), address, "--compress", "zlib", "--level", "1", "--compress-threads", "2",
-                  "--channels", str(channels), "--json", "--quiet", *tls_args(pki, "sender", "receiver")),
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        send_out, send_err = send.communicate(timeout=300)
-        recv_out, recv_err = recv.communicate(timeout=60)
-        wall = time.perf_counter() - started
-        if send.returncode or recv.returncode:
-            raise RuntimeError(
-                f"migration failed: send {send.returncode} {send_err} / recv {recv.returncode} {recv_err}"
-            )
-        if json.loads(send_out)["digest"] != json.loads(recv_out)["digest"]:
-            raise RuntimeError("digests differ")
-        return image.stat().st_size / wall / 1e6
+        with VmmigPair(work, f"c{channels} {'plain' if pki is None else 'tls'}") as pair:
+            address = pair.start_recv(*tls_args(pki, "receiver", "sender"), str(dest))
+            pair.start_send(str(image), address, "--compress", "zlib", "--level", "1", "--compress-threads", "2",
+                            "--channels", str(channels), *tls_args(pki, "sender", "receiver"))  # fmt: skip
+            wall = pair.wait(300)
+            pair.reports()
+            return image.stat().st_size / wall / 1e6
     finally:
-        for proc in (send, recv):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        dest.unlink(missing_ok=True)
+        remove(dest)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1GiB")
+    parser = arg_parser(__doc__, "1GiB", "256MiB, one round", json=False)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="256MiB, one round")
     args = parser.parse_args()
+    return run_main(lambda work: benchmark(args, work), "vmmig-bench-tls-", args.tree)
+
+
+def benchmark(args: argparse.Namespace, work: Path) -> int:
     size_text, repeat = ("256MiB", 1) if args.quick else (args.size, args.repeat)
     generator = load_generator()
-    work = Path(tempfile.mkdtemp(prefix="vmmig-bench-tls-", dir="/dev/shm"))
-    try:
-        image = work / "guest.ram"
-        generator.generate(str(image), generator.parse_size(size_text), seed=1, profile="mixed")
-        pki = work / "pki"
-        subprocess.run(vmmig("tls", "init", str(pki), "--host", "receiver", "--host", "sender"), cwd=ROOT,
-                       check=True, capture_output=True)  # fmt: skip
-        cases: dict[tuple[int, str], list[float]] = {(c, mode): [] for c in (1, 2) for mode in ("plain", "tls")}
-        for round_ in range(repeat):
-            for (channels, mode), rates in cases.items():
-                rates.append(run_once(image, work, channels, pki if mode == "tls" else None))
-                print(f"round {round_ + 1}: zlib-1 x2 c{channels} {mode}: {rates[-1]:.1f} MB/s", file=sys.stderr)
-        print(f"\nTLS cost, {size_text} mixed image, zlib level 1, 2 threads, median of {repeat} interleaved rounds")
-        print(f"{'channels':>8}  {'plain MB/s':>10}  {'TLS MB/s':>9}  {'TLS/plain':>9}  goal")
-        for channels in (1, 2):
-            plain = statistics.median(cases[(channels, "plain")])
-            secured = statistics.median(cases[(channels, "tls")])
-            ratio = secured / plain
-            verdict = "PASS" if ratio >= 1 - GOAL else "FAIL"
-            print(f"{channels:>8}  {plain:>10.1f}  {secured:>9.1f}  {ratio:>9.2f}  {verdict} (>= {1 - GOAL:.2f})")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    image = work / "guest.ram"
+    generator.generate(str(image), generator.parse_size(size_text), seed=1, profile="mixed")
+    pki = work / "pki"
+    subprocess.run(vmmig("tls", "init", str(pki), "--host", "receiver", "--host", "sender"), cwd=tree(),
+                   check=True, capture_output=True)  # fmt: skip
+    cases: dict[tuple[int, str], list[float]] = {(c, mode): [] for c in (1, 2) for mode in ("plain", "tls")}
+    for round_ in range(repeat):
+        for (channels, mode), rates in cases.items():
+            rates.append(run_once(image, work, channels, pki if mode == "tls" else None))
+            print(f"round {round_ + 1}: zlib-1 x2 c{channels} {mode}: {rates[-1]:.1f} MB/s", file=sys.stderr)
+    print(f"\nTLS cost, {size_text} mixed image, zlib level 1, 2 threads, median of {repeat} interleaved rounds")
+    print(f"{'channels':>8}  {'plain MB/s':>10}  {'TLS MB/s':>9}  {'TLS/plain':>9}  goal")
+    for channels in (1, 2):
+        plain = statistics.median(cases[(channels, "plain")])
+        secured = statistics.median(cases[(channels, "tls")])
+        ratio = secured / plain
+        verdict = "PASS" if ratio >= 1 - GOAL else "FAIL"
+        print(f"{channels:>8}  {plain:>10.1f}  {secured:>9.1f}  {ratio:>9.2f}  {verdict} (>= {1 - GOAL:.2f})")
     return 0
 
 

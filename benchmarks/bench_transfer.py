@@ -36,50 +36,62 @@ The "targets" section prints PASS/FAIL; the exit code is 0 whatever the targets 
 itself failed). ``--json PATH`` writes everything, including the RSS sample series, for later analysis.
 
     python benchmarks/bench_transfer.py [--size 1GiB] [--rss-size 4GiB] [--repeat 1] [--quick] [--json out.json]
+
+Before and after: ``--compare DIR`` runs the chosen vmmig cases (``--codecs``, ``--threads``, ``--channels``) with the
+vmmig of the checkout DIR ('before') and with this one or ``--tree`` ('after'), in ``--repeat`` interleaved rounds,
+and prints their medians side by side (no baselines, no RSS-only run).
 """
 
 from __future__ import annotations
 
 import argparse
-import compileall
 import functools
 import hashlib
-import importlib.util
-import json
-import mmap
 import os
-import platform
-import resource
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-GENERATOR = REPO / "examples" / "make_guest_image.py"
-SHM = Path("/dev/shm")
+import harness
+from harness import (
+    MB,
+    MIB,
+    Aggregate,
+    BenchError,
+    Child,
+    Measured,
+    VmmigPair,
+    add_tree_option,
+    busy_warning,
+    check_exits,
+    check_space,
+    command_output,
+    compile_package,
+    cpu_clock,
+    fmt,
+    fmt_size,
+    free_port,
+    kill_all,
+    load_generator,
+    log,
+    make_image,
+    median_property,
+    other_cpu,
+    prefault,
+    remove,
+    run_main,
+    use_tree,
+    wait_all,
+)
 
-MB = 1_000_000
-MIB = 1 << 20
 CASE_TIMEOUT = 300.0  # seconds for one case (both processes)
 READY_TIMEOUT = 30.0  # seconds for a receiver to start listening
-RSS_INTERVAL = 0.05  # seconds between /proc/PID/status samples
-KILL_GRACE = 5.0  # seconds to wait for a killed child to be reaped
-OTHER_CPU_WARN = 0.5  # warn when other processes used more CPU seconds than this (and 10% of the run's capacity)
-CPUS = len(os.sched_getaffinity(0))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-FAIL_GRACE = 3.0  # seconds the other side gets to exit (and explain) once one side of a run has failed
 
 TARGET_MBPS = 250.0  # zlib level 1, 2 threads, image MB/s by wall clock at --size
 TARGET_RSS_MIB = 150.0  # peak RssAnon per side, zlib level 1, 2 threads, at --size and --rss-size
@@ -92,21 +104,14 @@ SOCAT = "socat"
 ZSTD_PIPE = "zstd|socat"
 
 
-class BenchError(Exception):
-    """A run failed (non-zero exit, digest or size mismatch, timeout): the benchmark cannot report it."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Results
 
 
 @dataclass
-class Run:
+class Run(Measured):
     """One execution of a case or a baseline."""
 
-    wall_s: float
-    image_bytes: int
-    wire_bytes: int
     tool_mbps: float | None = None
     send_cpu_s: float | None = None
     recv_cpu_s: float | None = None
@@ -118,60 +123,29 @@ class Run:
     send_report: dict[str, Any] = field(default_factory=dict)
     recv_report: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def wall_mbps(self) -> float:
-        return self.image_bytes / MB / self.wall_s
-
 
 @dataclass
-class Result:
+class Result(Aggregate):
     """A case (or baseline) aggregated over its repeats."""
 
-    name: str
-    image_bytes: int
-    runs: list[Run]
     kind: str = "vmmig"  # "vmmig", "baseline" or "rss"
-    error: str | None = None  # why the case failed (then ``runs`` holds the runs before the failure)
 
-    def _median(self, get: Callable[[Run], float | None]) -> float | None:
-        values = [v for r in self.runs if (v := get(r)) is not None]
-        return statistics.median(values) if values else None
-
-    def _peak(self, get: Callable[[Run], int | None]) -> float | None:
-        values = [v for r in self.runs if (v := get(r)) is not None]
-        return max(values) / 1024 if values else None
-
-    @property
-    def wall_mbps(self) -> float:
-        return statistics.median(r.wall_mbps for r in self.runs)
-
-    @property
-    def tool_mbps(self) -> float | None:
-        return self._median(lambda r: r.tool_mbps)
-
-    @property
-    def wire_mb(self) -> float:
-        return statistics.median(r.wire_bytes for r in self.runs) / MB
-
-    @property
-    def send_cpu_s(self) -> float | None:
-        return self._median(lambda r: r.send_cpu_s)
-
-    @property
-    def recv_cpu_s(self) -> float | None:
-        return self._median(lambda r: r.recv_cpu_s)
+    tool_mbps = median_property("tool_mbps")
+    send_cpu_s = median_property("send_cpu_s")
+    recv_cpu_s = median_property("recv_cpu_s")
+    other_cpu_s = median_property("other_cpu_s")
 
     @property
     def send_rss_mib(self) -> float | None:
         return self._peak(lambda r: r.send_rss_kib)
 
     @property
-    def other_cpu_s(self) -> float | None:
-        return self._median(lambda r: r.other_cpu_s)
-
-    @property
     def recv_rss_mib(self) -> float | None:
         return self._peak(lambda r: r.recv_rss_kib)
+
+    def _peak(self, get: Callable[[Run], int | None]) -> float | None:
+        values = [v for r in self.runs if (v := get(r)) is not None]
+        return max(values) / 1024 if values else None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -191,150 +165,7 @@ class Result:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Child processes: reaped with os.wait4 (exit time and rusage), RssAnon sampled while they run
-
-
-def read_rss_anon_kib(pid: int) -> int | None:
-    """RssAnon of a live process in KiB; None once it has exited (a zombie has no Rss lines)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return None
-    return None
-
-
-def sample_rss(pid: int, stop: threading.Event, samples: list[tuple[float, int]]) -> None:
-    """Append (perf_counter, RssAnon KiB) every RSS_INTERVAL until ``stop`` is set or the process has exited."""
-    while not stop.is_set():
-        kib = read_rss_anon_kib(pid)
-        if kib is None:
-            return
-        samples.append((time.perf_counter(), kib))
-        stop.wait(RSS_INTERVAL)
-
-
-class Child:
-    """A child in its own session (so its whole pipeline can be killed), reaped by a thread calling os.wait4."""
-
-    def __init__(self, argv: Sequence[str], workdir: Path, tag: str, sample: bool = True) -> None:
-        self.tag = tag
-        self.stdout_path = workdir / f"{tag}.out"
-        self.stderr_path = workdir / f"{tag}.err"
-        self.done = threading.Event()
-        self.ended: float | None = None
-        self.returncode: int | None = None
-        self.rusage: Any = None
-        self.rss_samples: list[tuple[float, int]] = []
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                list(argv), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-            )
-        self.pid = self.proc.pid
-        self._reaper = threading.Thread(target=self._reap, name=f"reap-{tag}", daemon=True)
-        self._reaper.start()
-        self._sampler: threading.Thread | None = None
-        if sample:
-            self._sampler = threading.Thread(
-                target=sample_rss, args=(self.pid, self.done, self.rss_samples), name=f"rss-{tag}", daemon=True
-            )
-            self._sampler.start()
-
-    def _reap(self) -> None:
-        _, status, rusage = os.wait4(self.pid, 0)
-        self.ended = time.perf_counter()
-        self.rusage = rusage
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self.proc.returncode = self.returncode  # Popen must not wait for it again
-        self.done.set()
-
-    @property
-    def cpu_s(self) -> float | None:
-        return None if self.rusage is None else self.rusage.ru_utime + self.rusage.ru_stime
-
-    @property
-    def rss_peak_kib(self) -> int | None:
-        return max((kib for _, kib in self.rss_samples), default=None)
-
-    def wait(self, deadline: float) -> bool:
-        """Wait until the child has been reaped or ``deadline`` (perf_counter) passes; True if it was reaped."""
-        if self.done.wait(max(0.0, deadline - time.perf_counter())):
-            if self._sampler is not None:
-                self._sampler.join()
-            return True
-        return False
-
-    def kill(self) -> None:
-        """SIGKILL the child's process group (its own session, pgid == pid) unless it has been reaped already."""
-        if not self.done.is_set():
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.done.wait(KILL_GRACE)
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def stderr_tail(self, lines: int = 5) -> str:
-        text = self.stderr_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) if text else "(no stderr)"
-
-
-def cpu_clock() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process): for ``other_cpu``."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fh.readline().split()[1:8])
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (user + nice + system + irq + softirq) / CLK_TCK, own.ru_utime + own.ru_stime
-
-
-def other_cpu(before: tuple[float, float], children: Sequence[Child]) -> float:
-    """CPU seconds the rest of the machine used since ``before``: all busy time minus ours and our children's."""
-    busy, own = cpu_clock()
-    return max(0.0, busy - before[0] - (own - before[1]) - sum(c.cpu_s or 0.0 for c in children))
-
-
-def wait_all(children: Sequence[Child], deadline: float, what: str) -> None:
-    """Wait for every child until ``deadline``; once one has failed, give the others FAIL_GRACE, then report it.
-
-    Exit times come from the reaper threads, so the polling interval here does not affect any measurement.
-    """
-    while pending := [c for c in children if not c.done.is_set()]:
-        failed = [c for c in children if c.done.is_set() and c.returncode != 0]
-        if failed:
-            deadline = min(deadline, time.perf_counter() + FAIL_GRACE)
-            for child in pending:
-                child.wait(deadline)
-            check_exits(failed, what)
-        if time.perf_counter() > deadline:
-            raise BenchError(f"{what}: timed out ({', '.join(c.tag for c in pending)} still running)")
-        time.sleep(0.02)
-    for child in children:
-        child.wait(deadline)  # joins the RSS sampler
-
-
-def check_exits(children: Sequence[Child], what: str) -> None:
-    for child in children:
-        if child.returncode != 0:
-            raise BenchError(f"{what}: {child.tag} exited {child.returncode}: {child.stderr_tail()}")
-
-
-def kill_all(children: Sequence[Child | None]) -> None:
-    for child in children:
-        if child is not None:
-            child.kill()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Files
-
-
-def remove(*paths: Path) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -345,67 +176,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", GENERATOR)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot import {GENERATOR}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_image(generator: ModuleType, path: Path, size: int) -> None:
-    started = time.perf_counter()
-    counts = generator.generate(str(path), size, seed=1, profile="mixed")
-    log(f"generated {fmt_size(size)} mixed image {path} in {time.perf_counter() - started:.1f}s: {counts}")
-
-
-def check_space(size: int) -> None:
-    """The source image (sparse: ~60% of its size) plus one full destination must fit in /dev/shm."""
-    free = shutil.disk_usage(SHM).free
-    need = size * 1.7
-    if free < need:
-        raise BenchError(
-            f"/dev/shm has {free / 2**30:.1f} GiB free, need about {need / 2**30:.1f} GiB for {fmt_size(size)}"
-        )
-
-
-def prefault(workdir: Path, size: int) -> None:
-    """Warm-up: allocate, touch and free ``size`` bytes of /dev/shm, as the receiver's preallocation will.
-
-    On a VM whose RAM the hypervisor backs lazily, the first touch of never-used guest memory can be several times
-    slower than later touches (seen here: 11.6 s vs 1.4 s for 4 GiB); without this the first case pays for it.
-    """
-    path = workdir / "prefault"
-    started = time.perf_counter()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, size)
-        mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE).close()
-    finally:
-        os.close(fd)
-        remove(path)
-    log(f"warm-up: allocated and touched {fmt_size(size)} of /dev/shm in {time.perf_counter() - started:.1f}s")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # vmmig cases
-
-
-def vmmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "migrate_cli", *args]
-
-
-def wait_ready(ready: Path, recv: Child) -> str:
-    deadline = time.perf_counter() + READY_TIMEOUT
-    while True:
-        if ready.exists() and (text := ready.read_text().strip()):
-            return text
-        if recv.done.is_set():
-            raise BenchError(f"vmmig recv exited {recv.returncode} before listening: {recv.stderr_tail()}")
-        if time.perf_counter() > deadline:
-            raise BenchError(f"vmmig recv not listening after {READY_TIMEOUT:.0f}s")
-        time.sleep(0.01)
 
 
 def case_name(codec: str, level: int | None, threads: int, channels: int = 1) -> str:
@@ -417,46 +189,37 @@ def run_case(
 ) -> Run:
     """One fresh recv + send pair; verified by exit codes, matching digests and the destination's size."""
     what = case_name(codec, level, threads, channels)
-    dest, ready = workdir / "dest.img", workdir / "ready"
-    remove(dest, Path(f"{dest}.partial"), ready)
+    dest = workdir / "dest.img"
+    remove(dest, Path(f"{dest}.partial"))
     level_args = [] if level is None else ["--level", str(level)]
-    recv: Child | None = None
-    send: Child | None = None
     try:
-        recv_argv = ["recv", "--listen", "127.0.0.1:0", "--ready-file", str(ready)]
-        recv_argv += ["--decompress-threads", str(threads), "--json", "--quiet", str(dest)]
-        before = cpu_clock()
-        recv = Child(vmmig(*recv_argv), workdir, "recv")
-        address = wait_ready(ready, recv)
-        started = time.perf_counter()
-        send_argv = ["send", str(image), address, "--compress", codec, *level_args]
-        send_argv += ["--compress-threads", str(threads), "--channels", str(channels), "--json", "--quiet"]
-        send = Child(vmmig(*send_argv), workdir, "send")
-        wait_all([send, recv], started + CASE_TIMEOUT, what)
-        others = other_cpu(before, [send, recv])
-        assert send.ended is not None and recv.ended is not None
-        wall = max(send.ended, recv.ended) - started
-        check_exits([send, recv], what)
-        sent, received = parse_report(send, what), parse_report(recv, what)
-        verify_case(what, sent, received, dest, size)
-        return Run(
-            wall_s=wall,
-            image_bytes=size,
-            wire_bytes=int(sent["transferred"]),
-            tool_mbps=float(sent["image-mbytes-per-second"]),
-            send_cpu_s=send.cpu_s,
-            recv_cpu_s=recv.cpu_s,
-            send_rss_kib=send.rss_peak_kib,
-            recv_rss_kib=recv.rss_peak_kib,
-            send_rss_samples=relative(send.rss_samples, started),
-            recv_rss_samples=relative(recv.rss_samples, started),
-            other_cpu_s=others,
-            send_report=sent,
-            recv_report=received,
-        )
+        with VmmigPair(workdir, what, sample=True) as pair:
+            before = cpu_clock()
+            address = pair.start_recv("--decompress-threads", str(threads), str(dest), timeout=READY_TIMEOUT)
+            pair.start_send(str(image), address, "--compress", codec, *level_args, "--compress-threads", str(threads),
+                            "--channels", str(channels))  # fmt: skip
+            wall = pair.wait(CASE_TIMEOUT)
+            others = other_cpu(before, pair.cpu_s)
+            sent, received = pair.reports()
+            check_size(what, dest, size)
+            send, recv = pair.children
+            return Run(
+                wall_s=wall,
+                image_bytes=size,
+                wire_bytes=int(sent["transferred"]),
+                tool_mbps=float(sent["image-mbytes-per-second"]),
+                send_cpu_s=send.cpu_s,
+                recv_cpu_s=recv.cpu_s,
+                send_rss_kib=send.rss_peak_kib,
+                recv_rss_kib=recv.rss_peak_kib,
+                send_rss_samples=relative(send.rss_samples, pair.started),
+                recv_rss_samples=relative(recv.rss_samples, pair.started),
+                other_cpu_s=others,
+                send_report=sent,
+                recv_report=received,
+            )
     finally:
-        kill_all([send, recv])
-        remove(dest, Path(f"{dest}.partial"), ready)
+        remove(dest, Path(f"{dest}.partial"))
 
 
 def relative(samples: list[tuple[float, int]], origin: float) -> list[tuple[float, int]]:
@@ -464,21 +227,7 @@ def relative(samples: list[tuple[float, int]], origin: float) -> list[tuple[floa
     return [(round(t - origin, 3), kib) for t, kib in samples]
 
 
-def parse_report(child: Child, what: str) -> dict[str, Any]:
-    try:
-        report = json.loads(child.stdout().strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError) as exc:
-        raise BenchError(f"{what}: {child.tag} printed no JSON report ({exc}): {child.stderr_tail()}") from None
-    if not isinstance(report, dict):
-        raise BenchError(f"{what}: {child.tag} JSON report is not an object")
-    return report
-
-
-def verify_case(what: str, sent: dict[str, Any], received: dict[str, Any], dest: Path, size: int) -> None:
-    if sent.get("status") != "completed" or received.get("status") != "completed":
-        raise BenchError(f"{what}: status send={sent.get('status')} recv={received.get('status')}")
-    if not sent.get("digest") or sent.get("digest") != received.get("digest"):
-        raise BenchError(f"{what}: digest mismatch: send {sent.get('digest')} recv {received.get('digest')}")
+def check_size(what: str, dest: Path, size: int) -> None:
     if not dest.exists() or dest.stat().st_size != size:
         actual = dest.stat().st_size if dest.exists() else "missing"
         raise BenchError(f"{what}: destination size {actual}, expected {size}")
@@ -504,12 +253,6 @@ def ensure_tools(tools: Sequence[str] = ("socat", "zstd")) -> set[str]:
     for tool in sorted(set(tools) - available):
         print(f"NOTICE: {tool} is not installed and could not be installed: baselines using it are skipped")
     return available
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def is_listening(port: int) -> bool:
@@ -578,12 +321,12 @@ def run_baseline(name: str, image: Path, size: int, workdir: Path, image_sha: st
     send: Child | None = None
     try:
         before = cpu_clock()
-        recv = Child(["bash", "-c", f"set -o pipefail; {recv_cmd}"], workdir, "base-recv", sample=False)
+        recv = Child(["bash", "-c", f"set -o pipefail; {recv_cmd}"], workdir, "base-recv")
         wait_listening(port, recv)
         started = time.perf_counter()
-        send = Child(["bash", "-c", f"set -o pipefail; {send_cmd}"], workdir, "base-send", sample=False)
+        send = Child(["bash", "-c", f"set -o pipefail; {send_cmd}"], workdir, "base-send")
         wait_all([send, recv], started + CASE_TIMEOUT, name)
-        others = other_cpu(before, [send, recv])
+        others = other_cpu(before, (send.cpu_s or 0.0) + (recv.cpu_s or 0.0))
         assert send.ended is not None and recv.ended is not None
         wall = max(send.ended, recv.ended) - started
         check_exits([send, recv], name)
@@ -603,21 +346,6 @@ def run_baseline(name: str, image: Path, size: int, workdir: Path, image_sha: st
 # Output
 
 
-def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def fmt_size(size: int) -> str:
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} B"
-
-
-def fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def ratio(value: float, base: Result | None) -> float | None:
     if base is None or not base.runs or base.image_bytes == 0:
         return None
@@ -625,40 +353,11 @@ def ratio(value: float, base: Result | None) -> float | None:
 
 
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_kib = 0
-    with open("/proc/meminfo", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
     return {
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "usable-cpus": len(os.sched_getaffinity(0)),
-        "cpu-model": model,
-        "memory-gib": round(mem_kib / 2**20, 1),
-        "kernel": platform.release(),
-        "load-average": Path("/proc/loadavg").read_text().split()[:3],
-        "python": platform.python_version(),
-        "vmmig": _command_output(vmmig("--version")),
-        "commit": _command_output(["git", "rev-parse", "--short", "HEAD"]),  # read-only
-        "socat": _command_output(["socat", "-V"], "socat version").split(" on ")[0],
-        "zstd": _command_output(["zstd", "--version"]).strip("* ").split(",")[0],
+        **harness.machine_info(),
+        "socat": command_output(["socat", "-V"], "socat version").split(" on ")[0],
+        "zstd": command_output(["zstd", "--version"]).strip("* ").split(",")[0],
     }
-
-
-def _command_output(argv: list[str], prefix: str = "") -> str:
-    try:
-        out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unavailable"
-    lines = [line.strip() for line in out.splitlines() if line.strip().startswith(prefix)]
-    return lines[0] if lines else "unavailable"
 
 
 def print_header(info: dict[str, Any], size: int, rss_size: int, repeat: int) -> None:
@@ -713,25 +412,15 @@ def table_row(result: Result, baselines: dict[str, Result]) -> list[str]:
 
 
 def print_table(results: Sequence[Result], baselines: dict[str, Result]) -> None:
-    header = [name for name, _ in COLUMNS]
-    widths = [max(width, len(name)) for name, width in COLUMNS]
-    rows = [table_row(r, baselines) for r in results]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    harness.print_table(COLUMNS, [table_row(r, baselines) for r in results])
     for result in results:
         if result.error is not None:
             print(f"  {result.name}: FAILED: {result.error}")
     print("  MB = 10^6 bytes of image; 'x socat' / 'x zstd|socat' = MB/s wall over that baseline's MB/s wall;")
     print("  RssAnon = peak anonymous RSS (mapped images excluded); baselines' RSS is not sampled.")
     print("  other CPU s = CPU time used by everything else on the machine during the run (should be ~0).")
-    busy = [
-        r.name for r in results if r.runs and (r.other_cpu_s or 0) > max(OTHER_CPU_WARN, 0.1 * r.runs[0].wall_s * CPUS)
-    ]
-    if busy:
-        print(f"  WARNING: the machine was busy during {', '.join(busy)}: those numbers are not reliable; rerun.")
+    if warning := busy_warning([(r.name, r.other_cpu_s, r.runs[0].wall_s) for r in results if r.runs]):
+        print(f"  {warning}")
     print()
 
 
@@ -824,7 +513,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the median is reported (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke test: --size 256MiB --rss-size 0")
     parser.add_argument("--json", metavar="PATH", help="also write all results (and RSS samples) as JSON to PATH")
+    add_tree_option(parser)
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        type=Path,
+        help="before/after: run the chosen vmmig cases with the vmmig of the checkout DIR ('before') and with this "
+        "one or --tree ('after') in --repeat interleaved rounds; no baselines, no RSS-only run",
+    )
+    parser.add_argument("--codecs", default="none,zlib,zstd,auto", help="vmmig cases: these codecs (comma-separated)")
+    parser.add_argument("--threads", default="1,2", help="vmmig cases: these thread counts (comma-separated)")
+    parser.add_argument("--channels", default="1,2", help="vmmig cases: these channel counts (comma-separated)")
     args = parser.parse_args(argv)
+    args.codecs = args.codecs.split(",")
+    try:
+        args.threads = [int(v) for v in args.threads.split(",")]
+        args.channels = [int(v) for v in args.channels.split(",")]
+    except ValueError:
+        parser.error("--threads and --channels take comma-separated whole numbers")
     if args.quick:
         args.size, args.rss_size = "256MiB", "0"
     if args.repeat < 1:
@@ -858,14 +564,12 @@ def fmt_kib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f}"
 
 
-def run_vmmig_cases(image: Path, size: int, workdir: Path, repeat: int) -> list[Result]:
+def run_vmmig_cases(image: Path, size: int, workdir: Path, args: argparse.Namespace) -> list[Result]:
     results = []
-    for codec, level in CODECS:
-        for threads in THREADS:
-            for channels in CHANNELS:
-                name = case_name(codec, level, threads, channels)
-                once = functools.partial(run_case, image, size, workdir, codec, level, threads, channels)
-                results.append(repeat_runs(name, "vmmig", size, repeat, once))
+    for codec, level, threads, channels in chosen_cases(args):
+        name = case_name(codec, level, threads, channels)
+        once = functools.partial(run_case, image, size, workdir, codec, level, threads, channels)
+        results.append(repeat_runs(name, "vmmig", size, args.repeat, once))
     return results
 
 
@@ -891,7 +595,7 @@ def run_rss_case(generator: ModuleType, workdir: Path, rss_size: int) -> Result:
     name = f"{TARGET_CASE} @{fmt_size(rss_size).replace(' ', '')}"
     image = workdir / "image-rss.img"
     try:
-        check_space(rss_size)
+        check_space(rss_size, 1.7, "the source image (sparse: ~60%) and one destination")
         make_image(generator, image, rss_size)
         prefault(workdir, rss_size)
         return repeat_runs(name, "rss", rss_size, 1, lambda: run_case(image, rss_size, workdir, "zlib", 1, 2))
@@ -901,6 +605,83 @@ def run_rss_case(generator: ModuleType, workdir: Path, rss_size: int) -> Result:
         remove(image)
 
 
+def run_compare(image: Path, size: int, workdir: Path, args: argparse.Namespace) -> list[Result]:
+    """--compare DIR: every chosen case with DIR's vmmig ('before') and this tree's ('after'), in --repeat rounds
+    that interleave them (the order flips each round), so that both see the same machine."""
+    trees = {"before": args.compare.resolve(), "after": harness.tree()}
+    results: dict[tuple[str, str], Result] = {}
+    for round_no in range(args.repeat):
+        for codec, level, threads, channels in chosen_cases(args):
+            name = case_name(codec, level, threads, channels)
+            for label in sorted(trees, reverse=round_no % 2 == 1):
+                result = results.setdefault((name, label), Result(name=f"{name} {label}", image_bytes=size, runs=[]))
+                if result.error is not None:
+                    continue
+                use_tree(trees[label])
+                once = functools.partial(run_case, image, size, workdir, codec, level, threads, channels)
+                run = repeat_runs(result.name, "vmmig", size, 1, once)
+                result.runs += run.runs
+                result.error = run.error
+    use_tree(trees["after"])
+    return list(results.values())
+
+
+def chosen_cases(args: argparse.Namespace) -> list[tuple[str, int | None, int, int]]:
+    """(codec, level, threads, channels) of every vmmig case, narrowed by --codecs, --threads and --channels."""
+    return [
+        (codec, level, threads, channels)
+        for codec, level in CODECS
+        if codec in args.codecs
+        for threads in THREADS
+        if threads in args.threads
+        for channels in CHANNELS
+        if channels in args.channels
+    ]
+
+
+COMPARE_COLUMNS: tuple[tuple[str, int], ...] = (
+    ("case", 16),
+    ("MB/s before", 11),
+    ("MB/s after", 10),
+    ("after/before", 12),
+    ("send CPU s b/a", 14),
+    ("recv CPU s b/a", 14),
+    ("wire MB b/a", 15),
+    ("other CPU s b/a", 15),
+)
+
+
+def print_compare(results: Sequence[Result], args: argparse.Namespace) -> None:
+    """One row per case: its medians with the 'before' tree and with the 'after' tree, side by side."""
+    by_name = {r.name: r for r in results}
+    rows = []
+    for codec, level, threads, channels in chosen_cases(args):
+        name = case_name(codec, level, threads, channels)
+        before, after = by_name.get(f"{name} before"), by_name.get(f"{name} after")
+        if before is None or after is None or not before.runs or not after.runs:
+            rows.append([name, "FAILED", *(["-"] * (len(COMPARE_COLUMNS) - 2))])
+            continue
+
+        def both(get: Callable[[Result], float | None], spec: str, b: Result = before, a: Result = after) -> str:
+            return f"{fmt(get(b), spec)} / {fmt(get(a), spec)}"
+
+        rows.append(
+            [
+                name,
+                fmt(before.wall_mbps),
+                fmt(after.wall_mbps),
+                fmt(after.wall_mbps / before.wall_mbps, ".3f"),
+                both(lambda r: r.send_cpu_s, ".2f"),
+                both(lambda r: r.recv_cpu_s, ".2f"),
+                both(lambda r: r.wire_mb, ".1f"),
+                both(lambda r: r.other_cpu_s, ".2f"),
+            ]
+        )
+    print(f"before = {args.compare.resolve()}, after = {harness.tree()}; medians of {args.repeat} interleaved rounds")
+    harness.print_table(COMPARE_COLUMNS, rows)
+    print()
+
+
 def write_json(
     path: str,
     info: dict[str, Any],
@@ -908,29 +689,37 @@ def write_json(
     results: Sequence[Result],
     targets: Sequence[tuple[str, str]],
 ) -> None:
-    document = {
-        "machine": info,
-        "options": {"size": args.size, "rss-size": args.rss_size, "repeat": args.repeat, "quick": args.quick},
-        "results": [r.summary() for r in results],
-        "targets": [{"verdict": v, "target": t} for v, t in targets],
-    }
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(document, fh, indent=1)
-        fh.write("\n")
-    log(f"wrote {path}")
+    options = {"size": args.size, "rss-size": args.rss_size, "repeat": args.repeat, "quick": args.quick}
+    harness.write_json(
+        path,
+        {
+            "machine": info,
+            "options": {**options, "compare": str(args.compare) if args.compare else None},
+            "results": [r.summary() for r in results],
+            "targets": [{"verdict": v, "target": t} for v, t in targets],
+        },
+    )
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> int:
     generator = load_generator()
     size, rss_size = generator.parse_size(args.size), generator.parse_size(args.rss_size)
-    tools = ensure_tools()
+    tools = ensure_tools() if not args.compare else set()
     info = machine_info()
     print_header(info, size, rss_size, args.repeat)
     image = workdir / "image.img"
-    check_space(size)
+    check_space(size, 1.7, "the source image (sparse: ~60%) and one destination")
     make_image(generator, image, size)  # the image stays in /dev/shm (RAM) for every case: no cache effects
     prefault(workdir, size)
-    results = run_vmmig_cases(image, size, workdir, args.repeat)
+    if args.compare:
+        results = run_compare(image, size, workdir, args)
+        remove(image)
+        print_table(results, {})
+        print_compare(results, args)
+        if args.json:
+            write_json(args.json, info, args, results, [])
+        return harness.exit_status(results)
+    results = run_vmmig_cases(image, size, workdir, args)
     results += run_baselines(image, size, workdir, args.repeat, tools)
     remove(image)
     rss_case = run_rss_case(generator, workdir, rss_size) if rss_size else None
@@ -944,28 +733,15 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
     print_rss_detail(results)
     if args.json:
         write_json(args.json, info, args, results, targets)
-    failed = [r.name for r in results if r.error is not None]
-    if failed:
-        print(f"FAILED runs: {', '.join(failed)} (exit status 1)")
-    return 1 if failed else 0
+    return harness.exit_status(results)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Bytecode, as an installed package has it (pip compiles on install; an editable install under
-    # PYTHONDONTWRITEBYTECODE would compile every module again in every vmmig process's start-up time).
-    compileall.compile_dir(REPO / "migrate_cli", quiet=1)
-    workdir = Path(tempfile.mkdtemp(prefix="vmmig-bench-", dir=SHM))
-    try:
-        return benchmark(args, workdir)
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    if args.compare:
+        use_tree(args.compare)  # fails early when DIR is no checkout; compiles it below too
+        compile_package(args.compare)
+    return run_main(functools.partial(benchmark, args), "vmmig-bench-", args.tree)
 
 
 if __name__ == "__main__":

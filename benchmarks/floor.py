@@ -202,6 +202,7 @@ def measure(image: Path, codec: str = "none", workdir: Path | None = None) -> Fl
     if codec == "zstd":
         compressor = zstandard.ZstdCompressor(level=1)
         packed: list[bytes] = []
+
         # Timed with each output dropped at once, as a sender does after sending it (kept, the outputs would add
         # page faults no sender pays); then compressed again, untimed, to keep them for the steps below.
         def compress_and_drop() -> None:

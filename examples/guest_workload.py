@@ -64,16 +64,16 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from fractions import Fraction
 from types import FrameType, TracebackType
 
 import numpy as np
+
+from migrate_cli import units
 
 PATTERNS: tuple[str, ...] = ("uniform", "hotset", "sweep")
 DEFAULT_THREADS = 8
@@ -91,50 +91,12 @@ MAX_BURST_PAGES = 64  # and never more pages than this in one burst (also the bu
 MAX_CREDIT_SECONDS = 0.01  # token bucket cap: a stopped guest (SIGSTOP duty cycle) never catches up afterwards
 KINDS: tuple[str, ...] = ("overwrite", "zero", "restore")
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_SIZE_UNITS: dict[str, int] = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
 
 def parse_size(text: str) -> int:
-    """Parse a size: ``4096`` -> 4096, ``50M`` -> 50_000_000, ``64MiB`` -> 67_108_864.
-
-    ``K M G T`` (also ``KB``...) are powers of 10, ``KiB MiB GiB TiB`` (also ``Ki``...) powers of 2, ``B`` or no
-    suffix means bytes; units are case-insensitive and a trailing ``/s`` is ignored (so rates read naturally).
-    Fractions are allowed when the result is a whole number of bytes. Raises ValueError for anything else.
-    """
+    """vmmig's size syntax (``4096``, ``50M``, ``64MiB``; K M G T powers of 10, KiB MiB GiB TiB powers of 2); a
+    trailing ``/s`` is ignored, so rates read naturally. Raises ValueError for anything else."""
     stripped = text.strip()
-    if stripped.lower().endswith("/s"):
-        stripped = stripped[:-2]
-    match = _SIZE_RE.match(stripped)
-    if not match:
-        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit such as 4KiB, 50M, 1GiB")
-    number, unit = match.groups()
-    factor = _SIZE_UNITS.get(unit.lower())
-    if factor is None:
-        raise ValueError(f"invalid size {text!r}: unknown unit {unit!r} (use K, M, G, T or KiB, MiB, GiB, TiB)")
-    value = Fraction(number) * factor
-    if value.denominator != 1:
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(value)
+    return units.parse_size(stripped[:-2] if stripped.lower().endswith("/s") else stripped)
 
 
 def format_rate(rate: int) -> str:

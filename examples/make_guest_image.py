@@ -47,14 +47,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from fractions import Fraction
 from typing import Generic, TypeVar
 
 import numpy as np
+
+from migrate_cli.units import parse_size
 
 # Class weights per profile, in any integer scale (they are normalised). Add profiles here.
 PROFILES: dict[str, dict[str, int]] = {
@@ -77,52 +77,11 @@ CHUNK_BYTES = 64 * 1024 * 1024  # largest single write (and the size of the one 
 RANDOM_BYTES = 4 * 1024 * 1024  # random bytes are drawn this many at a time
 FIELD_BYTES = 16  # per-page unique field
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_SIZE_UNITS: dict[str, int] = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # odd, so page -> page * _GOLDEN + salt is a bijection mod 2**64
 _MASK56 = np.uint64((1 << 56) - 1)
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _T = TypeVar("_T")
-
-
-def parse_size(text: str) -> int:
-    """Parse a size: ``4096`` -> 4096, ``350M`` -> 350_000_000, ``1GiB`` -> 1_073_741_824.
-
-    ``K M G T`` (also ``KB``...) are powers of 10, ``KiB MiB GiB TiB`` (also ``Ki``...) powers of 2, ``B`` or no suffix
-    means bytes; units are case-insensitive. Fractions are allowed when the result is a whole number of bytes
-    (``1.5KiB``). Raises ValueError for anything else.
-    """
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit such as 4KiB, 350M, 1GiB")
-    number, unit = match.groups()
-    factor = _SIZE_UNITS.get(unit.lower())
-    if factor is None:
-        raise ValueError(f"invalid size {text!r}: unknown unit {unit!r} (use K, M, G, T or KiB, MiB, GiB, TiB)")
-    value = Fraction(number) * factor
-    if value.denominator != 1:
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(value)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -174,14 +174,12 @@ def start_guest(
     role: str = "source",
     write_mb: int = 0,
     *,
-    mem_mb: int = DEFAULT_MEM_MB,
-    kernel: Path | str | None = None,
-    initrd: Path | str | None = None,
-    extra_append: str = "",
     name: str | None = None,
     new_session: bool = False,
+    **qemu: Any,
 ) -> GuestProcess:
-    """Start QEMU as ``role`` ('source' boots at once; 'dest' waits with ``-S -incoming defer``).
+    """Start QEMU as ``role`` ('source' boots at once; 'dest' waits with ``-S -incoming defer``); ``qemu`` passes
+    qemu_command's other options (mem_mb, kernel, initrd, extra_append).
 
     Files in ``workdir``: NAME.qmp.sock, NAME.serial.log, NAME.stderr.log (NAME defaults to ``role``); any old ones
     are removed first. ``ram_path`` is created by QEMU if it does not exist; an existing file of the right size is
@@ -200,15 +198,7 @@ def start_guest(
             p.unlink()
     serial_log.touch()  # so readers can open it before QEMU does
     cmd = qemu_command(
-        ram_path=ram_path,
-        qmp_path=qmp_path,
-        serial_log=serial_log,
-        role=role,
-        write_mb=write_mb,
-        mem_mb=mem_mb,
-        kernel=kernel,
-        initrd=initrd,
-        extra_append=extra_append,
+        ram_path=ram_path, qmp_path=qmp_path, serial_log=serial_log, role=role, write_mb=write_mb, **qemu
     )
     with open(stderr_log, "wb") as err:
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=new_session)
