@@ -80,6 +80,7 @@ def execute(command: str, debug: bool, call: Callable[[], Any]) -> NoReturn:
     """Run a command body; turn its outcome into one stderr line and an exit code."""
     signal.signal(signal.SIGINT, raise_interrupted)
     signal.signal(signal.SIGTERM, raise_interrupted)
+    code = int(ExitCode.OK)
     try:
         call()
     except MigrateError as exc:
@@ -89,13 +90,17 @@ def execute(command: str, debug: bool, call: Callable[[], Any]) -> NoReturn:
             if detail:
                 print(detail, file=sys.stderr)
         print(f"vmmig {command}: {exc}", file=sys.stderr)
-        sys.exit(int(exc.exit_code))
+        code = int(exc.exit_code)
     except Exception as exc:  # a bug: say so, in one line unless --debug
         if debug:
             traceback.print_exc()
         print(f"vmmig {command}: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
-        sys.exit(int(ExitCode.INTERNAL))
-    sys.exit(0)
+        code = int(ExitCode.INTERNAL)
+    # Only exiting is left. CPython puts the default handlers back while it shuts down, so a signal arriving now
+    # would kill the process with the wrong status after its cleanup is done; ignored handlers it leaves alone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(

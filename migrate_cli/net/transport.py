@@ -192,13 +192,31 @@ class Channel:
                     f"peer accepted no data for {self.io_timeout:g}s (--io-timeout): it is stalled or gone"
                 ) from None
             except (BrokenPipeError, ConnectionResetError):
-                raise NetworkError("connection lost: the peer closed it while we were sending") from None
+                raise self._unread_refusal() or NetworkError(
+                    "connection lost: the peer closed it while we were sending"
+                ) from None
             except ssl.SSLError as exc:
-                raise NetworkError(f"TLS stream broken while sending: {clean(exc)}") from None
+                raise self._unread_refusal() or NetworkError(
+                    f"TLS stream broken while sending: {clean(exc)}"
+                ) from None
             except OSError as exc:
                 raise NetworkError(f"connection lost while sending: {exc.strerror}") from None
             self.last_send = time.monotonic()
         return total
+
+    def _unread_refusal(self) -> MigrateError | None:
+        """Under TLS 1.3 a peer that refuses our certificate sends an alert and closes; a write racing that close
+        fails first (a reset, a broken pipe) with the alert still unread in our socket: read it to name the cause."""
+        if not self.tls:
+            return None
+        try:
+            self.sock.settimeout(0.2)
+            self.sock.recv(1)
+        except ssl.SSLError as exc:
+            return refusal(exc, self._peer)
+        except OSError:
+            return None
+        return None
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
