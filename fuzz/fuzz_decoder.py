@@ -1,4 +1,4 @@
-"""A long fuzzing run against vmmig's sans-IO wire decoder (migrate_cli/protocol.py) and the batch decompressors.
+"""A long fuzzing run against vmmig's sans-IO wire decoder (migrate_cli/wire/protocol.py) and the batch decompressors.
 
     python fuzz/fuzz_decoder.py --seconds 600 [--corpus DIR] [--findings DIR] [--engine auto|atheris|hypothesis]
     python fuzz/fuzz_decoder.py --make-corpus DIR       # write the seed corpus: valid frames and streams
@@ -57,49 +57,21 @@ except ImportError:  # the hypothesis engine needs nothing more
 
 WORKER_FLAG = "--atheris-worker"
 
-if atheris is not None and WORKER_FLAG in sys.argv:
-    with atheris.instrument_imports(include=["migrate_cli"]):
-        import numpy as np
-        from zlib_ng import zlib_ng
-
-        from migrate_cli.errors import IntegrityError, ProtocolError
-        from migrate_cli.sender.source import DiscardSink
-        from migrate_cli.wire import codec as codecs
-        from migrate_cli.wire.digest import fingerprint_pages, image_digest
-        from migrate_cli.wire.protocol import (
-            FRAME_MAGIC,
-            HEADER,
-            Abort,
-            Decoder,
-            Encoding,
-            End,
-            Frame,
-            FrameType,
-            Handoff,
-            HandoffDone,
-            Hello,
-            Keepalive,
-            Pages,
-            PassEnd,
-            Result,
-            Role,
-            Welcome,
-            encode,
-            validate_pages,
-        )
-else:
+# The atheris worker instruments vmmig's modules as they are imported, for coverage; every other run imports them plain.
+_instrumented = atheris is not None and WORKER_FLAG in sys.argv
+with atheris.instrument_imports(include=["migrate_cli"]) if _instrumented else contextlib.nullcontext():
     import numpy as np
     from zlib_ng import zlib_ng
 
     from migrate_cli.errors import IntegrityError, ProtocolError
-    from migrate_cli.sender.source import DiscardSink
+    from migrate_cli.receiver.discard import DiscardSink
     from migrate_cli.wire import codec as codecs
+    from migrate_cli.wire.conversation import Role
     from migrate_cli.wire.digest import fingerprint_pages, image_digest
-    from migrate_cli.wire.protocol import (
+    from migrate_cli.wire.frames import (
         FRAME_MAGIC,
         HEADER,
         Abort,
-        Decoder,
         Encoding,
         End,
         Frame,
@@ -111,11 +83,10 @@ else:
         Pages,
         PassEnd,
         Result,
-        Role,
         Welcome,
-        encode,
-        validate_pages,
     )
+    from migrate_cli.wire.protocol import Decoder, encode, validate_pages
+
 
 PAGE_SIZE = 4096
 SESSION_PAGES = 64
@@ -183,7 +154,7 @@ def check_batch(frame: Pages, reused: dict[str, codecs.Decompressor], sink: Disc
         return
     codec = codecs.by_wire_id(frame.encoding)
     if codec is None:
-        return  # the receiver refuses it against the session's codec: a ProtocolError (recv_pipeline.py)
+        return  # the receiver refuses it against the session's codec: a ProtocolError (receiver/pipeline.py)
     size = frame.normal_count * PAGE_SIZE
     decompressor = reused.setdefault(codec.name, codec.decompressor())
     decoded: bytes | None = None

@@ -23,6 +23,6 @@ for _var in _BLAS_VARS:
 # (perf): collect less often; send and recv also freeze what the imports created (gc.freeze).
 gc.set_threshold(20_000, 50, 100)
 
-from .wire.protocol import PROTOCOL_VERSION  # noqa: E402
+from .wire.frames import PROTOCOL_VERSION  # noqa: E402
 
 __all__ = ["PROTOCOL_VERSION", "__version__"]

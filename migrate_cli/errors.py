@@ -213,6 +213,34 @@ class StateNotWritable(DestinationError):
     """DEST's file system takes no ordinary files (hugetlbfs refuses write(2)): the migration runs, not resumable."""
 
 
+class ResumableFailure(MigrateError):
+    """A link fault after the session started: the receiver keeps it, and so does our state file."""
+
+    resumable = True
+
+    def __init__(self, cause: MigrateError, state_path: str, end_sent: bool = False) -> None:
+        verdict = (
+            "the receiver may have verified and published DEST before the link dropped (check it); if it still waits, "
+            if end_sent
+            else ""
+        )
+        super().__init__(f"{cause}; {verdict}the session can continue: vmmig send --resume (state in {state_path})")
+        self.exit_code = cause.exit_code
+        self.cause = cause
+
+
+class ResumeWindowExpired(NetworkError):
+    """Nobody resumed the parked session within --resume-window."""
+
+
+class ResumeKept(MigrateError):
+    """The final error of a session left resumable on disk (its exit code is that of the cause)."""
+
+
+class JoinTimeout(NetworkError):
+    """A sender's other channels did not all connect in time: that sender is turned away."""
+
+
 class Interrupted(MigrateError):
     """A signal asked us to stop; raised in the main thread so cleanup runs."""
 

@@ -1,7 +1,9 @@
-"""A token bucket on wire bytes, shared by every thread that puts bytes on the wire.
+"""The bandwidth cap, and a token bucket on wire bytes shared by every thread that puts bytes on the wire.
 
-QEMU keeps one budget for all channels (migration-stats.c); so do we. ``consume(n)`` blocks until ``n`` bytes
-may go out. The clock and sleep are injectable so tests run on a fake clock. ``set_rate`` applies at once.
+``BandwidthCap`` is the one owner of the rate (--max-bandwidth, changed by `vmmig ctl set max-bandwidth`): the
+bucket charges against it, the auto policy and the statistics read it, the report prints it. QEMU keeps one
+budget for all channels (migration-stats.c); so do we. ``consume(n)`` blocks until ``n`` bytes may go out. The
+clock and sleep are injectable so tests run on a fake clock. A new rate applies at once.
 """
 
 from __future__ import annotations
@@ -11,12 +13,27 @@ import time
 from collections.abc import Callable
 
 
+class BandwidthCap:
+    """Wire bytes per second, None = unlimited. Read without a lock: one attribute, replaced whole."""
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate: float | None = rate if rate else None
+
+    def set(self, rate: float | None) -> None:
+        self.rate = rate if rate else None
+
+    def as_int(self) -> int:
+        """For reports and statistics: 0 = none."""
+        return int(self.rate or 0)
+
+
 class TokenBucket:
-    """Rate in bytes per second (None = unlimited); ``burst`` is the most that can go out at once after idling."""
+    """Charges against ``cap`` (a shared BandwidthCap, or a rate in bytes per second: None = unlimited); ``burst``
+    is the most that can go out at once after idling."""
 
     def __init__(
         self,
-        rate: float | None,
+        rate: BandwidthCap | float | None,
         burst: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -24,26 +41,35 @@ class TokenBucket:
         self._lock = threading.Lock()
         self._clock = clock
         self._sleep = sleep
-        self._rate: float | None = None
+        self.cap = rate if isinstance(rate, BandwidthCap) else BandwidthCap(rate)
+        self._rate: float | None = None  # the cap's rate as last seen: the burst is derived from it
         self._burst = 0.0
         self._explicit_burst = burst
         self._tokens = 0.0
         self._last = clock()
-        self.set_rate(rate)
+        with self._lock:
+            self._follow_cap()
 
     @property
     def rate(self) -> float | None:
-        return self._rate
+        return self.cap.rate
 
     def set_rate(self, rate: float | None) -> None:
         with self._lock:
-            self._refill()
-            self._rate = rate if rate else None
-            # 50 ms worth of bytes: smooth enough for a 5 s window, big enough for one batch frame.
-            self._burst = self._explicit_burst or (max(self._rate * 0.05, 256 * 1024) if self._rate else 0.0)
-            self._tokens = min(self._tokens, self._burst)
+            self._refill()  # the time so far at the old rate
+            self.cap.set(rate)
+            self._follow_cap()
+
+    def _follow_cap(self) -> None:
+        """Take the cap's current rate (set here or by its owner elsewhere) and derive the burst from it."""
+        self._rate = self.cap.rate
+        # 50 ms worth of bytes: smooth enough for a 5 s window, big enough for one batch frame.
+        self._burst = self._explicit_burst or (max(self._rate * 0.05, 256 * 1024) if self._rate else 0.0)
+        self._tokens = min(self._tokens, self._burst)
 
     def _refill(self) -> None:
+        if self.cap.rate != self._rate:
+            self._follow_cap()
         now = self._clock()
         if self._rate is not None:
             self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
@@ -57,9 +83,9 @@ class TokenBucket:
         between steps: under a low cap one batch can wait longer than the peer's silence timeout (a keepalive).
         """
         with self._lock:
+            self._refill()
             if self._rate is None:
                 return
-            self._refill()
             self._tokens -= nbytes
         while True:
             with self._lock:

@@ -11,13 +11,7 @@ import re
 from typing import Any
 
 from .safefile import read_small, write_atomic
-from .wire.protocol import (
-    MAX_BATCH_BYTES,
-    MAX_BATCH_PAGES,
-    MAX_IMAGE_SIZE,
-    MAX_PAGE_SIZE,
-    check_page_size,
-)
+from .wire.frames import MAX_BATCH_BYTES, MAX_BATCH_PAGES, MAX_IMAGE_SIZE, MAX_PAGE_SIZE, check_page_size
 
 STATE_VERSION = 1
 SESSION_BYTES = 16  # HELLO's session id
@@ -82,4 +76,3 @@ def check_geometry(data: dict[str, Any]) -> tuple[int, int, int]:
 
 
 # --- receiver --------------------------------------------------------------------------------------------------
-

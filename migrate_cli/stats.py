@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .wire.protocol import DEFAULT_PAGE_SIZE
+from .ratelimit import BandwidthCap
+from .wire.frames import DEFAULT_PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Stats:
     expected_downtime: float | None = None
     dirty_syncs: int = 0
     throttle: int = 0
-    cap: int = 0
+    bandwidth: BandwidthCap | None = None  # the sender's cap (ratelimit.py), read at each snapshot
     # Guarded by _lock: written by several threads.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _done_bytes: int = 0
@@ -190,5 +191,5 @@ class Stats:
                 expected_downtime=self.expected_downtime,
                 dirty_syncs=self.dirty_syncs,
                 throttle=self.throttle,
-                cap=self.cap,
+                cap=self.bandwidth.as_int() if self.bandwidth is not None else 0,
             )

@@ -1,4 +1,6 @@
-"""Shared fixtures: generated guest images, real `vmmig` processes on 127.0.0.1, cleaned up by PID."""
+"""Shared fixtures and helpers: generated guest images, real `vmmig` processes on 127.0.0.1 and simulated guests
+(tests/guest.py), cleaned up by PID; a socket for a scripted receiver (tests/fakepeer.py); what the tests check on
+a process's output and on DEST."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,21 +21,26 @@ from typing import Any
 
 import pytest
 
+from migrate_cli.wire.frames import Hello
+
+from .fakepeer import FakePeer
 from .faultproxy import FaultProxy
+from .guest import Guest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", ROOT / "examples" / "make_guest_image.py")
-    assert spec and spec.loader
+def load_script(path: Path) -> ModuleType:
+    """A script of examples/ (not a package) imported as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_guest_image", module)
+    sys.modules.setdefault(path.stem, module)
     spec.loader.exec_module(module)
     return module
 
 
-GENERATOR = load_generator()
+GENERATOR = load_script(ROOT / "examples" / "make_guest_image.py")
 
 
 def make_image(path: Path, size: int, profile: str = "mixed", seed: int = 1, page_size: int = 4096) -> Path:
@@ -53,6 +62,22 @@ class Proc:
         return self.popen.returncode, out, err
 
 
+def await_ready(proc: Proc, ready: Path, what: str) -> Proc:
+    """Wait (20 s at most) for a `vmmig recv` to write its --ready-file; its address goes to ``proc.address``.
+    A receiver that exits or takes too long fails the test with its stderr, ``what`` naming it."""
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        if proc.popen.poll() is not None or time.monotonic() > deadline:
+            if proc.popen.poll() is None:
+                os.kill(proc.popen.pid, signal.SIGKILL)
+            code, _out, err = proc.wait()
+            raise AssertionError(f"{what} did not become ready (exit {code}): {err}")
+        time.sleep(0.02)
+    proc.address = ready.read_text().strip()
+    ready.unlink()
+    return proc
+
+
 class Processes:
     """Starts vmmig processes and kills whatever is still running at the end of the test, by PID."""
 
@@ -70,15 +95,7 @@ class Processes:
     def recv(self, dest: Path, *args: str, listen: str = "127.0.0.1:0") -> Proc:
         ready = self.tmp / f"ready-{len(self.started)}"
         proc = self.start("recv", "--listen", listen, "--ready-file", str(ready), *args, str(dest))
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            if proc.popen.poll() is not None or time.monotonic() > deadline:
-                code, _out, err = proc.wait()
-                raise AssertionError(f"recv did not become ready (exit {code}): {err}")
-            time.sleep(0.02)
-        proc.address = ready.read_text().strip()
-        ready.unlink()
-        return proc
+        return await_ready(proc, ready, "recv")
 
     def send(self, source: Path, address: str, *args: str) -> Proc:
         return self.start("send", str(source), address, *args)
@@ -107,6 +124,36 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
     processes.cleanup()
 
 
+@pytest.fixture
+def fake_receiver() -> Iterator[socket.socket]:
+    """A listening socket on 127.0.0.1 for a scripted receiver (FakePeer.accept); its address: address_of()."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    yield listener
+    listener.close()
+
+
+def address_of(listener: socket.socket) -> str:
+    return f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def sender_met_by(fake_receiver: socket.socket, procs: Processes, image: Path) -> tuple[Proc, FakePeer, Hello]:
+    """`vmmig send` of ``image`` to a scripted receiver on ``fake_receiver``, which has read its HELLO."""
+    send = procs.send(image, address_of(fake_receiver))
+    peer = FakePeer.accept(fake_receiver)
+    hello = peer.read_until(Hello)
+    assert isinstance(hello, Hello)
+    return send, peer, hello
+
+
+@pytest.fixture
+def guests() -> Iterator[list[Guest]]:
+    """Simulated guests a test starts (tests/guest.py start_guest), killed by PID at its end."""
+    started: list[Guest] = []
+    yield started
+    for guest in started:
+        guest.kill()
+
+
 @pytest.fixture(scope="session")
 def image_8m(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mixed 8 MiB guest image (zero, text, code and random runs), shared read-only by the tests."""
@@ -122,6 +169,42 @@ def assert_resumable(dest: Path) -> None:
     """A link fault: no DEST, but DEST.partial and its state file kept for `vmmig recv --resume`."""
     assert not dest.exists(), f"{dest} must not exist after a failed migration"
     assert resume_files_kept(dest), "kept for a resume"
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie (killed, not yet reaped by whoever inherited it) counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def dies(pid: int, timeout: float = 10) -> bool:
+    """A SIGKILLed process takes a moment to die."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def read_stderr_until(proc: Proc, text: str, timeout: float = 30) -> str:
+    """A running process's stderr up to the first line containing ``text`` (or its end, or ``timeout``): where a
+    receiver logs a connection it refused before it goes on waiting."""
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.popen.stderr is not None
+        for line in proc.popen.stderr:
+            lines.append(line)
+            if text in line:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return "".join(lines)
 
 
 def last_line(err: str) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import time
 
-from migrate_cli.wire.protocol import Decoder, Frame, Role, encode
+from migrate_cli.wire.conversation import Role
+from migrate_cli.wire.frames import Frame
+from migrate_cli.wire.protocol import Decoder, encode
 
 
 class FakePeer:
@@ -13,6 +15,12 @@ class FakePeer:
         self.sock = sock
         self.sock.settimeout(20)
         self.decoder = Decoder(role)
+
+    @classmethod
+    def accept(cls, listener: socket.socket) -> FakePeer:
+        """A scripted receiver on the next connection ``listener`` takes."""
+        conn, _ = listener.accept()
+        return cls(conn, Role.RECEIVER)
 
     @classmethod
     def connect(cls, address: str) -> FakePeer:

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .conftest import ROOT, Proc, vmmig_command
+from .conftest import ROOT, Proc, await_ready, vmmig_command
 
 PREFIX = "vmmigt"
 _counter = itertools.count()
@@ -172,17 +172,7 @@ class NetnsPair:
         proc = self.start(
             side, "recv", "--listen", f"{address}:0", "--insecure", "--ready-file", str(ready), *args, str(dest)
         )
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            if proc.popen.poll() is not None or time.monotonic() > deadline:
-                if proc.popen.poll() is None:
-                    os.kill(proc.popen.pid, signal.SIGKILL)
-                code, _out, err = proc.wait()
-                raise AssertionError(f"recv in {self.ns(side)} did not become ready (exit {code}): {err}")
-            time.sleep(0.02)
-        proc.address = ready.read_text().strip()
-        ready.unlink()
-        return proc
+        return await_ready(proc, ready, f"recv in {self.ns(side)}")
 
     def send(self, side: str, source: Path, address: str, *args: str) -> Proc:
         return self.start(side, "send", str(source), address, *args)

@@ -7,7 +7,7 @@ import pytest
 
 from migrate_cli.errors import IntegrityError
 from migrate_cli.wire import codec as codecs
-from migrate_cli.wire.protocol import Encoding
+from migrate_cli.wire.frames import Encoding
 
 COMPRESSING = [n for n in codecs.names() if n != "none"]
 

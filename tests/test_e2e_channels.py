@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-from migrate_cli.wire.protocol import Abort, Encoding, Hello
+from migrate_cli.wire.frames import Abort, Encoding, Hello
 
 from .conftest import Processes, assert_no_destination, make_image, still_serves
 from .fakepeer import FakePeer
-from .test_e2e_live import Guest, guests, start_guest  # noqa: F401  (fixture)
+from .guest import Guest, start_guest
 
 
-@pytest.mark.parametrize("codec", ["none", "zlib", "zstd"])
-@pytest.mark.parametrize("channels", ["2", "3"])
+@pytest.mark.parametrize(("channels", "codec"), list(itertools.product(["2", "3"], ["none", "zlib", "zstd"])))
 def test_a_migration_over_several_channels_is_identical(
     procs: Processes, tmp_path: Path, image_8m: Path, codec: str, channels: str
 ) -> None:
@@ -53,11 +53,11 @@ def test_a_batch_that_waits_longer_than_the_io_timeout_for_its_bandwidth_keeps_t
     assert dest.read_bytes() == image.read_bytes()
 
 
-def test_live_migration_over_two_channels(procs: Processes, guests: list[Guest], tmp_path: Path) -> None:  # noqa: F811
+def test_live_migration_over_two_channels(procs: Processes, guests: list[Guest], tmp_path: Path) -> None:
     image = make_image(tmp_path / "vm.ram", 16 << 20)
-    guest = start_guest(guests, image, tmp_path, "--rate", "8M")
     dest = tmp_path / "dest.ram"
     recv = procs.recv(dest)
+    guest = start_guest(guests, image, tmp_path, "--rate", "8M")
     send = procs.send(image, recv.address, "--live", "--pause-pid", str(guest.pid), "--channels", "2")
     code, _, err = send.wait(60)
     assert code == 0 and recv.wait()[0] == 0, err

@@ -178,7 +178,7 @@ def test_discard_receiver_verifies_without_keeping_anything(procs: Processes, tm
 
 
 def test_discard_receiver_still_catches_a_wrong_digest(procs: Processes, tmp_path: Path) -> None:
-    from migrate_cli.wire.protocol import Encoding, End, Hello, Pages, Result, Welcome
+    from migrate_cli.wire.frames import Encoding, End, Hello, Pages, Result, Welcome
 
     from .fakepeer import FakePeer
 

@@ -21,7 +21,7 @@ import pytest
 from zlib_ng import zlib_ng
 
 from migrate_cli.wire.digest import end_commitment, fingerprint_pages, image_digest
-from migrate_cli.wire.protocol import (
+from migrate_cli.wire.frames import (
     PROTOCOL_VERSION,
     RESULT_DIGEST_MISMATCH,
     Abort,
@@ -30,14 +30,21 @@ from migrate_cli.wire.protocol import (
     Hello,
     Pages,
     Result,
-    Role,
     Welcome,
-    encode,
 )
+from migrate_cli.wire.protocol import encode
 
-from .conftest import Processes, assert_no_destination, assert_resumable, make_image, still_serves
+from .conftest import (
+    Proc,
+    Processes,
+    assert_no_destination,
+    assert_resumable,
+    make_image,
+    migrate_through_fault,
+    sender_met_by,
+    still_serves,
+)
 from .fakepeer import FakePeer
-from .faultproxy import FaultProxy
 
 PS = 4096
 
@@ -56,15 +63,33 @@ def hello(pages: int = 2, codec: int = Encoding.ZLIB, version: int = PROTOCOL_VE
     return Hello(PS, pages * PS, codec, 1, b"t" * 16, batch_pages=pages, version=version)
 
 
+def welcomed_peer(procs: Processes, dest: Path) -> tuple[Proc, FakePeer]:
+    """`vmmig recv` into ``dest`` and a scripted sender it has welcomed (HELLO for a 2-page image sent)."""
+    recv = procs.recv(dest)
+    peer = FakePeer.connect(recv.address)
+    peer.send(hello())
+    peer.read_until(Welcome)
+    return recv, peer
+
+
+def slow_migration(procs: Processes, tmp_path: Path) -> tuple[Path, Proc, Proc]:
+    """A migration of 8 MiB of random pages at 2 MB/s, a second into it: (DEST, recv, send) both still running."""
+    source = make_image(tmp_path / "random.img", 8 << 20, profile="random")
+    dest = tmp_path / "dest.img"
+    recv = procs.recv(dest, "--resume-window", "0")
+    send = procs.send(
+        source, recv.address, "--max-bandwidth", "2M", "--batch-size", "256K", "--state-file", str(tmp_path / "s")
+    )  # small batches: some are applied before the kill, so DEST.partial holds pages worth a resume
+    time.sleep(1.0)
+    return dest, recv, send
+
+
 # --- integrity --------------------------------------------------------------------------------------------------
 
 
 def test_a_corrupt_compressed_batch_is_a_decompression_error(procs: Processes, tmp_path: Path) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
-    peer = FakePeer.connect(recv.address)
-    peer.send(hello())
-    peer.read_until(Welcome)
+    recv, peer = welcomed_peer(procs, dest)
     peer.send(Pages(0, 2, Encoding.ZLIB, b"\x00", b"this is not deflate data at all"))
     abort = peer.read_until(Abort)
     code, _, err = recv.wait()
@@ -76,10 +101,7 @@ def test_a_corrupt_compressed_batch_is_a_decompression_error(procs: Processes, t
 
 def test_a_wrong_end_digest_is_a_digest_mismatch_and_dest_is_not_published(procs: Processes, tmp_path: Path) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
-    peer = FakePeer.connect(recv.address)
-    peer.send(hello())
-    peer.read_until(Welcome)
+    recv, peer = welcomed_peer(procs, dest)
     peer.send(Pages(0, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS), End(2, 1, b"\x00" * 16))
     result = peer.read_until(Result)
     code, _, err = recv.wait()
@@ -92,13 +114,10 @@ def test_a_wrong_end_digest_is_a_digest_mismatch_and_dest_is_not_published(procs
 def test_a_matching_digest_from_a_scripted_sender_is_published(procs: Processes, tmp_path: Path) -> None:
     """Control for the test above: the same stream with the right digest succeeds, so the digest is what failed."""
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
     data = b"\x01" * PS + bytes(PS)
     fps = __import__("numpy").empty(2, dtype="uint64")
     fingerprint_pages(data, PS, fps)
-    peer = FakePeer.connect(recv.address)
-    peer.send(hello())
-    peer.read_until(Welcome)
+    recv, peer = welcomed_peer(procs, dest)
     peer.send(Pages(0, 2, Encoding.RAW, b"\x02", b"\x01" * PS), End(2, 1, end_commitment(image_digest(fps))))
     assert peer.read_until(Result).status == 0
     assert recv.wait()[0] == 0
@@ -106,32 +125,24 @@ def test_a_matching_digest_from_a_scripted_sender_is_published(procs: Processes,
 
 
 def test_sender_refuses_a_receiver_reporting_a_different_digest(
-    procs: Processes, tmp_path: Path, image_8m: Path
+    procs: Processes, image_8m: Path, fake_receiver: socket.socket
 ) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    send = procs.send(image_8m, f"127.0.0.1:{listener.getsockname()[1]}")
-    conn, _ = listener.accept()
-    peer = FakePeer(conn, Role.RECEIVER)
-    peer.read_until(Hello)
+    send, peer, _ = sender_met_by(fake_receiver, procs, image_8m)
     peer.send(Welcome())
     peer.read_until(End)
     peer.send(Result(0, b"\x42" * 16))
     code, _, err = send.wait()
     assert code == 7 and "digest mismatch" in one_line(err)
-    listener.close()
 
 
 def test_a_flipped_bit_on_the_wire_is_a_crc_mismatch(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
     """A corrupted frame is a link fault: nothing of it was applied, and DEST.partial (holding the batches before
     it) stays for a resume."""
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, "--resume-window", "0")
-    proxy = FaultProxy(recv.address, "flip", at=1_500_000)  # in the second of eight 1 MiB batches
-    try:
-        send_code, _, send_err = procs.send(image_8m, proxy.address, "--compress", "none", "--batch-size", "1M").wait()
-        recv_code, _, recv_err = recv.wait()
-    finally:
-        proxy.close()
+    send_args = ["--compress", "none", "--batch-size", "1M"]
+    at = 1_500_000  # in the second of eight 1 MiB batches
+    run = migrate_through_fault(procs, image_8m, dest, "flip", at, ["--resume-window", "0"], send_args)
+    send_code, send_err, recv_code, recv_err = run.send_code, run.send_err, run.recv_code, run.recv_err
     assert recv_code == 7 and "CRC mismatch" in one_line(recv_err) and "recv --resume" in one_line(recv_err)
     assert send_code == 8 and one_line(send_err).startswith("vmmig send: peer: CRC mismatch")
     assert "vmmig send --resume" in one_line(send_err)
@@ -143,13 +154,8 @@ def test_a_flipped_bit_on_the_wire_is_a_crc_mismatch(procs: Processes, tmp_path:
 
 def test_a_truncated_stream_fails_both_ends(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, "--resume-window", "0")
-    proxy = FaultProxy(recv.address, "cut", at=200_000)
-    try:
-        send_code, _, send_err = procs.send(image_8m, proxy.address).wait()
-        recv_code, _, recv_err = recv.wait()
-    finally:
-        proxy.close()
+    run = migrate_through_fault(procs, image_8m, dest, "cut", 200_000, ["--resume-window", "0"], [])
+    send_code, send_err, recv_code, recv_err = run.send_code, run.send_err, run.recv_code, run.recv_err
     assert recv_code == 5 and ("truncated" in one_line(recv_err) or "closed by peer" in recv_err)
     assert send_code == 5, send_err
     one_line(send_err)
@@ -158,13 +164,7 @@ def test_a_truncated_stream_fails_both_ends(procs: Processes, tmp_path: Path, im
 
 @pytest.mark.parametrize("victim", ["send", "recv"])
 def test_a_peer_killed_mid_transfer_is_a_network_error(procs: Processes, tmp_path: Path, victim: str) -> None:
-    source = make_image(tmp_path / "random.img", 8 << 20, profile="random")
-    dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, "--resume-window", "0")
-    send = procs.send(
-        source, recv.address, "--max-bandwidth", "2M", "--batch-size", "256K", "--state-file", str(tmp_path / "s")
-    )  # small batches: some are applied before the kill, so DEST.partial holds pages worth a resume
-    time.sleep(1.0)
+    dest, recv, send = slow_migration(procs, tmp_path)
     killed, survivor = (send, recv) if victim == "send" else (recv, send)
     os.kill(killed.popen.pid, signal.SIGKILL)
     code, _, err = survivor.wait()
@@ -209,7 +209,7 @@ def test_a_silent_connection_is_turned_away_and_the_receiver_keeps_waiting(procs
     assert "refused a connection from 127.0.0.1:" in err and "handshake not completed within" in err
 
 
-def test_address_in_use(procs: Processes, tmp_path: Path) -> None:
+def test_a_listen_address_in_use_is_a_network_error(procs: Processes, tmp_path: Path) -> None:
     first = procs.recv(tmp_path / "a.img")
     code, _, err = procs.run("recv", "--listen", first.address, str(tmp_path / "b.img"))
     assert code == 5 and "address already in use" in one_line(err)
@@ -239,15 +239,12 @@ def test_a_sender_of_another_protocol_version_is_refused_naming_both(procs: Proc
     assert "refused a connection from 127.0.0.1:" in err and "peer speaks version 1" in err
 
 
-def test_a_receiver_of_another_protocol_version_is_refused(procs: Processes, image_8m: Path) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    send = procs.send(image_8m, f"127.0.0.1:{listener.getsockname()[1]}")
-    conn, _ = listener.accept()
-    peer = FakePeer(conn, Role.RECEIVER)
-    peer.read_until(Hello)
+def test_a_receiver_of_another_protocol_version_is_refused(
+    procs: Processes, image_8m: Path, fake_receiver: socket.socket
+) -> None:
+    send, peer, _ = sender_met_by(fake_receiver, procs, image_8m)
     peer.send(encode(Welcome(version=7)))
     code, _, err = send.wait()
-    listener.close()
     assert code == 6 and "peer speaks version 7, this vmmig speaks 2" in one_line(err)
 
 
@@ -264,10 +261,7 @@ def test_an_unknown_codec_id_is_refused(procs: Processes, tmp_path: Path) -> Non
 
 def test_pages_past_the_image_end_are_refused_before_writing(procs: Processes, tmp_path: Path) -> None:
     dest = tmp_path / "dest.img"
-    recv = procs.recv(dest)
-    peer = FakePeer.connect(recv.address)
-    peer.send(hello())
-    peer.read_until(Welcome)
+    recv, peer = welcomed_peer(procs, dest)
     peer.send(Pages(1, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS))
     peer.read_until(Abort)
     code, _, err = recv.wait()
@@ -400,7 +394,8 @@ def test_a_hugetlbfs_destination_has_no_write_call_and_is_written_through_a_mapp
     """hugetlbfs refuses write(2) (EINVAL) where tmpfs takes pwrite: the receiver stores through a mapping there."""
     dest = hugetlbfs / "dest.img"
     recv = procs.recv(dest)
-    send_code, _, send_err = procs.send(image_8m, recv.address).wait()
+    send = procs.send(image_8m, recv.address)
+    send_code, _, send_err = send.wait()
     recv_code, _, recv_err = recv.wait()
     assert (send_code, recv_code) == (0, 0), send_err + recv_err
     assert dest.read_bytes() == image_8m.read_bytes()
@@ -414,14 +409,10 @@ def test_a_hugetlbfs_destination_has_no_write_call_and_is_written_through_a_mapp
 @pytest.mark.parametrize(
     ("victim", "signum", "expected"), [("recv", signal.SIGTERM, 143), ("send", signal.SIGINT, 130)]
 )
-def test_signals_cancel_cleanly(procs: Processes, tmp_path: Path, victim: str, signum: int, expected: int) -> None:
-    source = make_image(tmp_path / "random.img", 8 << 20, profile="random")
-    dest = tmp_path / "dest.img"
-    recv = procs.recv(dest, "--resume-window", "0")
-    send = procs.send(
-        source, recv.address, "--max-bandwidth", "2M", "--batch-size", "256K", "--state-file", str(tmp_path / "s")
-    )  # small batches: some are applied before the kill, so DEST.partial holds pages worth a resume
-    time.sleep(1.0)
+def test_a_signal_cancels_with_its_exit_code_and_tells_the_peer(
+    procs: Processes, tmp_path: Path, victim: str, signum: int, expected: int
+) -> None:
+    dest, recv, send = slow_migration(procs, tmp_path)
     target, other = (recv, send) if victim == "recv" else (send, recv)
     os.kill(target.popen.pid, signum)
     code, _, err = target.wait()

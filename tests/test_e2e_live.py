@@ -7,66 +7,15 @@ byte: a single stale page is a critical bug.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, Processes, assert_no_destination, make_image
+from .conftest import Processes, assert_no_destination, make_image
 from .fakeqmp import FakeQmp
-
-WORKLOAD = ROOT / "examples" / "guest_workload.py"
-
-
-class Guest:
-    """The simulated guest process writing into an image; killed by PID at the end of the test."""
-
-    def __init__(self, image: Path, tmp: Path, *args: str) -> None:
-        pid_file = tmp / "guest.pid"
-        self.popen = subprocess.Popen(
-            [sys.executable, str(WORKLOAD), str(image), "--pid-file", str(pid_file), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while not pid_file.exists():
-            assert self.popen.poll() is None and time.monotonic() < deadline, "workload did not start"
-            time.sleep(0.02)
-        self.pid = self.popen.pid
-
-    def state(self) -> str:
-        return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-    def is_paused(self) -> bool:
-        states = [
-            (t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{self.pid}/task").iterdir()
-        ]
-        return all(s in "Tt" for s in states)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.popen.wait(5)
-
-
-@pytest.fixture
-def guests() -> Iterator[list[Guest]]:
-    started: list[Guest] = []
-    yield started
-    for guest in started:
-        guest.kill()
-
-
-def start_guest(guests: list[Guest], image: Path, tmp: Path, *args: str) -> Guest:
-    guest = Guest(image, tmp, *args)
-    guests.append(guest)
-    return guest
+from .guest import Guest, start_guest
 
 
 def migrate(procs: Processes, image: Path, dest: Path, *send_args: str) -> tuple[int, dict, str, int, str]:
@@ -121,16 +70,27 @@ def test_pages_that_change_back_or_become_zero_arrive_right(
     assert sum(p["pages"] for p in report["passes"][1:]) > 0, "the guest's writes must have been re-sent"
 
 
-def test_no_convergence_with_abort_leaves_the_guest_running_and_dest_absent(
-    procs: Processes, guests: list[Guest], tmp_path: Path
-) -> None:
+def outwritten_migration(
+    procs: Processes, guests: list[Guest], tmp_path: Path, *send_args: str
+) -> tuple[Guest, Path, Path, tuple[int, dict, str, int, str]]:
+    """A live migration that cannot converge: a guest writing random pages at 20 MB/s over a 4 MB/s link, with a
+    50 ms downtime limit. Returns (guest, image, DEST, what migrate() returns)."""
     image = make_image(tmp_path / "vm.ram", 16 << 20, profile="random")
     guest = start_guest(guests, image, tmp_path, "--threads", "2", "--rate", "20M")
     dest = tmp_path / "dest.ram"
-    code, _, err, recv_code, recv_err = migrate(
+    result = migrate(
         procs, image, dest, "--live", "--pause-pid", str(guest.pid), "--compress", "none",
-        "--max-bandwidth", "4M", "--max-passes", "3", "--downtime-limit", "50ms",
+        "--max-bandwidth", "4M", "--downtime-limit", "50ms", *send_args,
     )  # fmt: skip
+    return guest, image, dest, result
+
+
+def test_no_convergence_with_abort_leaves_the_guest_running_and_dest_absent(
+    procs: Processes, guests: list[Guest], tmp_path: Path
+) -> None:
+    guest, _, dest, (code, _, err, recv_code, recv_err) = outwritten_migration(
+        procs, guests, tmp_path, "--max-passes", "3"
+    )
     assert code == 10 and "did not converge after 3 passes" in err
     assert recv_code == 8 and "peer: did not converge" in recv_err
     assert not guest.is_paused(), "with --on-no-converge abort the guest keeps running"
@@ -140,13 +100,9 @@ def test_no_convergence_with_abort_leaves_the_guest_running_and_dest_absent(
 def test_no_convergence_with_switchover_is_correct_and_reports_the_long_downtime(
     procs: Processes, guests: list[Guest], tmp_path: Path
 ) -> None:
-    image = make_image(tmp_path / "vm.ram", 16 << 20, profile="random")
-    guest = start_guest(guests, image, tmp_path, "--threads", "2", "--rate", "20M")
-    dest = tmp_path / "dest.ram"
-    code, report, err, recv_code, _ = migrate(
-        procs, image, dest, "--live", "--pause-pid", str(guest.pid), "--compress", "none",
-        "--max-bandwidth", "4M", "--max-passes", "2", "--downtime-limit", "50ms", "--on-no-converge", "switchover",
-    )  # fmt: skip
+    _, image, dest, (code, report, err, recv_code, _) = outwritten_migration(
+        procs, guests, tmp_path, "--max-passes", "2", "--on-no-converge", "switchover"
+    )
     assert (code, recv_code) == (0, 0), err
     assert "switching over anyway" in err
     assert report["converged"] is False and report["downtime"] > 50
@@ -173,7 +129,8 @@ def test_a_failure_after_the_pause_resumes_the_guest(procs: Processes, guests: l
 def test_a_verdict_lost_after_the_end_frame_leaves_the_guest_paused_outcome_unknown(
     procs: Processes, guests: list[Guest], tmp_path: Path
 ) -> None:
-    from migrate_cli.wire.protocol import End, Hello, Role, Welcome
+    from migrate_cli.wire.conversation import Role
+    from migrate_cli.wire.frames import End, Hello, Welcome
 
     from .fakepeer import FakePeer
 

@@ -104,7 +104,7 @@ def test_force_overwrites_an_existing_destination(procs: Processes, tmp_path: Pa
     assert dest.read_bytes() == image_8m.read_bytes()
 
 
-def test_ipv6_loopback_works(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
+def test_a_migration_over_ipv6_loopback_is_identical(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
     if not Path("/proc/net/if_inet6").exists():
         pytest.skip("no IPv6 on this machine")
     dest = tmp_path / "dest.img"

@@ -13,14 +13,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import Processes, json_report, last_line, make_image, migrate_through_fault, resume_files_kept
 from .faultproxy import FaultProxy
-from .test_e2e_live import Guest, start_guest
+from .guest import Guest, start_guest
 
 MiB = 1 << 20
 
@@ -34,14 +33,6 @@ def missing_bytes(source: Path, partial: Path, page: int = 4096) -> int:
 def assert_clean_success(dest: Path, source: Path) -> None:
     assert dest.read_bytes() == source.read_bytes()
     assert not Path(f"{dest}.partial").exists() and not Path(f"{dest}.partial.state").exists()
-
-
-@pytest.fixture
-def live_guests() -> Iterator[list[Guest]]:
-    started: list[Guest] = []
-    yield started
-    for guest in started:
-        guest.kill()
 
 
 @pytest.fixture
@@ -171,8 +162,14 @@ def interrupted(procs: Processes, tmp_path: Path, source: Path, *args: str) -> t
     """A session cut short by a kill -9 of the sender; the receiver is left waiting (returned proc not needed)."""
     dest, state = tmp_path / "dest.img", tmp_path / "send.state"
     recv = procs.recv(dest, "--resume-window", "0")
-    first = procs.send(source, recv.address, "--max-bandwidth", "8M", "--state-file", str(state), *args)
-    time.sleep(1.0)
+    first = procs.send(
+        source, recv.address, "--max-bandwidth", "8M", "--batch-size", "256K", "--state-file", str(state), *args
+    )
+    deadline = time.monotonic() + 30
+    while not Path(f"{dest}.partial.state").exists():  # the session started (WELCOME), whatever the load
+        assert time.monotonic() < deadline and first.popen.poll() is None, "the session never started"
+        time.sleep(0.05)
+    time.sleep(0.6)  # ~5 MB at the cap: batches of 256 KiB have landed, so DEST.partial holds pages to keep
     os.kill(first.popen.pid, signal.SIGKILL)
     first.wait()
     code, _, err = recv.wait(30)
@@ -289,11 +286,11 @@ def test_a_cancel_is_not_resumable_and_removes_everything(procs: Processes, tmp_
 
 def test_a_link_lost_while_paused_resumes_the_guest_and_precopy(
     procs: Processes,
-    live_guests: list[Guest],
+    guests: list[Guest],
     tmp_path: Path,
 ) -> None:
     image = make_image(tmp_path / "vm.ram", 16 * MiB, seed=3)
-    guest = start_guest(live_guests, image, tmp_path, "--rate", "4M")
+    guest = start_guest(guests, image, tmp_path, "--rate", "4M")
     dest, log, flag = tmp_path / "dest.ram", tmp_path / "hooks.log", tmp_path / "paused"
     recv = procs.recv(dest)
     proxy = FaultProxy(recv.address, "none", at=-1)

@@ -6,16 +6,13 @@ import datetime
 import json
 import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from .conftest import Proc, Processes, assert_no_destination, make_image, migrate_through_fault
+from .conftest import Processes, assert_no_destination, make_image, migrate_through_fault, read_stderr_until
+from .pki import make_expired, tls_args
 
 
 @pytest.fixture(scope="module")
@@ -33,50 +30,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "foreign.key").write_bytes((other / "sender.test.key").read_bytes())
     make_expired(directory)
     return directory
-
-
-def make_expired(pki: Path) -> None:
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
-    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sender.test")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=30))
-        .not_valid_after(now - datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("sender.test")]), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    (pki / "expired.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (pki / "expired.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-
-
-def read_stderr_until(proc: Proc, text: str, timeout: float = 30) -> str:
-    """A running process's stderr up to the first line containing ``text`` (or its end, or ``timeout``): where a
-    receiver logs a connection it refused before it goes on waiting."""
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.popen.stderr is not None
-        for line in proc.popen.stderr:
-            lines.append(line)
-            if text in line:
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return "".join(lines)
-
-
-def tls_args(pki: Path, name: str, ca: str = "ca.pem") -> list[str]:
-    return ["--tls-cert", str(pki / f"{name}.pem"), "--tls-key", str(pki / f"{name}.key"), "--tls-ca", str(pki / ca)]
 
 
 def test_tls_init_writes_a_ca_and_a_certificate_per_host_with_private_keys(pki: Path) -> None:

@@ -8,7 +8,6 @@ while the image is read, exactly as vmmig freezes a guest for the switchover.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import os
 import re
@@ -23,6 +22,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from .conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "guest_workload.py"
 PAGE = 4096
 MiB = 1024 * 1024
@@ -32,11 +33,7 @@ SUMMARY_LINE = re.compile(r"wrote (\d+) pages \((\d+) overwrite, (\d+) zero, (\d
 
 @pytest.fixture(scope="module")
 def gw() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("guest_workload", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 class Guests:
@@ -215,7 +212,7 @@ def test_the_image_keeps_changing(guests: Guests, tmp_path: Path) -> None:
     assert digest(image) != first
 
 
-def test_rate_is_honoured(guests: Guests, tmp_path: Path) -> None:
+def test_the_guest_writes_at_the_rate_it_is_given(guests: Guests, tmp_path: Path) -> None:
     image = tmp_path / "vm.ram"
     pages = 64 * MiB // PAGE
     popen = guests.start(image, "--create", "64MiB", "--rate", "8M", "--zero-fraction", "0", "--restore-fraction", "0")
@@ -321,7 +318,7 @@ def test_sigstop_stops_writing_and_sigcont_resumes_without_catching_up(guests: G
 # Importable pieces
 
 
-def test_parse_size(gw: ModuleType) -> None:
+def test_parse_size_takes_decimal_and_binary_units_and_refuses_garbage(gw: ModuleType) -> None:
     assert gw.parse_size("4096") == 4096
     assert gw.parse_size("50M") == 50_000_000
     assert gw.parse_size("8MB/s") == 8_000_000

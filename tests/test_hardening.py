@@ -13,36 +13,15 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from migrate_cli.wire.protocol import FEATURE_QEMU_HANDOFF, End, Hello, Result, Role, Welcome
+from migrate_cli.wire.frames import FEATURE_QEMU_HANDOFF, End, Hello, Result, Welcome
 
-from .conftest import Processes, assert_no_destination, last_line, make_image, still_serves
+from .conftest import Processes, assert_no_destination, last_line, make_image, sender_met_by, still_serves
 from .fakepeer import FakePeer
-from .test_e2e_live import Guest, start_guest
-
-
-@pytest.fixture
-def guests() -> Iterator[list[Guest]]:
-    started: list[Guest] = []
-    yield started
-    for guest in started:
-        guest.kill()
-
-
-@pytest.fixture
-def fake_receiver() -> Iterator[socket.socket]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    yield listener
-    listener.close()
-
-
-def address_of(listener: socket.socket) -> str:
-    return f"127.0.0.1:{listener.getsockname()[1]}"
-
+from .guest import Guest, start_guest
 
 # --- 2: stop-and-copy verifies that the pause held ---------------------------------------------------------------
 
@@ -82,11 +61,7 @@ def test_a_receiver_that_echoes_end_back_is_not_taken_for_a_verified_copy(
     procs: Processes, tmp_path: Path, fake_receiver: socket.socket
 ) -> None:
     """A receiver that stores nothing and answers with whatever END carries: the sender refuses (exit 7)."""
-    image = make_image(tmp_path / "vm.ram", 2 << 20)
-    send = procs.send(image, address_of(fake_receiver))
-    conn, _ = fake_receiver.accept()
-    peer = FakePeer(conn, Role.RECEIVER)
-    peer.read_until(Hello)
+    send, peer, _ = sender_met_by(fake_receiver, procs, make_image(tmp_path / "vm.ram", 2 << 20))
     peer.send(Welcome())
     end = peer.read_until(End)
     echoed = dataclasses.astuple(end)[2]  # the 16 bytes END carries, whatever the field is called
@@ -100,12 +75,8 @@ def test_a_receiver_that_echoes_end_back_is_not_taken_for_a_verified_copy(
 def test_a_welcome_with_features_the_sender_did_not_offer_is_refused(
     procs: Processes, tmp_path: Path, fake_receiver: socket.socket
 ) -> None:
-    image = make_image(tmp_path / "vm.ram", 1 << 20)
-    send = procs.send(image, address_of(fake_receiver))
-    conn, _ = fake_receiver.accept()
-    peer = FakePeer(conn, Role.RECEIVER)
-    hello = peer.read_until(Hello)
-    assert isinstance(hello, Hello) and not hello.features & FEATURE_QEMU_HANDOFF
+    send, peer, hello = sender_met_by(fake_receiver, procs, make_image(tmp_path / "vm.ram", 1 << 20))
+    assert not hello.features & FEATURE_QEMU_HANDOFF
     peer.send(Welcome(features=FEATURE_QEMU_HANDOFF))
     code, _, err = send.wait(30)
     peer.close()

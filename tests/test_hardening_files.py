@@ -412,7 +412,7 @@ def test_a_failed_allocation_is_reported(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_check_fits_refuses_an_image_larger_than_the_free_space(tmp_path: Path) -> None:
-    from migrate_cli.receiver.destination import check_fits
+    from migrate_cli.receiver.dest_checks import check_fits
 
     vfs = os.statvfs(tmp_path)
     if vfs.f_blocks == 0:

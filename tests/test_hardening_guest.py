@@ -17,28 +17,10 @@ import pytest
 
 from migrate_cli.control import ControlError, ControlServer, request
 
-from .conftest import ROOT, Proc, Processes, make_image, vmmig_command
+from .conftest import ROOT, Proc, Processes, alive, dies, make_image, vmmig_command
 
 NO_SUCH_PID = 2**22 + 12345  # above the kernel's largest pid_max: never a process
 IDLE_SECONDS = 10  # the control server closes a silent client after this long (control.IDLE_TIMEOUT)
-
-
-def alive(pid: int) -> bool:
-    """Running or stopped; a zombie (killed, not yet reaped by whoever inherited it) counts as gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def dies(pid: int, timeout: float = 10) -> bool:
-    """A SIGKILLed process takes a moment to die."""
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture

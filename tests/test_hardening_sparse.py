@@ -17,15 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migrate_cli.failure import Failure
 from migrate_cli.sender.dirty import FingerprintTracker
 from migrate_cli.sender.holes import BYTES_PER_EXTENT, MIN_HOLE, HoleMap, data_extents
-from migrate_cli.sender.pipeline import Batch, SendPipeline
+from migrate_cli.sender.pipeline import Batch
 from migrate_cli.sender.source import SourceImage
-from migrate_cli.wire import codec as codecs
 from migrate_cli.wire.digest import fingerprint_image, zero_fingerprint
 
 from .conftest import Processes, json_report, last_line
+from .encoded import encode_batches
 
 PAGE = 4096
 MIB = 1 << 20
@@ -145,20 +144,8 @@ def test_small_holes_are_read_and_a_finely_fragmented_file_is_walked_only_so_far
 
 def encode(path: Path, batches: list[Batch], codec: str = "zstd") -> tuple[list[bytes], np.ndarray]:
     """Every frame's bytes (header and CRC included) and the pipeline's fingerprints after encoding ``batches``."""
-    with SourceImage(str(path)) as source:
-        pipeline = SendPipeline(source, codecs.by_name(codec), 1, 2, 64, Failure())
-        pipeline.start()
-        try:
-            pipeline.feed(batches)
-            out = []
-            for _ in batches:
-                batch = pipeline.out.get(timeout=10)
-                out.append(b"".join(bytes(part) for part in batch.parts))
-                if batch.release:
-                    batch.release()
-            return sorted(out), pipeline.fingerprints.copy()
-        finally:
-            pipeline.stop()
+    encoded, fingerprints = encode_batches(path, codec, batches, threads=2, batch_pages=64)
+    return sorted(b"".join(batch.parts) for batch in encoded), fingerprints
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])

@@ -3,20 +3,15 @@ on the refused side too; bad TLS files fail before listening or connecting; malf
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from .conftest import ROOT, Processes, assert_no_destination, last_line, vmmig_command
-from .test_e2e_tls import make_expired, read_stderr_until, tls_args
+from .conftest import ROOT, Processes, assert_no_destination, last_line, read_stderr_until, vmmig_command
+from .pki import issue, make_expired, tls_args
 
 
 def tls_init(directory: Path, *args: str) -> tuple[int, str, str]:
@@ -41,28 +36,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for key in directory.glob("*.key"):
         key.chmod(0o600)
     return directory
-
-
-def issue(pki: Path, file_name: str, common_name: str, dns_names: list[str]) -> None:
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
-    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    (pki / f"{file_name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (pki / f"{file_name}.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
 
 
 def files_under(path: Path) -> list[str]:
@@ -329,7 +302,7 @@ def test_send_to_an_unclosed_ipv6_bracket_is_a_usage_error(procs: Processes, ima
         ("sender.test", "other.test", False),
     ],
 )
-def test_peer_name_matching(presented: str, wanted: str, matches: bool) -> None:
+def test_peer_names_match_as_rfc_6125_says(presented: str, wanted: str, matches: bool) -> None:
     from migrate_cli.net.tls import name_matches
 
     assert name_matches(presented, wanted) is matches

@@ -36,27 +36,25 @@ from zlib_ng import zlib_ng
 
 from migrate_cli.errors import ExitCode, IntegrityError, ProtocolError
 from migrate_cli.wire import codec as codecs
+from migrate_cli.wire import protocol as wire
 from migrate_cli.wire.digest import end_commitment, fingerprint_pages, image_digest
-from migrate_cli.wire.protocol import (
+from migrate_cli.wire.frames import (
     FRAME_MAGIC,
     MAX_PAYLOAD,
     RESULT_DIGEST_MISMATCH,
     RESULT_VERIFIED,
     Abort,
-    Decoder,
     Encoding,
     End,
     Frame,
     FrameType,
     Hello,
-    Keepalive,
     Pages,
     PassEnd,
     Result,
-    Role,
     Welcome,
-    encode,
 )
+from migrate_cli.wire.protocol import encode
 
 from .conftest import Proc, Processes, assert_no_destination, assert_resumable, still_serves
 from .fakepeer import FakePeer
@@ -166,7 +164,7 @@ def noise(seed: int, size: int = 4096) -> bytes:
 
 def decoder_verdict(data: bytes) -> int:
     """The exit code that the sans-IO decoder says ``data``, as the first bytes of a stream, deserves."""
-    decoder = Decoder(Role.RECEIVER)
+    decoder = wire.Decoder(wire.Role.RECEIVER)
     decoder.receive_data(data)
     try:
         frames = list(decoder.frames())
@@ -772,7 +770,7 @@ def test_frames_after_end_are_never_read_nor_applied(
         ),
         pytest.param([framed(0x55, b"")], "unknown frame type 0x55", id="unknown-frame-type"),
         pytest.param([framed(FrameType.KEEPALIVE, b"", flags=1)], "KEEPALIVE frame has unknown flags", id="flags"),
-        pytest.param([b"MV" + encode(Keepalive())[2:]], "bad frame magic 0x4d56", id="bad-magic"),
+        pytest.param([b"MV" + encode(wire.Keepalive())[2:]], "bad frame magic 0x4d56", id="bad-magic"),
     ],
 )
 def test_a_frame_out_of_place_is_refused(

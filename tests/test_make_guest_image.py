@@ -7,7 +7,6 @@ them: ratio < 1.05); text pages (printable ASCII only); everything else is code.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -20,6 +19,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from .conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "make_guest_image.py"
 PAGE = 4096
 MiB = 1024 * 1024
@@ -28,11 +29,7 @@ TEXT_BYTES = frozenset(range(32, 127)) | {9, 10}  # printable ASCII, tab, newlin
 
 @pytest.fixture(scope="module")
 def mgi() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_guest_image", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def sha256(path: Path) -> str:
@@ -254,7 +251,7 @@ def test_no_two_nonzero_pages_are_identical(mgi: ModuleType, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("page_size", [512, 65536])
-def test_other_page_sizes(mgi: ModuleType, tmp_path: Path, page_size: int) -> None:
+def test_other_page_sizes_keep_the_classes_and_no_page_repeats(mgi: ModuleType, tmp_path: Path, page_size: int) -> None:
     out = tmp_path / "guest.img"
     counts = mgi.generate(out, 4 * MiB, seed=1, page_size=page_size)
     pages = pages_of(out, page_size)

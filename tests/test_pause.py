@@ -16,6 +16,7 @@ import pytest
 from migrate_cli.errors import PauseError, UsageError
 from migrate_cli.guest.pause import CommandPauser, GuestProcess, PidPauser, QmpPauser, Throttle, check_pause_pid
 
+from .conftest import alive, dies
 from .fakeqmp import FakeQmp
 
 BUSY = (
@@ -107,24 +108,6 @@ def test_command_hooks_fail_with_their_exit_status_and_time_out(tmp_path: Path) 
     marker = tmp_path / "resumed"
     CommandPauser("true", f"touch {marker}", 5).resume()
     assert marker.exists()
-
-
-def alive(pid: int) -> bool:
-    """Running or stopped; a zombie (killed, not yet reaped by whoever inherited it) counts as gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def dies(pid: int, timeout: float = 10) -> bool:
-    """A SIGKILLed process takes a moment to die."""
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_a_hook_past_its_timeout_is_killed_with_everything_it_started(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ def test_expected_downtime_is_switchover_cost_plus_dirty_bytes_over_rate() -> No
     assert expected == pytest.approx(0.05 + SWITCHOVER_OVERHEAD + 0.1)
 
 
-def test_decisions() -> None:
+def test_the_policy_switches_over_under_the_downtime_limit_and_gives_up_at_its_limits() -> None:
     policy = ConvergencePolicy(downtime_limit=0.3, max_passes=5, max_time=10.0)
     assert policy.decide(0.2, passes_done=1, elapsed=1) is Decision.SWITCHOVER
     assert policy.decide(0.5, passes_done=1, elapsed=1) is Decision.CONTINUE

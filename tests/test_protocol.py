@@ -9,25 +9,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migrate_cli.errors import IntegrityError, ProtocolError
-from migrate_cli.wire.protocol import (
+from migrate_cli.wire import protocol as wire
+from migrate_cli.wire.conversation import Role
+from migrate_cli.wire.frames import (
     HEADER_SIZE,
     MAX_PAYLOAD,
-    NEED_DATA,
     Abort,
-    Decoder,
     Encoding,
     End,
     Hello,
     Keepalive,
     Pages,
     PassEnd,
-    Result,
-    Role,
-    VersionMismatch,
     Welcome,
-    encode,
-    validate_pages,
 )
+from migrate_cli.wire.protocol import NEED_DATA, Decoder, VersionMismatch, encode, validate_pages
 
 HELLO = Hello(page_size=4096, image_size=4096 * 100, codec=1, level=1, session_id=b"s" * 16, batch_pages=64)
 PAGES = Pages(start=10, count=12, encoding=Encoding.ZLIB, zero_bitmap=bytes([0b101, 0b1000]), data=b"compressed")
@@ -42,7 +38,7 @@ SENDER_STREAM = [
     PassEnd(2, 1),
     End(100, 3, b"d" * 16),
 ]
-RECEIVER_STREAM = [Keepalive(), Welcome(), Keepalive(), Result(0, b"x" * 16)]
+RECEIVER_STREAM = [Keepalive(), Welcome(), Keepalive(), wire.Result(0, b"x" * 16)]
 
 
 def decode_all(role: Role, data: bytes, chunk: int = 0) -> list[object]:
@@ -246,7 +242,8 @@ def test_the_wire_size_of_a_batch_frame_is_its_encoded_length() -> None:
 
 
 def test_the_receivers_buffers_hold_the_largest_batch_frame_of_either_kind() -> None:
-    from migrate_cli.wire.protocol import HEADER_SIZE, max_pages_payload
+    from migrate_cli.wire.frames import HEADER_SIZE
+    from migrate_cli.wire.protocol import max_pages_payload
 
     pages = 64
     indices = struct.pack(f"!{pages}Q", *range(pages))

@@ -15,18 +15,9 @@ from zlib_ng import zlib_ng
 from migrate_cli.errors import CorruptFrame, ProtocolError, ResumeRefused
 from migrate_cli.receiver.state_file import ReceiverState
 from migrate_cli.sender.state_file import SenderState
-from migrate_cli.wire.protocol import (
-    FLAG_RESUMABLE,
-    HEADER,
-    RESUME_CHUNK_PAGES,
-    Abort,
-    Decoder,
-    FrameType,
-    ResumeState,
-    Role,
-    Welcome,
-    encode,
-)
+from migrate_cli.wire.conversation import Role
+from migrate_cli.wire.frames import FLAG_RESUMABLE, HEADER, RESUME_CHUNK_PAGES, Abort, FrameType, ResumeState, Welcome
+from migrate_cli.wire.protocol import Decoder, encode
 from migrate_cli.wire.resume import ResumeCollector, resume_frames
 
 

@@ -8,34 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migrate_cli.failure import Failure
-from migrate_cli.sender.pipeline import Batch, EncodedBatch, SendPipeline
-from migrate_cli.sender.source import SourceImage
+from migrate_cli.sender.pipeline import Batch, EncodedBatch
 from migrate_cli.wire import codec as codecs
-from migrate_cli.wire.protocol import HEADER_SIZE, Encoding, Pages, check_crc, decode_payload, parse_header
+from migrate_cli.wire.frames import HEADER_SIZE, Encoding, Pages
+from migrate_cli.wire.protocol import check_crc, decode_payload, parse_header
 
 from .conftest import make_image
+from .encoded import encode_batches
 
 PAGE = 4096
 
 
 def encode(image: Path, codec: str, batches: list[Batch]) -> list[EncodedBatch]:
-    failure = Failure()
-    with SourceImage(str(image)) as source:
-        pipeline = SendPipeline(source, codecs.by_name(codec), 1, 1, 256, failure)
-        pipeline.start()
-        try:
-            pipeline.feed(batches)
-            out = []
-            for _ in batches:
-                batch = pipeline.out.get(timeout=10)
-                batch.parts = [bytes(part) for part in batch.parts]  # raw data is a view of the worker's buffer
-                if batch.release:
-                    batch.release()  # the worker has 3 buffers: hand each back as a network thread would
-                out.append(batch)
-            return out
-        finally:
-            pipeline.stop()
+    return encode_batches(image, codec, batches)[0]
 
 
 def decode(parts: list[bytes]) -> list[Pages]:

@@ -14,7 +14,7 @@ import click
 
 from ..errors import ExitCode, Interrupted, MigrateError
 from ..units import parse_duration, parse_rate, parse_size
-from ..wire.protocol import check_page_size
+from ..wire.frames import check_page_size
 
 
 class UnitType(click.ParamType):

@@ -128,13 +128,8 @@ def recv(
     from ..receiver.options import RecvOptions
     from ..receiver.session import run
 
-    if (destination is None) == (not discard):
+    if (destination is None) == (not discard):  # an argument given or not: only click sees it (RecvOptions.check)
         raise click.UsageError("give DEST, or --discard to keep nothing (not both)")
-    if qmp and not in_place:
-        raise click.UsageError("--qmp (QEMU mode) writes into the destination QEMU's RAM: add --in-place")
-    if in_place and (discard or sparse or keep_partial):
-        raise click.UsageError("--in-place writes into DEST itself: it excludes --discard, --sparse and --keep-partial")
-
     opts = RecvOptions(
         destination=destination or "",
         listen=listen_address,
@@ -159,4 +154,4 @@ def recv(
         resume=resume,
         resume_window=resume_window,
     )
-    execute("recv", debug, lambda: run(opts))
+    execute("recv", debug, lambda: run(opts))  # run checks the option combinations first (RecvOptions.check)

@@ -6,7 +6,7 @@ import click
 
 from ..sender.options import DEFAULT_BATCH_SIZE
 from ..wire import codec as codecs
-from ..wire.protocol import DEFAULT_PAGE_SIZE
+from ..wire.frames import DEFAULT_PAGE_SIZE
 from .app import main
 from .params import (
     DURATION,
@@ -245,8 +245,6 @@ def send(
             f"{codec} takes levels {selected.levels.start}-{selected.levels.stop - 1}, not {level}",
             param_hint="--level",
         )
-    if batch_size is not None and (batch_size < page_size or batch_size > 16 * 1024 * 1024):
-        raise click.BadParameter("must be between the page size and 16MiB", param_hint="--batch-size")
     from ..sender.options import SendOptions
     from ..sender.session import run
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..wire.protocol import DEFAULT_PAGE_SIZE
+from ..wire.frames import DEFAULT_PAGE_SIZE
 from .app import main
 from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_option
 

@@ -225,7 +225,7 @@ def wrap_server(
 def _refuse_after_handshake(tls: ssl.SSLSocket, timeout: float, message: str) -> None:
     """Tell the sender why with an ABORT (exit 15 there): OpenSSL sent no alert, its own checks having passed, and
     a bare close would read as a link fault."""
-    from ..wire.protocol import Role
+    from ..wire.conversation import Role
     from .transport import Channel  # transport imports this module
 
     Channel(tls, Role.RECEIVER, timeout).abort(AuthError(message))

@@ -18,20 +18,9 @@ import time
 from collections.abc import Callable
 
 from ..errors import ClosedBetweenFrames, MigrateError, NetworkError, PeerError, UsageError
-from ..wire.protocol import (
-    HEADER_SIZE,
-    Abort,
-    Conversation,
-    Frame,
-    FrameType,
-    Header,
-    Role,
-    State,
-    check_crc,
-    decode_payload,
-    encode_parts,
-    parse_header,
-)
+from ..wire.conversation import Conversation, Role, State
+from ..wire.frames import HEADER_SIZE, Abort, Frame, FrameType
+from ..wire.protocol import Header, check_crc, decode_payload, encode_parts, parse_header
 from .tls import clean, refusal
 
 Buffer = bytes | bytearray | memoryview
@@ -196,9 +185,7 @@ class Channel:
                     "connection lost: the peer closed it while we were sending"
                 ) from None
             except ssl.SSLError as exc:
-                raise self._unread_refusal() or NetworkError(
-                    f"TLS stream broken while sending: {clean(exc)}"
-                ) from None
+                raise self._unread_refusal() or NetworkError(f"TLS stream broken while sending: {clean(exc)}") from None
             except OSError as exc:
                 raise NetworkError(f"connection lost while sending: {exc.strerror}") from None
             self.last_send = time.monotonic()

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from ..errors import MigrateError, NetworkError, ProtocolError
 from ..net.transport import Channel, ClosedBetweenFrames, format_address
-from ..wire.protocol import Hello
+from ..wire.frames import Hello
 
 MAX_PENDING = 16  # handshakes in flight; beyond that a new connection is closed at once (and logged)
 

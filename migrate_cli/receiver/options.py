@@ -1,10 +1,16 @@
-"""What one `vmmig recv` is asked to do: every option of the library's receiver (cli/recv_command.py fills it)."""
+"""What one `vmmig recv` is asked to do: every option of the library's receiver, checked together once.
+
+The CLI (cli/recv_command.py) parses and converts units; ``RecvOptions.check`` rejects combinations that cannot
+work before anything is opened, bound or read (like ``SendOptions.check`` on the other end).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from ..net.tls import TlsOptions
+from ..net.transport import is_loopback, parse_address
 
 
 @dataclass(frozen=True)
@@ -31,3 +37,19 @@ class RecvOptions:
     verbose: bool = False
     resume: bool = False  # adopt DEST.partial and its state file left by an interrupted migration
     resume_window: float = 60.0  # seconds to wait for the sender to come back after the link drops
+
+    def check(self) -> None:
+        """Reject option combinations once, up front; a malformed --listen is refused here too. (Whether DEST was
+        given at all, or --discard instead, is the CLI's: here an absent DEST and an empty one look the same.)"""
+        if self.qmp and not self.in_place:
+            raise UsageError("--qmp (QEMU mode) writes into the destination QEMU's RAM: add --in-place")
+        if self.in_place and (self.discard or self.sparse or self.keep_partial):
+            raise UsageError("--in-place writes into DEST itself: it excludes --discard, --sparse and --keep-partial")
+        host, _port = parse_address(self.listen)
+        if not self.insecure and self.tls is None and not is_loopback(host):
+            raise UsageError(
+                f"refusing to listen on non-loopback address {host} without TLS (--tls-cert, --tls-key, --tls-ca) "
+                "or --insecure: guest memory would cross the network unencrypted"
+            )
+        if self.resume and (self.discard or self.in_place or self.qmp):
+            raise UsageError("--resume cannot be combined with --discard, --in-place or --qmp")

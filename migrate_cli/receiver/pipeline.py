@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
 
 import numpy as np
 
@@ -22,7 +21,8 @@ from ..errors import ProtocolError
 from ..failure import Failure, get, put, spawn
 from ..stats import Stats
 from ..wire import codec as codecs
-from ..wire.protocol import Encoding, Header, Pages, max_pages_payload
+from ..wire.frames import Encoding, Pages
+from ..wire.protocol import Header, max_pages_payload
 from .destination import DestinationImage
 
 _DONE = None
@@ -180,38 +180,3 @@ class RecvPipeline:
             with self._applied_cond:
                 self._applied += 1
                 self._applied_cond.notify_all()
-
-
-class PassBarrier:
-    """PASS_END from every channel closes a pass: the last channel to arrive waits for the workers to apply every
-    batch of the pass, then releases the others. Only then may any batch of the next pass be applied."""
-
-    def __init__(self, channels: int, pipeline: RecvPipeline, failure: Failure, on_pass: Callable[[int, int], None]):
-        self.channels = channels
-        self.pipeline = pipeline
-        self.failure = failure
-        self.on_pass = on_pass
-        self._cond = threading.Condition()
-        self._arrived = 0
-        self._batches = 0
-        self.completed = 0  # the last pass every channel finished
-
-    def arrive(self, number: int, announced: int, carried: int) -> None:
-        if announced != carried:
-            raise ProtocolError(f"PASS_END {number} reports {announced} batches, but this channel carried {carried}")
-        with self._cond:
-            if number != self.completed + 1:
-                raise ProtocolError(f"PASS_END {number} arrived while pass {self.completed + 1} is open")
-            self._arrived += 1
-            self._batches += carried
-            if self._arrived == self.channels:
-                self.pipeline.drain()
-                self.pipeline.new_pass()
-                self.completed, self._arrived = number, 0
-                self.on_pass(number, self._batches)
-                self._batches = 0
-                self._cond.notify_all()
-                return
-            while self.completed < number:
-                self.failure.raise_if_set()
-                self._cond.wait(0.2)

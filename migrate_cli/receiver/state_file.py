@@ -25,7 +25,7 @@ from ..state_files import (
     write_json_atomically,
 )
 from ..wire import codec as codecs
-from .destination import check_destination_name
+from .dest_checks import check_destination_name
 
 
 def receiver_state_path(dest: str) -> str:

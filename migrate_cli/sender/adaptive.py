@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from ..ratelimit import BandwidthCap
 
 MARGIN = 0.05
 SAMPLE_BYTES = 4096
@@ -40,14 +42,25 @@ class AutoStats:
         }
 
 
-@dataclass
 class AutoPolicy:
-    threads: int
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    compress_speed: float | None = None  # bytes/s of one worker, EWMA
-    wire_speed: float | None = None  # bytes/s the network thread achieves while sending, EWMA
-    cap: float | None = None  # the token bucket's rate: the wire can never go faster (bursts make sends look so)
-    stats: AutoStats = field(default_factory=AutoStats)
+    """Measured speeds and the decision. ``cap`` is the shared BandwidthCap (ratelimit.py): the wire can never go
+    faster than its rate (bursts make sends look so); a number makes a cap of its own."""
+
+    def __init__(self, threads: int, cap: BandwidthCap | float | None = None) -> None:
+        self.threads = threads
+        self._lock = threading.Lock()
+        self.compress_speed: float | None = None  # bytes/s of one worker, EWMA
+        self.wire_speed: float | None = None  # bytes/s the network thread achieves while sending, EWMA
+        self.limit = cap if isinstance(cap, BandwidthCap) else BandwidthCap(cap)
+        self.stats = AutoStats()
+
+    @property
+    def cap(self) -> float | None:
+        return self.limit.rate
+
+    @cap.setter
+    def cap(self, rate: float | None) -> None:
+        self.limit.set(rate)
 
     def note_compression(self, nbytes: int, seconds: float) -> None:
         if seconds <= 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from ..net.tls import TlsOptions
 from ..wire import codec as codecs
-from ..wire.protocol import DEFAULT_PAGE_SIZE
+from ..wire.frames import DEFAULT_PAGE_SIZE, MAX_BATCH_BYTES
 from .state_file import default_sender_state_path
 
 # Pages are read, compressed, framed and checksummed a batch at a time. Per-batch costs (Python glue, frame,
@@ -85,6 +85,8 @@ class SendOptions:
             raise UsageError("--auto-converge needs --pause-pid (it throttles the guest with SIGSTOP/SIGCONT)")
         if self.dirty_tracking == "soft-dirty" and self.pause_pid is None:
             raise UsageError("--dirty-tracking soft-dirty needs --pause-pid (the process whose writes are tracked)")
+        if self.batch_size is not None and not self.page_size <= self.batch_size <= MAX_BATCH_BYTES:
+            raise UsageError("--batch-size must be between the page size and 16MiB")
         if self.max_passes < 1:
             raise UsageError("--max-passes must be at least 1")
         if self.qemu_handoff and self.qmp is None:
@@ -98,5 +100,3 @@ class SendOptions:
 
     def state_path(self) -> str:
         return self.state_file or default_sender_state_path(self.source)
-
-

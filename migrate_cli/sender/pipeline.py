@@ -11,7 +11,7 @@ compressor and a small ring of gather buffers; per batch it
 1. scans the live mapping for zero pages (one vectorised pass),
 2. copies the non-zero pages out of the mapping into its own buffer (a guest may write them meanwhile; from here
    on only the copy is used),
-3. fingerprints the copy into the shared fingerprint array (disjoint slices: no lock),
+3. fingerprints the copy into what the receiver will hold (receiver_copy.py; disjoint slices: no lock),
 4. compresses the copy with one call, and sends it raw instead when that does not shrink it.
 A raw batch's buffer travels with it to the network thread, which hands it back after sending.
 """
@@ -30,10 +30,12 @@ from ..failure import Failure, get, put, spawn
 from ..wire import codec as codecs
 from ..wire.codec import Compressor
 from ..wire.digest import fingerprint_pages, zero_fingerprint
-from ..wire.protocol import Encoding, Pages, encode_parts
+from ..wire.frames import Encoding, Pages
+from ..wire.protocol import encode_parts
 from .adaptive import MARGIN, AutoPolicy, Stopwatch
 from .entropy import MIN_RUN, incompressible_batch, runs
 from .holes import HoleMap
+from .receiver_copy import ReceiverCopy
 from .source import SourceImage
 
 RING = 3  # gather buffers per worker: one being filled, up to two raw batches waiting for the network thread
@@ -71,6 +73,7 @@ class SendPipeline:
         batch_pages: int,
         failure: Failure,
         auto: AutoPolicy | None = None,
+        sent: ReceiverCopy | None = None,
     ) -> None:
         self.source = source
         self.auto = auto
@@ -80,12 +83,16 @@ class SendPipeline:
         self.batch_pages = batch_pages
         self.failure = failure
         # What was sent: the fingerprint of the copy of each page that went on the wire (digest.py).
-        self.fingerprints = np.empty(source.pages, dtype=np.uint64)
+        self.sent = sent if sent is not None else ReceiverCopy(source.pages)
         self._work: queue.Queue[tuple[Batch, HoleMap] | None] = queue.Queue(maxsize=threads * 4)
         self.out: queue.Queue[EncodedBatch] = queue.Queue(maxsize=threads * 2)
         self._workers: list[threading.Thread] = []
         self._reader: threading.Thread | None = None
         self._zero_fp = zero_fingerprint(source.page_size)
+
+    @property
+    def fingerprints(self) -> np.ndarray:
+        return self.sent.as_array()
 
     def start(self) -> None:
         for i in range(self.threads):
@@ -166,7 +173,7 @@ class SendPipeline:
                 nonzero[data] = read_nonzero
         normal = int(np.count_nonzero(nonzero))
         bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
-        self.fingerprints[ids[~nonzero]] = self._zero_fp
+        self.sent.record(ids[~nonzero], self._zero_fp)
         if normal == 0:
             free.put(buf)
             return EncodedBatch([Pages(start, count, Encoding.RAW, bitmap, b"", indices)], None)
@@ -185,7 +192,7 @@ class SendPipeline:
         # Fingerprints of the copy that goes on the wire, never of the live page (docs/ARCHITECTURE.md).
         normal_fps = np.empty(normal, dtype=np.uint64)
         fingerprint_pages(copy.reshape(-1), ps, normal_fps)
-        self.fingerprints[ids[nonzero]] = normal_fps
+        self.sent.record(ids[nonzero], normal_fps)
         flat = copy.reshape(-1)
         # auto on a link faster than the compressors (loopback, LAN): raw, before any other work on the batch
         if compressor is None or (self.auto is not None and self.auto.link_faster()):
@@ -212,7 +219,7 @@ class SendPipeline:
         else:
             ids, start, count = item, int(item[0]), len(item)
             indices = item.astype(">u8").tobytes()
-        self.fingerprints[ids] = self._zero_fp
+        self.sent.record(ids, self._zero_fp)
         bitmap = np.packbits(np.ones(count, dtype=bool), bitorder="little").tobytes()
         return EncodedBatch([Pages(start, count, Encoding.RAW, bitmap, b"", indices)], None)
 

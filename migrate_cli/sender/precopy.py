@@ -134,7 +134,6 @@ class Precopy:
         self.clock = clock
         self.first_pass = first_pass  # pages of pass 1: None for all; a resumed session gives what differs
         self.result = LiveResult()
-        self.paused = False
         self._last_step: float | None = None
 
     def _achieved_rate(self) -> float:
@@ -200,8 +199,7 @@ class Precopy:
             self.throttle.release()
             self.stats.throttle = 0
         self.result.paused_at = started = self.clock()  # downtime counts from the pause request
-        self.paused = True  # before the call: a signal landing inside pause() must still lead to a resume
-        self.pauser.pause()
+        self.pauser.pause()  # the sender's GuestHold: it knows from here on that the guest is paused
         paused = self.clock()
         dirty = self.tracker.scan()  # the guest is still: this scan is exact
         scanned = self.clock()

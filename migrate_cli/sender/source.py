@@ -12,7 +12,7 @@ import stat
 import numpy as np
 
 from ..errors import SourceError
-from ..wire.protocol import DEFAULT_PAGE_SIZE
+from ..wire.frames import DEFAULT_PAGE_SIZE
 from .holes import data_extents
 
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFDIR: "a directory"}

@@ -123,4 +123,3 @@ class SenderState:
 
 
 # --- the RESUME_STATE exchange (sans-IO) -------------------------------------------------------------------------
-

@@ -21,7 +21,8 @@ from ..failure import Failure, spawn
 from ..net.transport import Channel
 from ..ratelimit import TokenBucket
 from ..stats import Stats
-from ..wire.protocol import Encoding, Keepalive, PassEnd, pages_wire_size
+from ..wire.frames import Encoding, Keepalive, PassEnd
+from ..wire.protocol import pages_wire_size
 from .adaptive import AutoPolicy, Stopwatch
 from .pipeline import SendPipeline, all_ranges, batch_ranges
 from .precopy import PassRecord

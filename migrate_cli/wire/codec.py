@@ -20,7 +20,7 @@ import zstandard
 from zlib_ng import zlib_ng
 
 from ..errors import IntegrityError
-from .protocol import Encoding
+from .frames import Encoding
 
 Buffer = bytes | bytearray | memoryview
 

@@ -13,53 +13,46 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import Enum
 
 import numpy as np
 from zlib_ng import zlib_ng
 
 from ..errors import CorruptFrame, IntegrityError, ProtocolError, VersionMismatch
+from .conversation import Conversation, Role
+from .frames import (
+    FLAG_RESUMABLE,
+    FRAME_MAGIC,
+    HEADER,
+    HEADER_SIZE,
+    MAX_ABORT_MESSAGE,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_PAGES,
+    MAX_IMAGE_SIZE,
+    MAX_PAGE_SIZE,
+    MAX_PAYLOAD,
+    MAX_URI,
+    MIN_PAGE_SIZE,
+    PROTOCOL_VERSION,
+    RESUME_CHUNK_PAGES,
+    Abort,
+    Encoding,
+    End,
+    Frame,
+    FrameType,
+    Handoff,
+    HandoffDone,
+    Hello,
+    Keepalive,
+    Pages,
+    PassEnd,
+    Result,
+    ResumeState,
+    Welcome,
+    is_valid_page_size,
+)
 
-PROTOCOL_VERSION = 2  # 2: END carries a commitment to the digest, not the digest (digest.end_commitment)
-FRAME_MAGIC = 0x564D  # "VM"
-
-HEADER = struct.Struct("!HBBII")  # magic, type, flags, payload length, crc32(header[:8] + payload)
-HEADER_SIZE = HEADER.size  # 12
-
-MIN_PAGE_SIZE = 512
-DEFAULT_PAGE_SIZE = 4096  # x86's base page: what a guest's RAM is tracked in
-MAX_PAGE_SIZE = 2 * 1024 * 1024
-MAX_BATCH_BYTES = 16 * 1024 * 1024  # page bytes one PAGES frame may describe
-MAX_BATCH_PAGES = 65536
-MAX_ABORT_MESSAGE = 1024
-MAX_PAYLOAD = 8 + 8 * MAX_BATCH_PAGES + MAX_BATCH_PAGES // 8 + MAX_BATCH_BYTES
-MAX_IMAGE_SIZE = 1 << 50
-
-
-class FrameType(IntEnum):
-    HELLO = 0x01
-    WELCOME = 0x02
-    KEEPALIVE = 0x03
-    PAGES = 0x10
-    PASS_END = 0x11
-    PAGE_LIST = 0x12
-    RESUME_STATE = 0x13
-    END = 0x20
-    RESULT = 0x21
-    HANDOFF = 0x22
-    HANDOFF_DONE = 0x23
-    ABORT = 0x7F
-
-
-class Encoding(IntEnum):
-    """How the data of one PAGES frame is encoded; the codec registry maps these ids to codecs."""
-
-    RAW = 0
-    ZLIB = 1
-    ZSTD = 2
-
-
-# --- frames -------------------------------------------------------------------------------------------------------
+# --- frame layouts ------------------------------------------------------------------------------------------------
 
 _HELLO = struct.Struct("!HIQBBI16sHHI")
 _WELCOME = struct.Struct("!HI")
@@ -71,152 +64,6 @@ _RESULT = struct.Struct("!B3x16s")
 _ABORT = struct.Struct("!H")
 _HANDOFF_DONE = struct.Struct("!B")
 _RESUME_STATE = struct.Struct("!QIB3x")
-MAX_URI = 256
-RESUME_CHUNK_PAGES = 131072  # fingerprints per RESUME_STATE frame: 1 MiB before compression
-
-FEATURE_QEMU_HANDOFF = 1  # HELLO feature: after RESULT, hand the VM over with QEMU's own migration (qemu.py)
-FEATURE_RESUME = 2  # HELLO feature: this continues an interrupted session (same session id); see resume.py
-
-FLAG_RESUMABLE = 0x01  # ABORT header flag: the sender of the ABORT keeps the session for a resume
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """Sender -> receiver, first frame on a channel: who we are and what the image is."""
-
-    page_size: int
-    image_size: int
-    codec: int  # Encoding id of the codec the sender will use (batches may still go RAW)
-    level: int
-    session_id: bytes  # 16 random bytes naming this migration
-    batch_pages: int  # most pages any PAGES frame will carry
-    channels: int = 1
-    channel_index: int = 0
-    features: int = 0
-    version: int = PROTOCOL_VERSION
-
-
-@dataclass(frozen=True, slots=True)
-class Welcome:
-    """Receiver -> sender: destination prepared (space allocated), send pages."""
-
-    features: int = 0
-    version: int = PROTOCOL_VERSION
-
-
-@dataclass(frozen=True, slots=True)
-class Keepalive:
-    """Either way: I am alive, during silent phases (preallocation, digest)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Pages:
-    """Sender -> receiver: a batch of ``count`` pages from ``start``; decodable on its own, in any order.
-
-    ``zero_bitmap`` has bit i (LSB first within each byte) set when page start+i is all zeros; ``data`` holds the
-    other pages, in order, encoded with ``encoding``.
-
-    With ``indices`` (big-endian u64 page numbers, strictly increasing) the batch is a PAGE_LIST frame: page i of
-    the batch is page ``indices[i]`` of the image, so scattered dirty pages travel in full-size batches.
-    ``start`` is then the first index.
-    """
-
-    start: int
-    count: int
-    encoding: int
-    zero_bitmap: bytes
-    data: bytes | bytearray | memoryview
-    indices: bytes | None = None
-
-    def index_array(self) -> np.ndarray:
-        """The page numbers this batch covers, in order."""
-        if self.indices is None:
-            return np.arange(self.start, self.start + self.count, dtype=np.int64)
-        return np.frombuffer(self.indices, dtype=">u8").astype(np.int64)
-
-    @property
-    def zero_count(self) -> int:
-        return int.from_bytes(self.zero_bitmap, "little").bit_count()
-
-    @property
-    def normal_count(self) -> int:
-        return self.count - self.zero_count
-
-
-@dataclass(frozen=True, slots=True)
-class PassEnd:
-    """Sender -> receiver: pass ``number`` is complete after ``batches`` PAGES frames.
-
-    The receiver applies every batch of a pass before any batch of the next one, so when a page is sent again in a
-    later pass, the later copy wins.
-    """
-
-    number: int
-    batches: int
-
-
-@dataclass(frozen=True, slots=True)
-class End:
-    """Sender -> receiver: every page is sent; ``commitment`` is ``digest.end_commitment`` of what DEST must hash to.
-
-    Not the digest itself: the receiver must compute the digest from DEST to check it and to answer with it in
-    RESULT, so a receiver that stored nothing cannot echo the sender's own value back and be called verified.
-    """
-
-    total_pages: int
-    batches: int
-    commitment: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """Receiver -> sender: the digest the receiver computed over DEST; status 0 means verified and published."""
-
-    status: int
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Abort:
-    """Either way: I am stopping; ``code`` is my exit code, ``message`` the one-line reason."""
-
-    code: int
-    message: str
-    resumable: bool = False  # header flag FLAG_RESUMABLE: reconnect with FEATURE_RESUME to continue
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeState:
-    """Receiver -> sender (after WELCOME, resumed sessions only): what DEST.partial holds, page by page.
-
-    ``fingerprints`` are the xxh3-64 fingerprints (digest.py) of pages ``first``.. ``first + count - 1`` as read back
-    from DEST.partial; the frames cover the image in order and ``last`` marks the final one.
-    """
-
-    first: int
-    fingerprints: np.ndarray  # uint64, little-endian on the wire, zlib-compressed
-    last: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Handoff:
-    """Receiver -> sender (QEMU mode, after WELCOME): the URI where the destination QEMU awaits the device state."""
-
-    uri: str
-
-
-@dataclass(frozen=True, slots=True)
-class HandoffDone:
-    """Receiver -> sender (QEMU mode, after RESULT): 0 the destination runs; 1 it could not start."""
-
-    status: int
-    message: str = ""
-
-
-HANDOFF_RUNNING = 0
-HANDOFF_FAILED = 1
-
-Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort | Handoff | HandoffDone | ResumeState
 
 # Largest payload each small frame may announce (HELLO: room for a longer HELLO of a later version, so that the
 # version can still be read and named).
@@ -233,9 +80,6 @@ MAX_LENGTH: dict[FrameType, int] = {
     # zlib's worst case for 1 MiB of incompressible fingerprints is a few hundred bytes over it
     FrameType.RESUME_STATE: _RESUME_STATE.size + RESUME_CHUNK_PAGES * 8 + 4096,
 }
-
-RESULT_VERIFIED = 0
-RESULT_DIGEST_MISMATCH = 1
 
 
 # --- encoding -----------------------------------------------------------------------------------------------------
@@ -485,17 +329,6 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
     raise AssertionError(f"unhandled frame type {kind!r}")
 
 
-def is_valid_page_size(page_size: int) -> bool:
-    """The one page-size rule, for options, state files and HELLO alike: a power of two in MIN..MAX_PAGE_SIZE."""
-    return MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE and not page_size & (page_size - 1)
-
-
-def check_page_size(page_size: int) -> None:
-    """``is_valid_page_size`` as a ValueError naming the rule (options and state files)."""
-    if not is_valid_page_size(page_size):
-        raise ValueError(f"page size {page_size} is not a power of two between {MIN_PAGE_SIZE} and {MAX_PAGE_SIZE}")
-
-
 def pages_wire_size(frame: Pages) -> int:
     """Bytes a PAGES or PAGE_LIST frame takes on the wire, header included (what the bandwidth cap charges)."""
     head = _PAGE_LIST.size + len(frame.indices) if frame.indices is not None else _PAGES.size
@@ -540,68 +373,6 @@ def validate_pages(frame: Pages, page_size: int, total_pages: int, batch_pages: 
             raise ProtocolError(f"raw PAGES frame holds {len(frame.data)} bytes, expected {normal_bytes}")
     elif len(frame.data) > normal_bytes or (normal_bytes == 0 and len(frame.data)):
         raise ProtocolError(f"compressed PAGES frame holds {len(frame.data)} bytes for {normal_bytes} of pages")
-
-
-# --- which frame may come when ------------------------------------------------------------------------------------
-
-
-class Role(Enum):
-    SENDER = "sender"
-    RECEIVER = "receiver"
-
-
-class State(Enum):
-    HANDSHAKE = "handshake"
-    STREAMING = "streaming"
-    FINISHING = "finishing"
-    DONE = "done"
-    CLOSED = "closed"
-
-
-# Rule: every frame-order decision lives in this table. Key: the role *receiving* the frame, then its state.
-# KEEPALIVE keeps the state; ABORT closes it from any state.
-TRANSITIONS: dict[Role, dict[State, dict[FrameType, State]]] = {
-    Role.RECEIVER: {  # frames that arrive from the sender
-        State.HANDSHAKE: {FrameType.HELLO: State.STREAMING},
-        State.STREAMING: {
-            FrameType.PAGES: State.STREAMING,
-            FrameType.PAGE_LIST: State.STREAMING,
-            FrameType.PASS_END: State.STREAMING,
-            FrameType.END: State.DONE,
-        },
-        State.DONE: {},
-    },
-    Role.SENDER: {  # frames that arrive from the receiver
-        State.HANDSHAKE: {FrameType.WELCOME: State.STREAMING},
-        State.STREAMING: {
-            FrameType.RESUME_STATE: State.STREAMING,
-            FrameType.HANDOFF: State.STREAMING,
-            FrameType.RESULT: State.DONE,
-        },
-        State.DONE: {FrameType.HANDOFF_DONE: State.DONE},
-    },
-}
-
-
-class Conversation:
-    """Tracks one side's view of the incoming frame order and refuses anything out of place."""
-
-    def __init__(self, role: Role) -> None:
-        self.role = role
-        self.state = State.HANDSHAKE
-
-    def on_frame(self, frame_type: FrameType) -> None:
-        if self.state is State.CLOSED:
-            raise ProtocolError(f"{frame_type.name} frame after the peer aborted")
-        if frame_type is FrameType.ABORT:
-            self.state = State.CLOSED
-            return
-        if frame_type is FrameType.KEEPALIVE and self.state is not State.DONE:
-            return
-        allowed = TRANSITIONS[self.role].get(self.state, {})
-        if frame_type not in allowed:
-            raise ProtocolError(f"unexpected {frame_type.name} frame during {self.state.value}")
-        self.state = allowed[frame_type]
 
 
 class NeedData(Enum):

@@ -12,10 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import ProtocolError
-from .protocol import (
-    RESUME_CHUNK_PAGES,
-    ResumeState,
-)
+from .frames import RESUME_CHUNK_PAGES, ResumeState
 
 
 def resume_frames(fingerprints: np.ndarray) -> Iterator[ResumeState]:

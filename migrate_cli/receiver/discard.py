@@ -1,0 +1,51 @@
+"""`recv --discard`: a destination that keeps nothing (measures the link and the pipeline, verifies all the same)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..wire.digest import fingerprint_pages, image_digest, zero_fingerprint
+from .destination import fingerprint_array
+
+
+class DiscardSink:
+    """`recv --discard`: decode and check everything, keep nothing but one fingerprint per page.
+
+    Workers fingerprint each decoded page as they would write it; the digest is computed from those. Later passes
+    overwrite earlier fingerprints (the PASS_END barrier orders them), exactly as they would overwrite pages.
+    """
+
+    dest = "(discarded)"
+
+    def __init__(self, size: int, page_size: int) -> None:
+        self.size = size
+        self.page_size = page_size
+        self.pages = size // page_size
+        self.fingerprints = fingerprint_array(self.pages, zero_fingerprint(page_size), "(discard)")
+        self._zero = zero_fingerprint(page_size)
+
+    def write_batch(
+        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
+    ) -> None:
+        ids = (
+            np.arange(start, start + count) if indices is None else np.frombuffer(indices, dtype=">u8").astype(np.int64)
+        )
+        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+        self.fingerprints[ids[zero]] = self._zero
+        normal = int(count - np.count_nonzero(zero))
+        if normal:
+            out = np.empty(normal, dtype=np.uint64)
+            fingerprint_pages(np.frombuffer(data, dtype=np.uint8), self.page_size, out)
+            self.fingerprints[ids[~zero]] = out
+
+    def digest(self, threads: int) -> bytes:
+        return image_digest(self.fingerprints)
+
+    def flush(self) -> None:
+        pass
+
+    def publish(self, force: bool = False) -> None:
+        pass
+
+    def discard(self, keep_partial: bool = False) -> None:
+        pass

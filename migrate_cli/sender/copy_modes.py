@@ -1,0 +1,145 @@
+"""The copy, by mode; each returns the digest END commits to.
+
+- plain (no --live, no pause option): one pass, then a re-scan; if any page changed meanwhile the run fails (the
+  image was not quiescent) and DEST is not published;
+- stop-and-copy (a pause option without --live): pause, one pass, then a re-scan: a page that changed while paused
+  fails the run (exit 14) and DEST is not published;
+- live (--live): iterative pre-copy (precopy.py), then pause and a last pass; the post-pause scan must match what
+  was sent page for page.
+A resumed session's first pass sends only what the receiver lacks or holds differently (the dirty scan against the
+fingerprints RESUME_STATE reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import PauseError, SourceError
+from ..failure import Failure
+from ..net.transport import Channel
+from ..ratelimit import TokenBucket
+from ..stats import Stats
+from .adaptive import AutoPolicy
+from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
+from .guest_hold import GuestHold
+from .options import SendOptions
+from .pipeline import SendPipeline
+from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
+from .receiver_copy import ReceiverCopy
+from .reporting import SenderReport, notice
+from .source import SourceImage
+from .transmit import PassSender
+
+
+class Copy:
+    """One session's passes over its channels, by the mode the options choose."""
+
+    def __init__(
+        self,
+        opts: SendOptions,
+        source: SourceImage,
+        pipeline: SendPipeline,
+        channels: list[Channel],
+        bucket: TokenBucket,
+        stats: Stats,
+        failure: Failure,
+        auto: AutoPolicy | None,
+        guest: GuestHold,
+        reporter: SenderReport,
+        threads: int,
+    ) -> None:
+        self.opts = opts
+        self.source = source
+        self.pipeline = pipeline
+        self.sent: ReceiverCopy = pipeline.sent
+        self.channels = channels
+        self.bucket = bucket
+        self.stats = stats
+        self.failure = failure
+        self.auto = auto
+        self.guest = guest
+        self.reporter = reporter
+        self.threads = threads
+        self.batches_sent = 0  # frames of every pass: END tells the receiver how many to expect
+        self.live: LiveResult | None = None
+
+    def run(self, policy: ConvergencePolicy, resuming: bool) -> bytes:
+        tracker = self._make_tracker(resuming)
+        # A resumed session starts from what the receiver holds (RESUME_STATE replaced what was sent): its first
+        # pass sends only the pages that are missing there or differ, found by the dirty scan.
+        first: Callable[[], np.ndarray | None] = tracker.scan if resuming else lambda: None
+        if self.opts.live:
+            return self._live(policy, tracker, first)
+        if self.guest.pauser is not None:
+            return self._stop_and_copy(tracker, first)
+        return self._plain(tracker, first)
+
+    def _send_pass(self, number: int, pages: np.ndarray | None, paused: bool) -> PassRecord:
+        passes = PassSender(self.channels, self.pipeline, self.source, self.bucket, self.stats, self.failure, self.auto)
+        throttle = self.guest.throttle
+        record = passes.send(number, pages, paused, throttle.percentage if throttle else 0)
+        self.batches_sent += passes.batches
+        return record
+
+    def _live(self, policy: ConvergencePolicy, tracker: DirtyTracker, first: Callable[[], np.ndarray | None]) -> bytes:
+        opts = self.opts
+        throttle = None
+        if opts.auto_converge:
+            assert opts.pause_pid is not None
+            throttle = self.guest.start_throttle(opts.pause_pid)
+        precopy = Precopy(
+            policy, tracker, self._send_pass, self.guest, self.source.page_size, self.stats,
+            abort_on_no_converge=opts.on_no_converge == "abort", throttle=throttle, notice=notice,
+            on_pass=self.reporter.on_pass, first_pass=first,
+        )  # fmt: skip
+        self.live = precopy.result
+        precopy.run()
+        # The post-pause scan saw the image as it is while paused; the last pass sent exactly the pages that
+        # differed, so what was sent must now equal it page for page. The digest comes from that one scan.
+        live = tracker.live_fingerprints()
+        if differing := self.sent.differing(live):
+            self._wrote_while_paused(differing)
+        return self.sent.digest()  # equal to the live fingerprints' now
+
+    def _stop_and_copy(self, tracker: DirtyTracker, first: Callable[[], np.ndarray | None]) -> bytes:
+        self.guest.pause()  # every copy is taken while the guest is paused
+        self.reporter.on_pass(self._send_pass(1, first(), True))
+        # Verify the pause held: a pause that did not stop the writer (the wrong pid, a hook that did nothing)
+        # would otherwise publish an image that matches no moment of the source.
+        changed = tracker.scan()
+        if changed.size:
+            self._wrote_while_paused(int(changed.size))
+        return self.sent.digest()
+
+    def _plain(self, tracker: DirtyTracker, first: Callable[[], np.ndarray | None]) -> bytes:
+        self.reporter.on_pass(self._send_pass(1, first(), False))
+        changed = tracker.scan()  # a plain copy: the image must not have changed while it was sent
+        if changed.size:
+            raise SourceError(
+                f"source {self.opts.source} changed while it was sent ({changed.size} pages differ): "
+                "use --live or a pause option (--pause-pid, --qmp, --pause-cmd) for a running guest"
+            )
+        return self.sent.digest()
+
+    def _wrote_while_paused(self, pages: int) -> None:
+        hint = " (QEMU: use --qmp, a SIGSTOP does not stop in-kernel devices)" if self.opts.pause_pid else ""
+        raise PauseError(f"{pages} pages changed while the guest was paused: the pause did not stop its writes{hint}")
+
+    def _make_tracker(self, resuming: bool) -> DirtyTracker:
+        opts, source, sent = self.opts, self.source, self.sent.as_array()
+        if opts.dirty_tracking == "soft-dirty" and resuming:
+            notice("a resumed session compares fingerprints with the receiver's: using fingerprint tracking")
+        elif opts.dirty_tracking == "soft-dirty":
+            assert opts.pause_pid is not None
+            if soft_dirty_supported():
+                try:
+                    return SoftDirtyTracker(opts.pause_pid, opts.source, source.array, source.page_size, sent)
+                except (LookupError, ValueError, OSError) as exc:
+                    notice(f"soft-dirty tracking unavailable ({exc}): using fingerprint tracking")
+            else:
+                notice("this kernel does not track soft-dirty pages: using fingerprint tracking")
+        return FingerprintTracker(
+            source.array, source.page_size, sent, self.threads, source.check_size, source.data_extents
+        )

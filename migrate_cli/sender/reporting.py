@@ -1,0 +1,169 @@
+"""What the sender tells: notices, per-pass records and lines, the final report, and `vmmig ctl` requests.
+
+The report's ``max-bandwidth`` is read from the one BandwidthCap (ratelimit.py): after `vmmig ctl set
+max-bandwidth` it says the rate in force at the end, as the statistics' ``cap`` does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..control import ControlError, ControlServer
+from ..errors import CancelledError
+from ..failure import Failure
+from ..ratelimit import BandwidthCap
+from ..report import StatsLog, display_wanted, report, summary_line
+from ..stats import Stats
+from ..units import format_bytes, parse_duration, parse_rate
+from .adaptive import AutoPolicy
+from .lifecycle import Lifecycle
+from .options import SendOptions
+from .precopy import ConvergencePolicy, LiveResult, PassRecord
+
+if TYPE_CHECKING:
+    from ..display import DisplayView
+
+
+def notice(message: str) -> None:
+    print(f"vmmig send: {message}", file=sys.stderr, flush=True)
+
+
+def mode_of(opts: SendOptions) -> str:
+    if opts.live:
+        return "live"
+    return "stop-and-copy" if any(x is not None for x in (opts.pause_pid, opts.qmp, opts.pause_cmd)) else "plain"
+
+
+class SenderReport:
+    """Everything the sender writes for people and programs, from the run's shared objects."""
+
+    def __init__(
+        self, opts: SendOptions, stats: Stats, cap: BandwidthCap, codec_name: str, level: int, threads: int, auto: bool
+    ) -> None:
+        self.opts = opts
+        self.stats = stats
+        self.cap = cap
+        self.identity: dict[str, Any] = {
+            "role": "send",
+            "codec": "auto" if auto else codec_name,
+            "level": level,
+            "threads": threads,
+            "mode": mode_of(opts),
+        }
+        self.display = display_wanted(opts.quiet)
+        self.view: DisplayView | None = None
+        self.stats_log = StatsLog(stats, opts.stats_path, self.identity)
+        self.pass_records: list[PassRecord] = []
+
+    def verbose(self, message: str) -> None:
+        if self.opts.verbose and not self.display and not self.opts.quiet:
+            notice(message)
+
+    def set_phase(self, phase: str) -> None:
+        if self.view:
+            self.view.phase = phase
+
+    def on_pass(self, record: PassRecord) -> None:
+        """A pass finished: NDJSON record, and a plain line when there is no live display."""
+        self.pass_records.append(record)
+        self.stats_log.write("pass", record.as_json())
+        if not self.display and not self.opts.quiet:
+            notice(
+                f"pass {record.number}: {record.pages:,} pages ({format_bytes(record.image_bytes)}) in "
+                f"{record.duration:.2f}s, {format_bytes(record.wire_bytes)} on the wire"
+                + (f", {record.dirty_pages:,} found dirty" if record.number > 1 else "")
+                + (", guest paused" if record.paused else "")
+            )
+
+    def final(
+        self,
+        digest: bytes,
+        resumes: int,
+        live: LiveResult | None,
+        guest_left_paused: bool,
+        auto: AutoPolicy | None,
+        handoff: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The success report (--json, the NDJSON stream's last record, `vmmig ctl status` no more)."""
+        snap = self.stats.snapshot()
+        digest_hex = digest.hex()
+        if not self.opts.quiet:
+            notice(summary_line("sent", snap, digest_hex))
+            if guest_left_paused:
+                downtime = f" after {snap.downtime * 1000:.0f}ms of downtime" if snap.downtime is not None else ""
+                notice(f"guest left paused on the source{downtime}: the destination holds its memory")
+        extra: dict[str, Any] = {
+            **self.identity, "max-bandwidth": self.cap.as_int(), "digest": digest_hex, "resumes": resumes
+        }  # fmt: skip
+        if live is not None:
+            extra["cpu-throttle-percentage"] = max((p.throttle for p in live.passes), default=0)
+            extra["converged"] = live.converged
+            extra["switchover"] = live.switchover
+        if self.pass_records:
+            extra["passes"] = [p.as_json() for p in self.pass_records]
+        if self.view is not None:
+            extra.update(self.view.cpu_report())
+        if auto is not None:
+            extra.update(auto.stats.as_json())
+        if handoff is not None:
+            extra["qemu-handoff"] = handoff
+        return report(snap, extra)
+
+
+class SenderControl:
+    """`vmmig ctl` requests on --control SOCK: status, set (max-bandwidth, downtime-limit), cancel."""
+
+    def __init__(
+        self,
+        reporter: SenderReport,
+        cap: BandwidthCap,
+        policy: ConvergencePolicy,
+        lifecycle: Lifecycle,
+        failure: Failure,
+    ) -> None:
+        self.reporter = reporter
+        self.cap = cap
+        self.policy = policy
+        self.lifecycle = lifecycle
+        self.failure = failure
+        self.server: ControlServer | None = None
+
+    def open(self) -> None:
+        path = self.reporter.opts.control
+        if path:
+            self.server = ControlServer(path, {"status": self._status, "set": self._set, "cancel": self._cancel})
+
+    def close(self, final: dict[str, Any] | None) -> None:
+        """Stop answering requests and close the NDJSON stream with ``final`` (or nothing)."""
+        if self.server is not None:
+            self.server.close()
+        self.reporter.stats_log.close(final)
+
+    def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {**self.reporter.stats.snapshot().fields(), **self.reporter.identity}
+
+    def _set(self, request: dict[str, Any]) -> dict[str, Any]:
+        name, value = str(request.get("name")), str(request.get("value"))
+        setters: dict[str, Callable[[str], dict[str, Any]]] = {
+            "max-bandwidth": self._set_max_bandwidth,
+            "downtime-limit": self._set_downtime_limit,
+        }
+        if name not in setters:
+            raise ControlError(f"cannot set {name!r}: settable are max-bandwidth and downtime-limit")
+        return setters[name](value)
+
+    def _set_max_bandwidth(self, value: str) -> dict[str, Any]:
+        self.cap.set(parse_rate(value))  # the bucket the network threads charge reads it within 50 ms
+        return {"max-bandwidth": self.cap.as_int()}
+
+    def _set_downtime_limit(self, value: str) -> dict[str, Any]:
+        self.policy.downtime_limit = parse_duration(value)  # read at the next convergence decision
+        return {"downtime-limit": round(self.policy.downtime_limit * 1000, 3)}
+
+    def _cancel(self, _request: dict[str, Any]) -> str:
+        if self.lifecycle.end_sent:
+            raise ControlError("too late to cancel: the last pages are out and the receiver is verifying them")
+        self.failure.set(CancelledError("cancelled by vmmig ctl"))
+        return "cancelling"
