@@ -1,6 +1,7 @@
 """Codecs: a table with wire ids; every codec round-trips self-contained batches, in any order, on any thread."""
 
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -88,3 +89,41 @@ def test_none_codec_checks_the_length() -> None:
     assert none.decompress(b"abcd", 4) == b"abcd"
     with pytest.raises(IntegrityError):
         none.decompress(b"abc", 4)
+
+
+def _guest_like_batches() -> list[bytes]:
+    """Four 256 KiB batches of text, code-like runs and zeros: compressible, each different."""
+    rng = random.Random(7)
+    words = [bytes(rng.choice(b"abcdefghijklmnop ") for _ in range(rng.randint(2, 9))) for _ in range(300)]
+    return [b" ".join(rng.choice(words) for _ in range(40000))[: 256 << 10].ljust(256 << 10, b"\0") for _ in range(4)]
+
+
+@pytest.mark.parametrize("level", [1, 2, 6])
+def test_zlib_streams_of_either_engine_decode_with_the_other_out_of_order(level: int) -> None:
+    """ISA-L and zlib-ng write and read the same raw-deflate batches: a sender with one and a receiver with the
+    other interoperate, whichever serves a level."""
+    from isal import isal_zlib
+    from zlib_ng import zlib_ng
+
+    batches = _guest_like_batches()
+    for writer, reader in [(isal_zlib, zlib_ng), (zlib_ng, isal_zlib)]:
+        stream = writer.compressobj(min(level, 3) if writer is isal_zlib else level, writer.DEFLATED, -15)
+        encoded = [stream.compress(b) + stream.flush(writer.Z_FULL_FLUSH) for b in batches]
+        for index in (3, 0, 2, 1):
+            assert reader.decompressobj(-15).decompress(encoded[index], len(batches[index])) == batches[index]
+
+
+def test_zlib_levels_1_and_2_use_isal_higher_levels_and_inflation_as_documented() -> None:
+    assert [codecs.deflate_engine(level) for level in range(1, 10)] == ["isal", "isal"] + ["zlib-ng"] * 7
+    assert codecs.deflate_engine(None) == "isal"
+
+
+def test_zlib_level_1_compresses_at_least_as_well_as_zlib_ng_level_1() -> None:
+    """--level 1 never maps to a level whose ratio is worse than zlib-ng's level 1."""
+    from zlib_ng import zlib_ng
+
+    data = b"".join(_guest_like_batches())
+    ours = codecs.by_name("zlib").compressor(1).compress(data)
+    reference = zlib_ng.compressobj(1, zlib_ng.DEFLATED, -15)
+    theirs = reference.compress(data) + reference.flush(zlib_ng.Z_FULL_FLUSH)
+    assert len(ours) <= len(theirs)
