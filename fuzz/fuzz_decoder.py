@@ -66,25 +66,9 @@ with atheris.instrument_imports(include=["migrate_cli"]) if _instrumented else c
     from migrate_cli.errors import IntegrityError, ProtocolError
     from migrate_cli.receiver.discard import DiscardSink
     from migrate_cli.wire import codec as codecs
+    from migrate_cli.wire import frames as wire
     from migrate_cli.wire.conversation import Role
     from migrate_cli.wire.digest import fingerprint_pages, image_digest
-    from migrate_cli.wire.frames import (
-        FRAME_MAGIC,
-        HEADER,
-        Abort,
-        Encoding,
-        End,
-        Frame,
-        FrameType,
-        Handoff,
-        HandoffDone,
-        Hello,
-        Keepalive,
-        Pages,
-        PassEnd,
-        Result,
-        Welcome,
-    )
     from migrate_cli.wire.protocol import Decoder, encode, validate_pages
 
 
@@ -94,12 +78,12 @@ SESSION_BATCH = 16
 MAX_INPUT = 1 << 16  # bytes: libFuzzer's -max_len, and the largest seed
 
 
-def session_hello(codec: int = Encoding.ZLIB, page_size: int = PAGE_SIZE) -> Hello:
-    return Hello(page_size, SESSION_PAGES * page_size, codec, 1, b"fuzz-session-id!", batch_pages=SESSION_BATCH)
+def session_hello(codec: int = wire.Encoding.ZLIB, page_size: int = PAGE_SIZE) -> wire.Hello:
+    return wire.Hello(page_size, SESSION_PAGES * page_size, codec, 1, b"fuzz-session-id!", batch_pages=SESSION_BATCH)
 
 
 SESSION_HELLO = encode(session_hello())
-WELCOME = encode(Welcome())
+WELCOME = encode(wire.Welcome())
 
 
 class TimeUp(BaseException):
@@ -126,10 +110,10 @@ def chunks_of(data: bytes) -> list[bytes]:
     return out
 
 
-def decode(role: Role, pieces: Iterable[bytes]) -> tuple[list[Frame], Exception | None]:
+def decode(role: Role, pieces: Iterable[bytes]) -> tuple[list[wire.Frame], Exception | None]:
     """Feed ``pieces`` to a fresh decoder, draining frames after each; return the frames and the error, if any."""
     decoder = Decoder(role)
-    frames: list[Frame] = []
+    frames: list[wire.Frame] = []
     try:
         for piece in pieces:
             decoder.receive_data(piece)
@@ -146,7 +130,7 @@ def decode(role: Role, pieces: Iterable[bytes]) -> tuple[list[Frame], Exception 
     return frames, None
 
 
-def check_batch(frame: Pages, reused: dict[str, codecs.Decompressor], sink: DiscardSink) -> None:
+def check_batch(frame: wire.Pages, reused: dict[str, codecs.Decompressor], sink: DiscardSink) -> None:
     """Properties 4 to 7 for one decoded PAGES or PAGE_LIST frame."""
     try:
         validate_pages(frame, PAGE_SIZE, SESSION_PAGES, SESSION_BATCH)
@@ -167,7 +151,7 @@ def check_batch(frame: Pages, reused: dict[str, codecs.Decompressor], sink: Disc
             raise PropertyViolation(f"{codec.name} ({which}) returned {len(out)} bytes for a {size}-byte batch")
         if which == "fresh":
             decoded = out
-            if codec.wire_id == Encoding.ZLIB and size:
+            if codec.wire_id == wire.Encoding.ZLIB and size:
                 inflated = len(zlib_ng.decompressobj(-15).decompress(bytes(frame.data), size + 1))
                 if inflated > size:
                     raise PropertyViolation(
@@ -201,7 +185,7 @@ def check(data: bytes) -> None:
         reused: dict[str, codecs.Decompressor] = {}
         sink = DiscardSink(SESSION_PAGES * PAGE_SIZE, PAGE_SIZE)
         for frame in frames:
-            if isinstance(frame, Pages):
+            if isinstance(frame, wire.Pages):
                 check_batch(frame, reused, sink)
 
 
@@ -246,14 +230,14 @@ def crash_files(directory: Path) -> list[Path]:
 # --- seeds and mutations ---------------------------------------------------------------------------------------
 
 
-def batch(pages: list[bytes], start: int, codec: str, indices: list[int] | None = None) -> Pages:
+def batch(pages: list[bytes], start: int, codec: str, indices: list[int] | None = None) -> wire.Pages:
     bitmap = sum(1 << i for i, page in enumerate(pages) if not any(page)).to_bytes((len(pages) + 7) // 8, "little")
     normal = b"".join(page for page in pages if any(page))
     chosen = codecs.by_name(codec)
     data = normal if codec == "none" or not normal else chosen.compressor(chosen.default_level).compress(normal)
-    encoding = chosen.wire_id if data is not normal else Encoding.RAW
+    encoding = chosen.wire_id if data is not normal else wire.Encoding.RAW
     packed = None if indices is None else b"".join(struct.pack("!Q", i) for i in indices)
-    return Pages(start, len(pages), encoding, bitmap, data, packed)
+    return wire.Pages(start, len(pages), encoding, bitmap, data, packed)
 
 
 def page(kind: int) -> bytes:
@@ -281,35 +265,50 @@ def seeds() -> dict[str, bytes]:
         final[i] = page(7)
     too_long = zlib_ng.compressobj(9, zlib_ng.DEFLATED, -15)
     inflating_past = too_long.compress(b"\x01" * (2 * PAGE_SIZE + 300)) + too_long.flush(zlib_ng.Z_FULL_FLUSH)
-    frames: dict[str, Frame] = {
+    frames: dict[str, wire.Frame] = {
         "hello-zlib": session_hello(),
-        "hello-zstd": session_hello(Encoding.ZSTD),
-        "hello-raw": session_hello(Encoding.RAW),
+        "hello-zstd": session_hello(wire.Encoding.ZSTD),
+        "hello-raw": session_hello(wire.Encoding.RAW),
         "hello-512": session_hello(page_size=512),
-        "welcome": Welcome(),
-        "keepalive": Keepalive(),
+        "welcome": wire.Welcome(),
+        "keepalive": wire.Keepalive(),
         "pages-raw": batch([page(2)], 5, "none"),
         "pages-zlib": first[0],
         "pages-zstd": batch(image[16:32], 16, "zstd"),
         "pages-all-zero": batch([bytes(PAGE_SIZE)] * 16, 48, "zlib"),
         "page-list-zlib": second,
         "page-list-raw": batch([page(3)], 63, "none", [63]),
-        "pages-inflating-past": Pages(0, 2, Encoding.ZLIB, b"\x00", inflating_past),
-        "pass-end": PassEnd(1, 4),
-        "end": End(SESSION_PAGES, 5, digest(final)),
-        "result-ok": Result(0, digest(final)),
-        "result-mismatch": Result(1, bytes(16)),
-        "abort": Abort(6, "bad frame magic 0x1603 (not a vmmig stream, or out of step)"),
-        "handoff": Handoff("tcp:127.0.0.1:4445"),
-        "handoff-done": HandoffDone(1, "the destination QEMU did not start"),
+        "pages-inflating-past": wire.Pages(0, 2, wire.Encoding.ZLIB, b"\x00", inflating_past),
+        "pass-end": wire.PassEnd(1, 4),
+        "end": wire.End(SESSION_PAGES, 5, digest(final)),
+        "result-ok": wire.Result(0, digest(final)),
+        "result-mismatch": wire.Result(1, bytes(16)),
+        "abort": wire.Abort(6, "bad frame magic 0x1603 (not a vmmig stream, or out of step)"),
+        "handoff": wire.Handoff("tcp:127.0.0.1:4445"),
+        "handoff-done": wire.HandoffDone(1, "the destination QEMU did not start"),
     }
     out = {name: encode(frame) for name, frame in frames.items()}
-    stream = [session_hello(), *first, PassEnd(1, 4), second, PassEnd(2, 1), End(SESSION_PAGES, 5, digest(final))]
+    stream = [
+        session_hello(),
+        *first,
+        wire.PassEnd(1, 4),
+        second,
+        wire.PassEnd(2, 1),
+        wire.End(SESSION_PAGES, 5, digest(final)),
+    ]
     out["stream-receiver-zlib"] = b"".join(encode(f) for f in stream)
-    zstd_stream = [session_hello(Encoding.ZSTD), batch(image[:16], 0, "zstd"), PassEnd(1, 1)]
+    zstd_stream = [session_hello(wire.Encoding.ZSTD), batch(image[:16], 0, "zstd"), wire.PassEnd(1, 1)]
     out["stream-receiver-zstd"] = b"".join(encode(f) for f in zstd_stream)
-    out["stream-sender"] = b"".join(encode(f) for f in (Welcome(), Keepalive(), Keepalive(), Result(0, digest(final))))
-    handing_off = (Welcome(), Handoff("tcp:[::1]:4446"), Keepalive(), Result(0, digest(final)), HandoffDone(0))
+    out["stream-sender"] = b"".join(
+        encode(f) for f in (wire.Welcome(), wire.Keepalive(), wire.Keepalive(), wire.Result(0, digest(final)))
+    )
+    handing_off = (
+        wire.Welcome(),
+        wire.Handoff("tcp:[::1]:4446"),
+        wire.Keepalive(),
+        wire.Result(0, digest(final)),
+        wire.HandoffDone(0),
+    )
     out["stream-sender-handoff"] = b"".join(encode(f) for f in handing_off)
     assert all(len(seed) <= MAX_INPUT for seed in out.values())
     return out
@@ -323,12 +322,12 @@ def split_frames(data: bytes) -> tuple[list[tuple[int, int, bytes]], bytes]:
     """The frames of a stream as (type, flags, payload), following each header's length; the rest as trailing."""
     frames: list[tuple[int, int, bytes]] = []
     pos = 0
-    while len(data) - pos >= HEADER.size:
-        magic, frame_type, flags, length, _crc = HEADER.unpack_from(data, pos)
-        end = pos + HEADER.size + length
-        if magic != FRAME_MAGIC or end > len(data):
+    while len(data) - pos >= wire.HEADER.size:
+        magic, frame_type, flags, length, _crc = wire.HEADER.unpack_from(data, pos)
+        end = pos + wire.HEADER.size + length
+        if magic != wire.FRAME_MAGIC or end > len(data):
             break
-        frames.append((frame_type, flags, data[pos + HEADER.size : end]))
+        frames.append((frame_type, flags, data[pos + wire.HEADER.size : end]))
         pos = end
     return frames, data[pos:]
 
@@ -337,7 +336,7 @@ def join_frames(frames: list[tuple[int, int, bytes]], trailing: bytes) -> bytes:
     """Frames with right lengths and CRCs (whatever their type, flags and payload), then the trailing bytes."""
     out = bytearray()
     for frame_type, flags, payload in frames:
-        head = struct.pack("!HBBI", FRAME_MAGIC, frame_type & 0xFF, flags & 0xFF, len(payload))
+        head = struct.pack("!HBBI", wire.FRAME_MAGIC, frame_type & 0xFF, flags & 0xFF, len(payload))
         out += head + struct.pack("!I", zlib_ng.crc32(payload, zlib_ng.crc32(head))) + payload
     return bytes(out + trailing)
 
@@ -392,7 +391,7 @@ def structured_mutation(
     elif choice < 0.72:
         payload = payload[: max(0, len(payload) - rng.randint(1, 12))]  # cut a batch's data short
     elif choice < 0.76:
-        frame_type = rng.choice([*map(int, FrameType), rng.randrange(256)])
+        frame_type = rng.choice([*map(int, wire.FrameType), rng.randrange(256)])
     elif choice < 0.78:
         flags = rng.randrange(256)
     elif choice < 0.84:

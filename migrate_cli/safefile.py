@@ -35,6 +35,18 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def write_whole(fd: int, data: bytes, mode: int) -> None:
+    """Give a file we just created its mode and all of ``data``, synced to disk; the fd is closed either way."""
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     """Write ``path`` whole: a new file under an unpredictable name beside it (written, fsynced, given ``mode``),
     renamed over ``path``. A reader sees the old content or the new, never a torn file; whatever was at ``path``
@@ -43,14 +55,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     prefix = f".{os.path.basename(path)[:100]}."  # the temporary name stays within NAME_MAX
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_whole(fd, data, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

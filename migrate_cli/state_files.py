@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from .errors import ResumeRefused
 from .safefile import read_small, write_atomic
 from .wire.frames import MAX_BATCH_BYTES, MAX_BATCH_PAGES, MAX_IMAGE_SIZE, MAX_PAGE_SIZE, check_page_size
+
+T = TypeVar("T")
 
 STATE_VERSION = 1
 SESSION_BYTES = 16  # HELLO's session id
@@ -76,3 +80,15 @@ def check_geometry(data: dict[str, Any]) -> tuple[int, int, int]:
 
 
 # --- receiver --------------------------------------------------------------------------------------------------
+
+
+def load_state(path: str, parse: Callable[[dict[str, Any]], T], missing: str, unreadable: Callable[[str], str]) -> T:
+    """A state file parsed, or ResumeRefused: ``missing`` when there is none, ``unreadable(reason)`` when it cannot
+    be read, is not JSON, or a field is not what vmmig writes."""
+    try:
+        return parse(read_json(path))
+    except FileNotFoundError:
+        raise ResumeRefused(missing) from None
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ResumeRefused(unreadable(reason)) from None

@@ -147,22 +147,20 @@ class QmpPauser:
             raise PauseError(str(exc).replace(f"QMP {path}", f"--qmp {path}")) from None
 
     def pause(self) -> None:
-        try:
-            self.qmp.execute("stop")
-            status = self.qmp.status()
-        except QemuError as exc:
-            raise PauseError(str(exc)) from None
-        if status not in ("paused", "postmigrate", "finish-migrate"):
-            raise PauseError(f"QMP stop: guest status is {status!r}, not paused")
+        self._step("stop", ("paused", "postmigrate", "finish-migrate"), "paused")
 
     def resume(self) -> None:
+        self._step("cont", ("running",), "running")
+
+    def _step(self, command: str, expected: tuple[str, ...], wanted: str) -> None:
+        """Run ``command`` and check the status QEMU reports after it: a QMP reply alone does not prove the state."""
         try:
-            self.qmp.execute("cont")
+            self.qmp.execute(command)
             status = self.qmp.status()
         except QemuError as exc:
             raise PauseError(str(exc)) from None
-        if status != "running":
-            raise PauseError(f"QMP cont: guest status is {status!r}, not running")
+        if status not in expected:
+            raise PauseError(f"QMP {command}: guest status is {status!r}, not {wanted}")
 
 
 class CommandPauser:

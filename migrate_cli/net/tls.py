@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import AuthError, DestinationError, TlsHandshakeLost, UsageError
-from ..safefile import create_exclusive, fsync_directory
+from ..safefile import create_exclusive, fsync_directory, write_whole
 
 
 @dataclass(frozen=True)
@@ -435,12 +435,4 @@ def _undo(out: Path, aside: Path, placed: list[str], moved: list[str]) -> bool:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = create_exclusive(str(path))
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_whole(create_exclusive(str(path)), data, mode)

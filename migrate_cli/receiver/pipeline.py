@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,25 +54,19 @@ class BufferPool:
         self._free.put(buf)
 
 
+@dataclass(eq=False)
 class RecvPipeline:
-    def __init__(
-        self,
-        dest: DestinationImage,
-        codec: codecs.Codec,
-        threads: int,
-        batch_pages: int,
-        stats: Stats,
-        failure: Failure,
-    ) -> None:
-        self.dest = dest
-        self.codec = codec
-        self.threads = threads
-        self.stats = stats
-        self.failure = failure
-        self.batch_pages = batch_pages
-        payload_max = max_pages_payload(batch_pages, dest.page_size)
-        self.pool = BufferPool(pool_count(threads, payload_max), payload_max, failure)
-        self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=threads * 2)
+    dest: DestinationImage
+    codec: codecs.Codec
+    threads: int
+    batch_pages: int
+    stats: Stats
+    failure: Failure
+
+    def __post_init__(self) -> None:
+        payload_max = max_pages_payload(self.batch_pages, self.dest.page_size)
+        self.pool = BufferPool(pool_count(self.threads, payload_max), payload_max, self.failure)
+        self._work: queue.Queue[tuple[Pages, bytearray] | None] = queue.Queue(maxsize=self.threads * 2)
         self._threads: list[threading.Thread] = []
         self._local = threading.local()  # each channel's reader thread has its own buffer in flight
         self._count_lock = threading.Lock()
@@ -79,7 +74,7 @@ class RecvPipeline:
         self._applied = 0
         self._applied_cond = threading.Condition()
         # Pages already carried in the current pass: a page twice in one pass would race between workers.
-        self._seen = np.zeros(dest.pages, dtype=bool)
+        self._seen = np.zeros(self.dest.pages, dtype=bool)
         self._seen_lock = threading.Lock()
 
     def start(self) -> None:

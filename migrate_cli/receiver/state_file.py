@@ -20,7 +20,7 @@ from ..state_files import (
     STATE_VERSION,
     check_geometry,
     check_session,
-    read_json,
+    load_state,
     whole,
     write_json_atomically,
 )
@@ -60,15 +60,13 @@ class ReceiverState:
         partial = dest + ".partial"
         if not os.path.lexists(partial):
             raise ResumeRefused(f"nothing to resume: no {partial} (start a new migration without --resume)")
-        try:
-            return ReceiverState.from_json(read_json(path))
-        except FileNotFoundError:
-            raise ResumeRefused(
-                f"{partial} has no state file {path}: it cannot be resumed (remove it, or use --force to start over)"
-            ) from None
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise ResumeRefused(f"{path} is unreadable ({reason}): remove it and {partial} to start over") from None
+        return load_state(
+            path,
+            ReceiverState.from_json,
+            missing=f"{partial} has no state file {path}: it cannot be resumed "
+            "(remove it, or use --force to start over)",
+            unreadable=lambda reason: f"{path} is unreadable ({reason}): remove it and {partial} to start over",
+        )
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ReceiverState:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 from ..errors import MigrateError, NetworkError, ProtocolError, peer_abort
@@ -64,29 +65,25 @@ class PassBarrier:
                 self._cond.wait(0.2)
 
 
+@dataclass(eq=False)
 class Transfer:
     """Frames from every channel of an admitted sender until END; raises the first error of any reader or worker."""
 
-    def __init__(
-        self,
-        dest: DestinationImage | InPlaceDestination | DiscardSink,
-        hello: Hello,
-        codec: codecs.Codec,
-        channels: list[Channel],
-        threads: int,
-        stats: Stats,
-        failure: Failure,
-        lifecycle: Lifecycle,
-        on_pass: Callable[[int, int], None],
-    ) -> None:
-        self.dest = dest
-        self.hello = hello
-        self.channels = channels
-        self.stats = stats
-        self.failure = failure
-        self.lifecycle = lifecycle
-        self.pipeline = RecvPipeline(dest, codec, threads, hello.batch_pages, stats, failure)
-        self.barrier = PassBarrier(len(channels), self.pipeline, failure, on_pass)
+    dest: DestinationImage | InPlaceDestination | DiscardSink
+    hello: Hello
+    codec: codecs.Codec
+    channels: list[Channel]
+    threads: int
+    stats: Stats
+    failure: Failure
+    lifecycle: Lifecycle
+    on_pass: Callable[[int, int], None]
+
+    def __post_init__(self) -> None:
+        self.pipeline = RecvPipeline(
+            self.dest, self.codec, self.threads, self.hello.batch_pages, self.stats, self.failure
+        )
+        self.barrier = PassBarrier(len(self.channels), self.pipeline, self.failure, self.on_pass)
 
     def run(self) -> End:
         """Read every channel (channel 0 on the calling thread) until END, wait for the workers, check END's count."""

@@ -13,6 +13,7 @@ fingerprints RESUME_STATE reported).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,35 +34,24 @@ from .source import SourceImage
 from .transmit import PassSender
 
 
+@dataclass(eq=False)
 class Copy:
     """One session's passes over its channels, by the mode the options choose."""
 
-    def __init__(
-        self,
-        opts: SendOptions,
-        source: SourceImage,
-        pipeline: SendPipeline,
-        channels: list[Channel],
-        bucket: TokenBucket,
-        stats: Stats,
-        failure: Failure,
-        auto: AutoPolicy | None,
-        guest: GuestHold,
-        reporter: SenderReport,
-        threads: int,
-    ) -> None:
-        self.opts = opts
-        self.source = source
-        self.pipeline = pipeline
-        self.sent: ReceiverCopy = pipeline.sent
-        self.channels = channels
-        self.bucket = bucket
-        self.stats = stats
-        self.failure = failure
-        self.auto = auto
-        self.guest = guest
-        self.reporter = reporter
-        self.threads = threads
+    opts: SendOptions
+    source: SourceImage
+    pipeline: SendPipeline
+    channels: list[Channel]
+    bucket: TokenBucket
+    stats: Stats
+    failure: Failure
+    auto: AutoPolicy | None
+    guest: GuestHold
+    reporter: SenderReport
+    threads: int
+
+    def __post_init__(self) -> None:
+        self.sent: ReceiverCopy = self.pipeline.sent
         self.batches_sent = 0  # frames of every pass: END tells the receiver how many to expect
         self.live: LiveResult | None = None
 

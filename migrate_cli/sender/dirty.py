@@ -18,13 +18,12 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from ..wire.digest import fingerprint_image, fingerprint_pages, zero_fingerprint
+from ..wire.digest import fingerprint_image, fingerprint_pages, in_chunks, zero_fingerprint
 from .holes import HoleMap
 
 PAGEMAP_SOFT_DIRTY = 1 << 55
@@ -98,12 +97,7 @@ def fingerprint_data(
         for start, end in holes.runs(first, min(pages, first + chunk_pages)):
             fingerprint_pages(image[start * page_size : end * page_size], page_size, fps[start:end])
 
-    if threads <= 1 or pages <= chunk_pages:
-        for first in range(0, pages, chunk_pages):
-            work(first)
-        return fps
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(work, range(0, pages, chunk_pages)))  # list(): re-raise worker exceptions here
+    in_chunks(work, pages, chunk_pages, threads)
     return fps
 
 

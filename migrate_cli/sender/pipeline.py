@@ -61,34 +61,27 @@ class EncodedBatch:
 _DONE = None
 
 
+@dataclass(eq=False)
 class SendPipeline:
     """Long-lived workers; each pass feeds them a list of batch ranges and takes back as many encoded batches."""
 
-    def __init__(
-        self,
-        source: SourceImage,
-        codec: codecs.Codec,
-        level: int,
-        threads: int,
-        batch_pages: int,
-        failure: Failure,
-        auto: AutoPolicy | None = None,
-        sent: ReceiverCopy | None = None,
-    ) -> None:
-        self.source = source
-        self.auto = auto
-        self.codec = codec
-        self.level = level
-        self.threads = threads
-        self.batch_pages = batch_pages
-        self.failure = failure
+    source: SourceImage
+    codec: codecs.Codec
+    level: int
+    threads: int
+    batch_pages: int
+    failure: Failure
+    auto: AutoPolicy | None = None
+    sent: ReceiverCopy | None = None
+
+    def __post_init__(self) -> None:
         # What was sent: the fingerprint of the copy of each page that went on the wire (digest.py).
-        self.sent = sent if sent is not None else ReceiverCopy(source.pages)
-        self._work: queue.Queue[tuple[Batch, HoleMap] | None] = queue.Queue(maxsize=threads * 4)
-        self.out: queue.Queue[EncodedBatch] = queue.Queue(maxsize=threads * 2)
+        self.sent = self.sent if self.sent is not None else ReceiverCopy(self.source.pages)
+        self._work: queue.Queue[tuple[Batch, HoleMap] | None] = queue.Queue(maxsize=self.threads * 4)
+        self.out: queue.Queue[EncodedBatch] = queue.Queue(maxsize=self.threads * 2)
         self._workers: list[threading.Thread] = []
         self._reader: threading.Thread | None = None
-        self._zero_fp = zero_fingerprint(source.page_size)
+        self._zero_fp = zero_fingerprint(self.source.page_size)
 
     @property
     def fingerprints(self) -> np.ndarray:

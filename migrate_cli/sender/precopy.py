@@ -105,34 +105,22 @@ class LiveResult:
     switchover: dict[str, float] = field(default_factory=dict)  # ms per step while the guest is paused
 
 
+@dataclass(eq=False)
 class Precopy:
-    def __init__(
-        self,
-        policy: ConvergencePolicy,
-        tracker: DirtyTracker,
-        send_pass: SendPass,
-        pauser: Pauser,
-        page_size: int,
-        stats: Stats,
-        abort_on_no_converge: bool,
-        throttle: Throttle | None = None,
-        notice: Callable[[str], None] = lambda _msg: None,
-        on_pass: Callable[[PassRecord], None] = lambda _record: None,
-        clock: Callable[[], float] = time.monotonic,
-        first_pass: Callable[[], np.ndarray | None] = lambda: None,
-    ) -> None:
-        self.policy = policy
-        self.tracker = tracker
-        self.send_pass = send_pass
-        self.pauser = pauser
-        self.page_size = page_size
-        self.stats = stats
-        self.abort_on_no_converge = abort_on_no_converge
-        self.throttle = throttle
-        self.notice = notice
-        self.on_pass = on_pass
-        self.clock = clock
-        self.first_pass = first_pass  # pages of pass 1: None for all; a resumed session gives what differs
+    policy: ConvergencePolicy
+    tracker: DirtyTracker
+    send_pass: SendPass
+    pauser: Pauser
+    page_size: int
+    stats: Stats
+    abort_on_no_converge: bool
+    throttle: Throttle | None = None
+    notice: Callable[[str], None] = lambda _msg: None
+    on_pass: Callable[[PassRecord], None] = lambda _record: None
+    clock: Callable[[], float] = time.monotonic
+    first_pass: Callable[[], np.ndarray | None] = lambda: None
+
+    def __post_init__(self) -> None:
         self.result = LiveResult()
         self._last_step: float | None = None
 

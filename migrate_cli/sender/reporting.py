@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..control import ControlError, ControlServer
@@ -112,22 +113,17 @@ class SenderReport:
         return report(snap, extra)
 
 
+@dataclass(eq=False)
 class SenderControl:
     """`vmmig ctl` requests on --control SOCK: status, set (max-bandwidth, downtime-limit), cancel."""
 
-    def __init__(
-        self,
-        reporter: SenderReport,
-        cap: BandwidthCap,
-        policy: ConvergencePolicy,
-        lifecycle: Lifecycle,
-        failure: Failure,
-    ) -> None:
-        self.reporter = reporter
-        self.cap = cap
-        self.policy = policy
-        self.lifecycle = lifecycle
-        self.failure = failure
+    reporter: SenderReport
+    cap: BandwidthCap
+    policy: ConvergencePolicy
+    lifecycle: Lifecycle
+    failure: Failure
+
+    def __post_init__(self) -> None:
         self.server: ControlServer | None = None
 
     def open(self) -> None:

@@ -22,7 +22,7 @@ from ..state_files import (
     STATE_VERSION,
     check_geometry,
     check_session,
-    read_json,
+    load_state,
     text,
     whole,
     write_json_atomically,
@@ -59,16 +59,13 @@ class SenderState:
 
     @staticmethod
     def load(path: str, source: str, destination: str) -> SenderState:
-        try:
-            return SenderState.from_json(read_json(path))
-        except FileNotFoundError:
-            raise ResumeRefused(
-                f"no interrupted migration of {source} to {destination} to resume (no state file {path}; "
-                "run without --resume to start over)"
-            ) from None
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise ResumeRefused(f"resume state file {path} is unreadable ({reason}): run without --resume") from None
+        return load_state(
+            path,
+            SenderState.from_json,
+            missing=f"no interrupted migration of {source} to {destination} to resume (no state file {path}; "
+            "run without --resume to start over)",
+            unreadable=lambda reason: f"resume state file {path} is unreadable ({reason}): run without --resume",
+        )
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> SenderState:

@@ -53,24 +53,17 @@ class ChannelTotals:
     wire: int = 0
 
 
+@dataclass(eq=False)
 class PassSender:
-    def __init__(
-        self,
-        channels: list[Channel],
-        pipeline: SendPipeline,
-        source: SourceImage,
-        bucket: TokenBucket,
-        stats: Stats,
-        failure: Failure,
-        auto: AutoPolicy | None,
-    ) -> None:
-        self.channels = channels
-        self.pipeline = pipeline
-        self.source = source
-        self.bucket = bucket
-        self.stats = stats
-        self.failure = failure
-        self.auto = auto
+    channels: list[Channel]
+    pipeline: SendPipeline
+    source: SourceImage
+    bucket: TokenBucket
+    stats: Stats
+    failure: Failure
+    auto: AutoPolicy | None
+
+    def __post_init__(self) -> None:
         self.batches = 0  # batches sent by the last call to send()
 
     def send(self, number: int, pages: np.ndarray | None, paused: bool, throttle: int) -> PassRecord:

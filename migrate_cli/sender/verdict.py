@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import IntegrityError, NetworkError, OutcomeUnknown, ProtocolError, QemuError, peer_abort
 from ..failure import Failure, Stopped
@@ -17,20 +18,15 @@ from .guest_hold import GuestHold
 from .lifecycle import Lifecycle, Phase
 
 
+@dataclass(eq=False)
 class Verdict:
-    def __init__(
-        self,
-        failure: Failure,
-        lifecycle: Lifecycle,
-        guest: GuestHold,
-        handoff: SourceHandoff | None,
-        verbose: Callable[[str], None],
-    ) -> None:
-        self.failure = failure
-        self.lifecycle = lifecycle
-        self.guest = guest
-        self.handoff = handoff
-        self.verbose = verbose
+    failure: Failure
+    lifecycle: Lifecycle
+    guest: GuestHold
+    handoff: SourceHandoff | None
+    verbose: Callable[[str], None]
+
+    def __post_init__(self) -> None:
         self.channels: list[Channel] = []
         self.result: Result | None = None
         self.result_event = threading.Event()

@@ -11,6 +11,7 @@ from DEST itself after flushing it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -55,10 +56,16 @@ def fingerprint_image(array: np.ndarray, page_size: int, threads: int = 1, chunk
         last = min(pages, first + chunk_pages)
         fingerprint_pages(array[first * page_size : last * page_size], page_size, fps[first:last])
 
+    in_chunks(work, pages, chunk_pages, threads)
+    return fps
+
+
+def in_chunks(work: Callable[[int], None], pages: int, chunk_pages: int, threads: int) -> None:
+    """Call ``work(first)`` for each chunk of ``chunk_pages`` pages, spread over ``threads`` (hashing releases the
+    GIL); a worker's exception is raised here."""
     if threads <= 1 or pages <= chunk_pages:
         for first in range(0, pages, chunk_pages):
             work(first)
-        return fps
+        return
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(work, range(0, pages, chunk_pages)))  # list(): re-raise worker exceptions here
-    return fps

@@ -212,14 +212,20 @@ def _need(kind: FrameType, payload: bytes | bytearray | memoryview, size: int, e
         raise ProtocolError(f"{kind.name} frame payload is {len(payload)} bytes, expected {size}")
 
 
+def _check_version(kind: FrameType, payload: bytes | bytearray | memoryview) -> int:
+    """HELLO's and WELCOME's first field, read before anything else: another version is refused naming both."""
+    _need(kind, payload, 2, exact=False)
+    (version,) = struct.unpack_from("!H", payload)
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(PROTOCOL_VERSION, version)
+    return int(version)
+
+
 def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> Frame:
     """Turn a CRC-checked payload into a frame, validating every field that does not need session context."""
     kind = header.frame_type
     if kind is FrameType.HELLO:
-        _need(kind, payload, 2, exact=False)
-        (version,) = struct.unpack_from("!H", payload)
-        if version != PROTOCOL_VERSION:
-            raise VersionMismatch(PROTOCOL_VERSION, version)
+        version = _check_version(kind, payload)
         _need(kind, payload, _HELLO.size)
         fields = _HELLO.unpack(payload)
         (_, page_size, image_size, codec, level, features, session_id, channels, channel_index, batch_pages) = fields
@@ -238,10 +244,7 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
         validate_hello(hello)
         return hello
     if kind is FrameType.WELCOME:
-        _need(kind, payload, 2, exact=False)
-        (version,) = struct.unpack_from("!H", payload)
-        if version != PROTOCOL_VERSION:
-            raise VersionMismatch(PROTOCOL_VERSION, version)
+        _check_version(kind, payload)
         _need(kind, payload, _WELCOME.size)
         version, features = _WELCOME.unpack(payload)
         return Welcome(features=features, version=version)
