@@ -97,20 +97,6 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def accept(listener: socket.socket, poll: Callable[[], None] = lambda: None) -> socket.socket:
-    """Wait for one connection, calling ``poll`` every 0.2 s (it raises to stop waiting, e.g. on a cancel)."""
-    listener.settimeout(0.2)
-    while True:
-        try:
-            conn, _ = listener.accept()
-            break
-        except TimeoutError:
-            poll()
-    conn.settimeout(None)
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn
-
-
 def connect(host: str, port: int, timeout: float) -> socket.socket:
     """Connect, retrying refused or unreachable attempts until ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout

@@ -116,8 +116,12 @@ class Admission:
                 self._log(f"refused a connection from {peer}: {exc}")
                 conn.close()
                 return
-            except Exception as exc:  # an OS error on a stranger's socket is the stranger's problem, not ours
+            except OSError as exc:  # an OS error on a stranger's socket is the stranger's problem, not ours
                 self._log(f"refused a connection from {peer}: {exc}")
+                conn.close()
+                return
+            except Exception as exc:  # a bug of ours: the receiver waits on, but the line says what it was
+                self._log(f"refused a connection from {peer}: internal error: {type(exc).__name__}: {exc}")
                 conn.close()
                 return
             with self._lock:

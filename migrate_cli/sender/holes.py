@@ -103,6 +103,3 @@ class HoleMap:
             return None
         data = (np.searchsorted(self._bounds, pages, side="right") & 1).astype(bool)
         return None if data.all() else data
-
-
-ALL_DATA = HoleMap(None)
