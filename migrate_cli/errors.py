@@ -78,7 +78,9 @@ class IntegrityError(MigrateError):
 
 
 class CorruptFrame(IntegrityError):
-    """A frame failed its CRC: the link damaged it. Nothing of it was applied, so the session can resume."""
+    """The link damaged a frame: its CRC failed (nothing of it was applied), its data did not decode, or a page
+    landed that does not match its fingerprint (DEST's fingerprints record what it holds, so a resume resends it).
+    Either way the session can resume."""
 
     resumable = True
 

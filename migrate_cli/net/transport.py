@@ -8,6 +8,7 @@ NetworkError with one line that says what happened.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import re
 import select
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import ClosedBetweenFrames, MigrateError, NetworkError, PeerError, UsageError
+from ..errors import ClosedBetweenFrames, MigrateError, NetworkError, PeerError, SourceError, UsageError
 from ..wire.conversation import Conversation, Role, State
 from ..wire.frames import HEADER_SIZE, Abort, Frame, FrameType
 from ..wire.protocol import Header, check_crc, decode_payload, encode_parts, parse_header
@@ -173,6 +174,8 @@ class Channel:
             except ssl.SSLError as exc:
                 raise self._unread_refusal() or NetworkError(f"TLS stream broken while sending: {clean(exc)}") from None
             except OSError as exc:
+                if exc.errno == errno.EFAULT:  # pages sent from a source's mapping (frozen pass) that was truncated
+                    raise SourceError("the source could not be read while sending it: was it truncated?") from None
                 raise NetworkError(f"connection lost while sending: {exc.strerror}") from None
             self.last_send = time.monotonic()
         return total

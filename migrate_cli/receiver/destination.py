@@ -22,17 +22,14 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import DestinationError
+from ..page_runs import run_bounds
 from ..wire.digest import fingerprint_image, fingerprint_pages, image_digest, zero_fingerprint
+from ..wire.frames import Pages
 from .allocate import Allocation
 from .dest_checks import partial_path
+from .page_check import check_landed
 
 ZERO_CHUNK = 1 << 20  # bytes of zeros one pwrite puts over a run of pages that must read as zero
-
-
-def run_bounds(pages: np.ndarray) -> list[tuple[int, int]]:
-    """[lo, hi) index bounds of each run of consecutive numbers in sorted ``pages``."""
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    return list(itertools.pairwise([0, *breaks.tolist(), pages.size])) if pages.size else []
 
 
 class DestinationImage:
@@ -181,22 +178,23 @@ class DestinationImage:
         self.fingerprints[:] = fingerprint_image(self.array, self.page_size, threads)
         return self.fingerprints
 
-    def write_batch(
-        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
-    ) -> None:
-        """Place a decoded batch, then fingerprint what DEST now holds at those pages.
+    def write_batch(self, frame: Pages, data: bytes | memoryview) -> None:
+        """Place a decoded batch, fingerprint what DEST now holds at those pages, and check each non-zero page
+        against the sender's fingerprint (page_check.py).
 
         ``data`` holds the non-zero pages in order; zero pages become zeros. The fingerprints are read back from the
-        mapping (not from ``data``), so the end digest is computed over DEST itself, incrementally: at END only
-        hashing the fingerprint array remains, which keeps the receiver's share of a live downtime small.
+        mapping (not from ``data``), so the check is on what DEST holds, and the end digest is computed over DEST
+        itself, incrementally: at END only hashing the fingerprint array remains, which keeps the receiver's share
+        of a live downtime small.
 
         A zero page is neither read nor written where the fingerprint array says DEST holds zeros there already
         (a fresh file is all zeros): on a typical guest that skips 40% of the pages, their page faults included.
         """
         self.pages_written = True
-        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
-        if indices is not None:
-            self._write_list(np.frombuffer(indices, dtype=">u8").astype(np.int64), zero, data)
+        start, count = frame.start, frame.count
+        zero = np.unpackbits(np.frombuffer(frame.zero_bitmap, np.uint8), count=count, bitorder="little").astype(bool)
+        if frame.indices is not None:
+            self._write_list(frame.index_array(), zero, data, frame.fingerprint_array())
             return
         ps = self.page_size
         base = start * ps
@@ -205,6 +203,7 @@ class DestinationImage:
         if not zero.any():
             self._pwrite(data, base)
             fingerprint_pages(region, ps, fps)
+            check_landed(np.arange(start, start + count), fps, frame.fingerprint_array())
             return
         src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
         pos = 0
@@ -222,8 +221,10 @@ class DestinationImage:
                 self._pwrite(src[pos : pos + n], base + lo * ps)
                 pos += n
                 fingerprint_pages(region[lo * ps : hi * ps], ps, fps[lo:hi])
+        normal = np.flatnonzero(~zero)
+        check_landed(start + normal, fps[normal], frame.fingerprint_array())
 
-    def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview) -> None:
+    def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview, sent: np.ndarray) -> None:
         ps = self.page_size
         pages2d = self.array.reshape(self.pages, ps)
         normal_ids = ids[~zero]
@@ -234,6 +235,7 @@ class DestinationImage:
             fps = np.empty(normal_ids.size, dtype=np.uint64)
             fingerprint_pages(pages2d[normal_ids], ps, fps)  # read back from DEST (a gathered copy)
             self.fingerprints[normal_ids] = fps
+            check_landed(normal_ids, fps, sent)
         zero_ids = ids[zero]
         if zero_ids.size:
             self._write_zeros(zero_ids[self.fingerprints[zero_ids] != self._zero_fp])
@@ -373,11 +375,9 @@ class InPlaceDestination(DestinationImage):
             ),
         )  # fmt: skip
 
-    def write_batch(
-        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
-    ) -> None:
+    def write_batch(self, frame: Pages, data: bytes | memoryview) -> None:
         self.modified = True
-        super().write_batch(start, count, zero_bitmap, data, indices)
+        super().write_batch(frame, data)
 
     def publish(self, force: bool = False) -> None:
         self.close()  # written in place: nothing to rename

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..wire.digest import fingerprint_pages, image_digest, zero_fingerprint
+from ..wire.frames import Pages
 from .destination import fingerprint_array
+from .page_check import check_landed
 
 
 class DiscardSink:
@@ -24,19 +26,16 @@ class DiscardSink:
         self.fingerprints = fingerprint_array(self.pages, zero_fingerprint(page_size), "(discard)")
         self._zero = zero_fingerprint(page_size)
 
-    def write_batch(
-        self, start: int, count: int, zero_bitmap: bytes, data: bytes | memoryview, indices: bytes | None = None
-    ) -> None:
-        ids = (
-            np.arange(start, start + count) if indices is None else np.frombuffer(indices, dtype=">u8").astype(np.int64)
-        )
-        zero = np.unpackbits(np.frombuffer(zero_bitmap, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+    def write_batch(self, frame: Pages, data: bytes | memoryview) -> None:
+        ids, count = frame.index_array(), frame.count
+        zero = np.unpackbits(np.frombuffer(frame.zero_bitmap, np.uint8), count=count, bitorder="little").astype(bool)
         self.fingerprints[ids[zero]] = self._zero
         normal = int(count - np.count_nonzero(zero))
         if normal:
             out = np.empty(normal, dtype=np.uint64)
             fingerprint_pages(np.frombuffer(data, dtype=np.uint8), self.page_size, out)
             self.fingerprints[ids[~zero]] = out
+            check_landed(ids[~zero], out, frame.fingerprint_array())
 
     def digest(self, threads: int) -> bytes:
         return image_digest(self.fingerprints)

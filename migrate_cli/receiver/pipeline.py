@@ -18,13 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ProtocolError
+from ..errors import IntegrityError, ProtocolError
 from ..failure import Failure, get, put, spawn
 from ..stats import Stats
 from ..wire import codec as codecs
 from ..wire.frames import Encoding, Pages
 from ..wire.protocol import Header, max_pages_payload
 from .destination import DestinationImage
+from .page_check import undecodable
 
 _DONE = None
 
@@ -164,8 +165,11 @@ class RecvPipeline:
             frame, buf = item
             try:
                 size = frame.normal_count * ps
-                data = frame.data if frame.encoding == Encoding.RAW else decompressor.decompress(frame.data, size)
-                self.dest.write_batch(frame.start, frame.count, frame.zero_bitmap, data, frame.indices)
+                try:
+                    data = frame.data if frame.encoding == Encoding.RAW else decompressor.decompress(frame.data, size)
+                except IntegrityError as exc:
+                    raise undecodable(frame.index_array(), exc) from None
+                self.dest.write_batch(frame, data)
                 self.stats.add_batch(
                     frame.zero_count, frame.normal_count, len(frame.data), frame.encoding == Encoding.RAW
                 )

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import PauseError, SourceError
+from ..errors import ExitCode, MigrateError, PauseError, PeerError, SourceError
 from ..failure import Failure
 from ..net.transport import Channel
 from ..ratelimit import TokenBucket
 from ..stats import Stats
+from ..wire.digest import fingerprint_pages
 from .adaptive import AutoPolicy
 from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
 from .guest_hold import GuestHold
@@ -54,6 +55,8 @@ class Copy:
         self.sent: ReceiverCopy = self.pipeline.sent
         self.batches_sent = 0  # frames of every pass: END tells the receiver how many to expect
         self.live: LiveResult | None = None
+        self._frozen_pass: bool | None = None  # the pass under way reads a source that must not change (paused: True)
+        self._paused_pass = False
 
     def run(self, policy: ConvergencePolicy, resuming: bool) -> bytes:
         tracker = self._make_tracker(resuming)
@@ -69,9 +72,27 @@ class Copy:
     def _send_pass(self, number: int, pages: np.ndarray | None, paused: bool) -> PassRecord:
         passes = PassSender(self.channels, self.pipeline, self.source, self.bucket, self.stats, self.failure, self.auto)
         throttle = self.guest.throttle
-        record = passes.send(number, pages, paused, throttle.percentage if throttle else 0)
+        # Plain mode promises a source that does not change, a paused guest cannot: raw pages go from the mapping.
+        self._frozen_pass, self._paused_pass = paused or not self.opts.live, paused
+        record = passes.send(number, pages, paused, throttle.percentage if throttle else 0, self._frozen_pass)
+        self._frozen_pass = None
         self.batches_sent += passes.batches
         return record
+
+    def blame_source(self, error: MigrateError | None) -> MigrateError | None:
+        """The receiver found a page that does not match its fingerprint while a frozen pass was under way: in that
+        pass pages go from the mapping, so a source that changed between fingerprint and send fails the check
+        exactly as damage in transit would. Tell them apart by the source itself: a page sent in this pass that now
+        differs from its fingerprint means the source changed (exit 3; 14 when paused), not a link fault that a
+        resume would repeat. None: it was the link."""
+        if not (self._frozen_pass and isinstance(error, PeerError) and error.peer_code == ExitCode.INTEGRITY):
+            return None
+        changed = changed_pages(self.source, self.sent)
+        if not changed:
+            return None
+        if self._paused_pass:
+            return self._paused_writes(changed)
+        return self._changed_while_sent(changed)
 
     def _live(self, policy: ConvergencePolicy, tracker: DirtyTracker, first: Callable[[], np.ndarray | None]) -> bytes:
         opts = self.opts
@@ -107,15 +128,21 @@ class Copy:
         self.reporter.on_pass(self._send_pass(1, first(), False))
         changed = tracker.scan()  # a plain copy: the image must not have changed while it was sent
         if changed.size:
-            raise SourceError(
-                f"source {self.opts.source} changed while it was sent ({changed.size} pages differ): "
-                "use --live or a pause option (--pause-pid, --qmp, --pause-cmd) for a running guest"
-            )
+            raise self._changed_while_sent(int(changed.size))
         return self.sent.digest()
 
-    def _wrote_while_paused(self, pages: int) -> None:
+    def _changed_while_sent(self, pages: int) -> SourceError:
+        return SourceError(
+            f"source {self.opts.source} changed while it was sent ({pages} pages differ): "
+            "use --live or a pause option (--pause-pid, --qmp, --pause-cmd) for a running guest"
+        )
+
+    def _paused_writes(self, pages: int) -> PauseError:
         hint = " (QEMU: use --qmp, a SIGSTOP does not stop in-kernel devices)" if self.opts.pause_pid else ""
-        raise PauseError(f"{pages} pages changed while the guest was paused: the pause did not stop its writes{hint}")
+        return PauseError(f"{pages} pages changed while the guest was paused: the pause did not stop its writes{hint}")
+
+    def _wrote_while_paused(self, pages: int) -> None:
+        raise self._paused_writes(pages)
 
     def _make_tracker(self, resuming: bool) -> DirtyTracker:
         opts, source, sent = self.opts, self.source, self.sent.as_array()
@@ -133,3 +160,17 @@ class Copy:
         return FingerprintTracker(
             source.array, source.page_size, sent, self.threads, source.check_size, source.data_extents
         )
+
+
+def changed_pages(source: SourceImage, sent: ReceiverCopy, chunk: int = 16384) -> int:
+    """How many pages recorded in the pass under way differ now from the fingerprint recorded (an error path:
+    gathered copies in chunks are fine)."""
+    ids, recorded = sent.recorded_this_pass(), sent.as_array()
+    pages2d = source.array.reshape(source.pages, source.page_size)
+    changed = 0
+    for lo in range(0, ids.size, chunk):
+        part = ids[lo : lo + chunk]
+        now = np.empty(part.size, dtype=np.uint64)
+        fingerprint_pages(pages2d[part], source.page_size, now)
+        changed += int(np.count_nonzero(now != recorded[part]))
+    return changed

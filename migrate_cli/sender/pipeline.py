@@ -11,9 +11,16 @@ compressor and a small ring of gather buffers; per batch it
 1. scans the live mapping for zero pages (one vectorised pass),
 2. copies the non-zero pages out of the mapping into its own buffer (a guest may write them meanwhile; from here
    on only the copy is used),
-3. fingerprints the copy into what the receiver will hold (receiver_copy.py; disjoint slices: no lock),
+3. fingerprints the copy: the fingerprints travel in the frame, for the receiver's check of every page it lands,
+   and are what the receiver will hold (receiver_copy.py; disjoint slices: no lock),
 4. compresses the copy with one call, and sends it raw instead when that does not shrink it.
 A raw batch's buffer travels with it to the network thread, which hands it back after sending.
+
+A pass over a *frozen* source (plain mode, where it must not change; a paused guest) skips step 2 where it can: a
+batch that goes raw is fingerprinted in the mapping and sent from it (views of the mapping, one sendmsg), and a
+batch without zero pages is compressed straight from it. A page that changes anyway between its fingerprint and
+its send fails the receiver's check (copy_modes.py then blames the source, not the link). A live pass before the
+pause keeps the copy: a page rewritten while it is sent must leave a fingerprint that matches what was sent.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from functools import partial
 import numpy as np
 
 from ..failure import Failure, get, put, spawn
+from ..page_runs import run_bounds, true_runs
 from ..wire import codec as codecs
 from ..wire.codec import Compressor
 from ..wire.digest import fingerprint_pages, zero_fingerprint
-from ..wire.frames import Encoding, Pages
+from ..wire.frames import Encoding, Pages, Scattered
 from ..wire.protocol import encode_parts
 from .adaptive import MARGIN, AutoPolicy, Stopwatch
 from .entropy import MIN_RUN, incompressible_batch, runs
@@ -39,6 +47,7 @@ from .receiver_copy import ReceiverCopy
 from .source import SourceImage
 
 RING = 3  # gather buffers per worker: one being filled, up to two raw batches waiting for the network thread
+MAX_PARTS = 64  # views of the mapping one frame's data may be sent from; more, and the pages are copied instead
 
 Batch = tuple[int, int] | np.ndarray  # (start, count) of consecutive pages, or sorted page numbers
 
@@ -77,7 +86,7 @@ class SendPipeline:
     def __post_init__(self) -> None:
         # What was sent: the fingerprint of the copy of each page that went on the wire (digest.py).
         self.sent = self.sent if self.sent is not None else ReceiverCopy(self.source.pages)
-        self._work: queue.Queue[tuple[Batch, HoleMap] | None] = queue.Queue(maxsize=self.threads * 4)
+        self._work: queue.Queue[tuple[Batch, HoleMap, bool] | None] = queue.Queue(maxsize=self.threads * 4)
         self.out: queue.Queue[EncodedBatch] = queue.Queue(maxsize=self.threads * 2)
         self._workers: list[threading.Thread] = []
         self._reader: threading.Thread | None = None
@@ -91,11 +100,14 @@ class SendPipeline:
         for i in range(self.threads):
             self._workers.append(spawn(f"compress-{i}", self._worker, self.failure))
 
-    def feed(self, ranges: list[Batch]) -> None:
-        """Start a reader thread that hands ``ranges`` to the workers; the caller takes len(ranges) batches."""
+    def feed(self, ranges: list[Batch], frozen: bool = False) -> None:
+        """Start a reader thread that hands ``ranges`` to the workers; the caller takes len(ranges) batches.
+
+        ``frozen``: the source must not change during this pass (plain mode, a paused guest), so raw batches may be
+        sent straight from the mapping (module docstring)."""
         if self._reader is not None:
             self._reader.join()
-        self._reader = spawn("reader", lambda: self._read(ranges), self.failure)
+        self._reader = spawn("reader", lambda: self._read(ranges, frozen), self.failure)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Let the workers exit (after the last pass, or on failure) and wait for them."""
@@ -107,10 +119,10 @@ class SendPipeline:
 
     # -- threads -------------------------------------------------------------------------------------------------
 
-    def _read(self, batches: list[Batch]) -> None:
+    def _read(self, batches: list[Batch], frozen: bool) -> None:
         holes = HoleMap(self.source.data_extents())  # once per pass: a hole filled since is caught by the dirty scan
         for item in batches:
-            put(self._work, (item, holes), self.failure)
+            put(self._work, (item, holes, frozen), self.failure)
 
     def _worker(self) -> None:
         ps = self.source.page_size
@@ -122,9 +134,9 @@ class SendPipeline:
             put(self.out, self._encode(item, free, compressor), self.failure)
 
     def _encode(
-        self, work: tuple[Batch, HoleMap], free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None
+        self, work: tuple[Batch, HoleMap, bool], free: queue.SimpleQueue[np.ndarray], compressor: Compressor | None
     ) -> EncodedBatch:
-        item, holes = work
+        item, holes, frozen = work
         ps = self.source.page_size
         gathered = not isinstance(item, tuple)
         # Which pages to read: a page in a hole of the image is a zero page without being read.
@@ -140,6 +152,15 @@ class SendPipeline:
         buf = get(free, self.failure)
         self.source.check_size()  # one fstat per batch, instead of a SIGBUS on a truncated file
         pages2d = self.source.array.reshape(self.source.pages, ps)
+        raw_link = compressor is None or (self.auto is not None and self.auto.link_faster())
+        if frozen and raw_link:
+            if isinstance(item, tuple):
+                in_place = self._in_place(np.arange(item[0], item[0] + item[1]), None, data_runs)
+            else:
+                in_place = self._in_place(item, item.astype(">u8").tobytes(), _page_runs(item, data))
+            if in_place is not None:
+                free.put(buf)
+                return in_place
         if isinstance(item, tuple):  # a contiguous range: scan the live mapping, copy out only non-zero pages
             start, count = item
             ids = np.arange(start, start + count)
@@ -172,7 +193,9 @@ class SendPipeline:
             return EncodedBatch([Pages(start, count, Encoding.RAW, bitmap, b"", indices)], None)
         if not gathered:
             copy = buf[: normal * ps].reshape(normal, ps)
-            if normal == count:
+            if normal == count and frozen:
+                copy = region  # compressed straight from the mapping: nothing may change it (module docstring)
+            elif normal == count:
                 np.copyto(copy, region)
             else:
                 # mode="clip": with the default "raise" (np.compress too) numpy copies ``out`` into a temporary
@@ -188,18 +211,45 @@ class SendPipeline:
         self.sent.record(ids[nonzero], normal_fps)
         flat = copy.reshape(-1)
         # auto on a link faster than the compressors (loopback, LAN): raw, before any other work on the batch
-        if compressor is None or (self.auto is not None and self.auto.link_faster()):
-            frame = Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices)
+        if compressor is None or raw_link:
+            frame = Pages(start, count, Encoding.RAW, bitmap, memoryview(flat), indices, _wire(normal_fps))
             return EncodedBatch([frame], partial(free.put, buf))
         if not self.codec.skips_incompressible and normal >= 2 * MIN_RUN:
             segments = runs(incompressible_batch(copy))
         else:
             segments = [(0, normal, False)]
-        frames = self._frames_by_run(compressor, item, nonzero, flat, segments)
+        frames = self._frames_by_run(compressor, item, nonzero, flat, normal_fps, segments)
         if all(frame.encoding != Encoding.RAW or not frame.data for frame in frames):
             free.put(buf)
             return EncodedBatch(frames, None)
         return EncodedBatch(frames, partial(free.put, buf))
+
+    def _in_place(self, ids: np.ndarray, indices: bytes | None, read: list[tuple[int, int]]) -> EncodedBatch | None:
+        """A raw batch of a frozen source, sent from the mapping: its non-zero pages as views of it (no copy),
+        fingerprinted there. ``read`` are the runs of the batch's pages [first, end) that hold data (the others lie
+        in holes: zero pages). None when the non-zero pages lie in more than MAX_PARTS pieces: copy them instead."""
+        ps = self.source.page_size
+        pages2d = self.source.array.reshape(self.source.pages, ps)
+        nonzero = np.zeros(ids.size, dtype=bool)
+        pieces: list[tuple[int, int]] = []
+        for first, end in read:
+            found = _nonzero_pages(pages2d[first:end])
+            at = int(np.searchsorted(ids, first))  # where this run of pages sits in the batch
+            nonzero[at : at + end - first] = found
+            pieces += [(first + lo, first + hi) for lo, hi in true_runs(found)]
+            if len(pieces) > MAX_PARTS:
+                return None
+        fps = np.empty(int(np.count_nonzero(nonzero)), dtype=np.uint64)
+        parts, done = [], 0
+        for first, end in pieces:
+            fingerprint_pages(pages2d[first:end], ps, fps[done : done + end - first])
+            parts.append(memoryview(self.source.array[first * ps : end * ps]))
+            done += end - first
+        self.sent.record(ids[~nonzero], self._zero_fp)
+        self.sent.record(ids[nonzero], fps)
+        bitmap = np.packbits(~nonzero, bitorder="little").tobytes()
+        data: bytes | memoryview | Scattered = b"" if not parts else parts[0] if len(parts) == 1 else Scattered(parts)
+        return EncodedBatch([Pages(int(ids[0]), ids.size, Encoding.RAW, bitmap, data, indices, _wire(fps))], None)
 
     def _hole_batch(self, item: Batch) -> EncodedBatch:
         """A batch that lies entirely in holes of the image: all zero pages, framed exactly as if they had been read
@@ -224,16 +274,17 @@ class SendPipeline:
         bitmap: bytes,
         indices: bytes | None,
         data: np.ndarray,
+        fingerprints: bytes,
         raw: bool,
     ) -> Pages:
         """One frame: ``data`` (its non-zero pages) compressed, or raw when it looks incompressible or would not
-        shrink. A raw frame's data is a view of the worker's buffer."""
+        shrink. A raw frame's data is a view of the worker's buffer (or of a frozen source's mapping)."""
         if raw and self.auto is not None:
             self.auto.note_incompressible()
         packed = None if raw else self._compress(compressor, data, self.source.page_size)
         if packed is not None and len(packed) < data.size:
-            return Pages(start, count, self.codec.wire_id, bitmap, packed, indices)
-        return Pages(start, count, Encoding.RAW, bitmap, memoryview(data), indices)
+            return Pages(start, count, self.codec.wire_id, bitmap, packed, indices, fingerprints)
+        return Pages(start, count, Encoding.RAW, bitmap, memoryview(data), indices, fingerprints)
 
     def _frames_by_run(
         self,
@@ -241,6 +292,7 @@ class SendPipeline:
         item: Batch,
         nonzero: np.ndarray,
         flat: np.ndarray,
+        fingerprints: np.ndarray,
         segments: list[tuple[int, int, bool]],
     ) -> list[Pages]:
         """A frame per run of the batch's non-zero pages (usually one run: the whole batch); each run's zero pages
@@ -257,7 +309,9 @@ class SendPipeline:
                 start, indices = item[0] + lo, None
             else:
                 start, indices = int(item[lo]), item[lo:hi].astype(">u8").tobytes()
-            frames.append(self._frame(compressor, start, hi - lo, bitmap, indices, flat[first * ps : end * ps], raw))
+            data = flat[first * ps : end * ps]
+            fps = _wire(fingerprints[first:end])
+            frames.append(self._frame(compressor, start, hi - lo, bitmap, indices, data, fps, raw))
         return frames
 
     def _compress(self, compressor: Compressor, flat: np.ndarray, ps: int) -> bytes | None:
@@ -285,6 +339,17 @@ class SendPipeline:
         pages = flat.size // ps
         samples = [flat[i * ps : (i + 1) * ps] for i in sorted({0, pages // 4, pages // 2, 3 * pages // 4})]
         return sum(s.size for s in samples) / max(1, sum(len(compressor.compress(s)) for s in samples))
+
+
+def _wire(fingerprints: np.ndarray) -> bytes:
+    """Fingerprints as a frame carries them: 8 bytes little-endian each."""
+    return fingerprints.astype("<u8", copy=False).tobytes()
+
+
+def _page_runs(ids: np.ndarray, data: np.ndarray | None) -> list[tuple[int, int]]:
+    """Runs [first, end) of consecutive page numbers among ``ids`` that hold data (``data``: None, all of them)."""
+    read = ids if data is None else ids[data]
+    return [(int(read[lo]), int(read[hi - 1]) + 1) for lo, hi in run_bounds(read)]
 
 
 def _nonzero_pages(region: np.ndarray) -> np.ndarray:

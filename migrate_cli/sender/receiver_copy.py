@@ -17,6 +17,8 @@ from ..wire.digest import image_digest
 class ReceiverCopy:
     def __init__(self, pages: int) -> None:
         self._fps = np.empty(pages, dtype=np.uint64)
+        # The pages recorded since the pass began: what a receiver's failed page check may be about (blame_source).
+        self._this_pass = np.zeros(pages, dtype=bool)
 
     def __len__(self) -> int:
         return self._fps.size
@@ -24,6 +26,14 @@ class ReceiverCopy:
     def record(self, pages: np.ndarray | slice, fingerprints: np.ndarray | np.uint64) -> None:
         """Pages just encoded for the wire (a worker's own batch: disjoint from every other worker's)."""
         self._fps[pages] = fingerprints
+        self._this_pass[pages] = True
+
+    def begin_pass(self) -> None:
+        self._this_pass[:] = False
+
+    def recorded_this_pass(self) -> np.ndarray:
+        """Page numbers recorded since ``begin_pass`` (sorted)."""
+        return np.flatnonzero(self._this_pass)
 
     def replace_from(self, reported: np.ndarray) -> None:
         """A resumed session: the receiver's RESUME_STATE says what DEST.partial holds."""

@@ -132,7 +132,7 @@ class Sender:
                 stats.finish()
                 self.reporter.set_phase("verified")
         except BaseException as exc:
-            raise self._fail(exc, channels, pipeline) from None
+            raise self._fail(exc, channels, pipeline, copy) from None
         finally:
             for each in channels:
                 each.close()
@@ -211,13 +211,15 @@ class Sender:
         for index, each in enumerate(channels[1:], start=1):
             spawn(f"control-{index}", partial(self.verdict.read, each), self.failure)
 
-    def _fail(self, exc: BaseException, channels: list[Channel], pipeline: SendPipeline) -> BaseException:
+    def _fail(self, exc: BaseException, channels: list[Channel], pipeline: SendPipeline, copy: Copy) -> BaseException:
         """Stop everything, settle the guest and the state file by the phase the failure struck in."""
         exc = as_outcome(exc, self.lifecycle)
         self.failure.set(exc, replace=isinstance(exc, OutcomeUnknown))
         control = self._control_thread
         if isinstance(self.failure.error, NetworkError) and control is not None:
             control.join(1.0)  # an ABORT with the peer's reason may be in flight: let it win
+        if (blamed := copy.blame_source(self.failure.error)) is not None:
+            self.failure.set(blamed, replace=True)  # the source changed under a frozen pass: not the link's fault
         for each in channels:
             each.abort(self.failure.error)
         pipeline.stop(2.0)

@@ -66,8 +66,11 @@ class PassSender:
     def __post_init__(self) -> None:
         self.batches = 0  # batches sent by the last call to send()
 
-    def send(self, number: int, pages: np.ndarray | None, paused: bool, throttle: int) -> PassRecord:
-        """Send pass ``number``: every page (``pages`` None) or the given ones; returns its record."""
+    def send(
+        self, number: int, pages: np.ndarray | None, paused: bool, throttle: int, frozen: bool = False
+    ) -> PassRecord:
+        """Send pass ``number``: every page (``pages`` None) or the given ones; returns its record. ``frozen``: the
+        source must not change meanwhile, so raw pages may go from its mapping without a copy (pipeline.py)."""
         source, pipeline = self.source, self.pipeline
         if pages is None:
             ranges = all_ranges(source.pages, pipeline.batch_pages)
@@ -76,7 +79,8 @@ class PassSender:
         page_count = source.pages if pages is None else int(pages.size)
         self.stats.begin_pass(number, page_count * source.page_size)
         started = time.monotonic()
-        pipeline.feed(ranges)
+        pipeline.sent.begin_pass()
+        pipeline.feed(ranges, frozen)
         share = PassShare(len(ranges))
         totals = [ChannelTotals() for _ in self.channels]
         threads = [

@@ -12,7 +12,9 @@ from enum import IntEnum
 
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: END carries a commitment to the digest, not the digest (digest.end_commitment)
+# 2: END carries a commitment to the digest, not the digest (digest.end_commitment)
+# 3: PAGES and PAGE_LIST carry each non-zero page's fingerprint; their CRC covers every byte but the page data
+PROTOCOL_VERSION = 3
 FRAME_MAGIC = 0x564D  # "VM"
 
 HEADER = struct.Struct("!HBBII")  # magic, type, flags, payload length, crc32(header[:8] + payload)
@@ -24,7 +26,9 @@ MAX_PAGE_SIZE = 2 * 1024 * 1024
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # page bytes one PAGES frame may describe
 MAX_BATCH_PAGES = 65536
 MAX_ABORT_MESSAGE = 1024
-MAX_PAYLOAD = 8 + 8 * MAX_BATCH_PAGES + MAX_BATCH_PAGES // 8 + MAX_BATCH_BYTES
+# head + page numbers (PAGE_LIST) + zero bitmap + fingerprints + page data
+MAX_PAYLOAD = 8 + 8 * MAX_BATCH_PAGES + MAX_BATCH_PAGES // 8 + 8 * MAX_BATCH_PAGES + MAX_BATCH_BYTES
+FINGERPRINT_SIZE = 8  # xxh3_64 of a page, little-endian (digest.py)
 MAX_IMAGE_SIZE = 1 << 50
 
 
@@ -92,12 +96,31 @@ class Keepalive:
     """Either way: I am alive, during silent phases (preallocation, digest)."""
 
 
+class Scattered:
+    """Page data in several buffers (runs of pages viewed straight in the source's mapping), one frame's data all the
+    same: sent with one sendmsg, never joined (the raw path without a user-space copy, sender/pipeline.py)."""
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = tuple(parts)
+        self.nbytes = sum(len(part) for part in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+PageData = bytes | bytearray | memoryview | Scattered
+
+
 @dataclass(frozen=True, slots=True)
 class Pages:
     """Sender -> receiver: a batch of ``count`` pages from ``start``; decodable on its own, in any order.
 
     ``zero_bitmap`` has bit i (LSB first within each byte) set when page start+i is all zeros; ``data`` holds the
-    other pages, in order, encoded with ``encoding``.
+    other pages, in order, encoded with ``encoding``; ``fingerprints`` the xxh3_64 of each of those pages as the
+    sender read it (8 bytes little-endian each, in the same order): the receiver checks every page it lands against
+    its fingerprint, which is the check on page data (the frame's CRC covers everything else).
 
     With ``indices`` (big-endian u64 page numbers, strictly increasing) the batch is a PAGE_LIST frame: page i of
     the batch is page ``indices[i]`` of the image, so scattered dirty pages travel in full-size batches.
@@ -108,8 +131,9 @@ class Pages:
     count: int
     encoding: int
     zero_bitmap: bytes
-    data: bytes | bytearray | memoryview
+    data: PageData
     indices: bytes | None = None
+    fingerprints: bytes = b""
 
     def index_array(self) -> np.ndarray:
         """The page numbers this batch covers, in order."""
@@ -124,6 +148,10 @@ class Pages:
     @property
     def normal_count(self) -> int:
         return self.count - self.zero_count
+
+    def fingerprint_array(self) -> np.ndarray:
+        """The sender's fingerprints of the non-zero pages, in order (uint64)."""
+        return np.frombuffer(self.fingerprints, dtype="<u8").astype(np.uint64)
 
 
 @dataclass(frozen=True, slots=True)

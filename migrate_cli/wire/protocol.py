@@ -21,6 +21,7 @@ from zlib_ng import zlib_ng
 from ..errors import CorruptFrame, IntegrityError, ProtocolError, VersionMismatch
 from .conversation import Conversation, Role
 from .frames import (
+    FINGERPRINT_SIZE,
     FLAG_RESUMABLE,
     FRAME_MAGIC,
     HEADER,
@@ -48,6 +49,7 @@ from .frames import (
     PassEnd,
     Result,
     ResumeState,
+    Scattered,
     Welcome,
     is_valid_page_size,
 )
@@ -85,13 +87,29 @@ MAX_LENGTH: dict[FrameType, int] = {
 # --- encoding -----------------------------------------------------------------------------------------------------
 
 
-def _header(frame_type: FrameType, payload_parts: list[bytes | bytearray | memoryview], flags: int = 0) -> bytes:
-    length = sum(len(p) for p in payload_parts)
+def _header(
+    frame_type: FrameType, parts: list[bytes | bytearray | memoryview], flags: int = 0, checked: int | None = None
+) -> bytes:
+    """The 12-byte header of a frame whose payload is ``parts``; its CRC covers the first ``checked`` parts (all of
+    them unless said: PAGES and PAGE_LIST leave their page data to the per-page fingerprints)."""
+    length = sum(len(p) for p in parts)
     head = struct.pack("!HBBI", FRAME_MAGIC, frame_type, flags, length)
     crc = zlib_ng.crc32(head)
-    for part in payload_parts:
+    for part in parts[:checked]:
         crc = zlib_ng.crc32(part, crc)
     return head + struct.pack("!I", crc)
+
+
+def _pages_parts(frame: Pages) -> list[bytes | bytearray | memoryview]:
+    """PAGES / PAGE_LIST payload: the checked head (fields, page numbers, zero bitmap, fingerprints), then the data."""
+    if len(frame.fingerprints) != FINGERPRINT_SIZE * frame.normal_count:
+        raise ValueError(f"{frame.normal_count} non-zero pages with {len(frame.fingerprints)} bytes of fingerprints")
+    if frame.indices is not None:
+        head = _PAGE_LIST.pack(frame.count, frame.encoding, 0, 0) + frame.indices
+    else:
+        head = _PAGES.pack(frame.start, frame.count, frame.encoding, 0, 0)
+    data = list(frame.data.parts) if isinstance(frame.data, Scattered) else [frame.data]
+    return [head + frame.zero_bitmap + frame.fingerprints, *data]
 
 
 def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
@@ -121,13 +139,10 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
         case Keepalive():
             parts = []
             frame_type = FrameType.KEEPALIVE
-        case Pages() if frame.indices is not None:
-            head = _PAGE_LIST.pack(frame.count, frame.encoding, 0, 0)
-            parts = [head + frame.indices + frame.zero_bitmap, frame.data]
-            frame_type = FrameType.PAGE_LIST
         case Pages():
-            parts = [_PAGES.pack(frame.start, frame.count, frame.encoding, 0, 0) + frame.zero_bitmap, frame.data]
-            frame_type = FrameType.PAGES
+            parts = _pages_parts(frame)
+            frame_type = FrameType.PAGES if frame.indices is None else FrameType.PAGE_LIST
+            return [_header(frame_type, parts, checked=1), *parts]
         case PassEnd():
             parts = [_PASS_END.pack(frame.number, frame.batches)]
             frame_type = FrameType.PASS_END
@@ -201,8 +216,34 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     return Header(kind, length, crc, bytes(data[:8]), flags)
 
 
+def checked_length(header: Header, payload: bytes | bytearray | memoryview) -> int:
+    """How many payload bytes the CRC covers: all of them, except in PAGES and PAGE_LIST, whose page data is checked
+    page by page against the fingerprints instead (the receiver fingerprints each page it lands anyway).
+
+    Read before the CRC is checked, so from fields that may be damaged: a damaged count or bitmap only moves the
+    end of the checked range, and the CRC over it then fails (never past the payload's end)."""
+    size = len(payload)
+    if header.frame_type is FrameType.PAGES:
+        if size < _PAGES.size:
+            return size
+        count, offset = struct.unpack_from("!I", payload, 8)[0], _PAGES.size
+    elif header.frame_type is FrameType.PAGE_LIST:
+        if size < _PAGE_LIST.size:
+            return size
+        count = struct.unpack_from("!I", payload, 0)[0]
+        offset = _PAGE_LIST.size + 8 * count
+    else:
+        return size
+    bitmap_end = offset + (count + 7) // 8
+    if bitmap_end >= size:
+        return size
+    zeros = int.from_bytes(payload[offset:bitmap_end], "little").bit_count()
+    return min(size, bitmap_end + FINGERPRINT_SIZE * max(0, count - zeros))
+
+
 def check_crc(header: Header, payload: bytes | bytearray | memoryview) -> None:
-    crc = zlib_ng.crc32(payload, zlib_ng.crc32(header.raw))
+    checked = checked_length(header, payload)
+    crc = zlib_ng.crc32(payload[:checked], zlib_ng.crc32(header.raw))
     if crc != header.crc:
         raise CorruptFrame(f"CRC mismatch in {header.frame_type.name} frame ({len(payload)} bytes): stream corrupted")
 
@@ -263,8 +304,8 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
         bitmap = bytes(payload[_PAGES.size : _PAGES.size + bitmap_len])
         if count % 8 and bitmap[-1] >> (count % 8):
             raise ProtocolError("PAGES frame zero bitmap has bits set past its page count")
-        data = memoryview(payload)[_PAGES.size + bitmap_len :]
-        return Pages(start=start, count=count, encoding=encoding, zero_bitmap=bitmap, data=data)
+        fingerprints, data = _fingerprints_and_data(kind, payload, _PAGES.size + bitmap_len, count, bitmap)
+        return Pages(start, count, encoding, bitmap, data, fingerprints=fingerprints)
     if kind is FrameType.PAGE_LIST:
         _need(kind, payload, _PAGE_LIST.size, exact=False)
         count, encoding, reserved1, reserved2 = _PAGE_LIST.unpack_from(payload)
@@ -282,9 +323,8 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
         bitmap = bytes(payload[offset : offset + bitmap_len])
         if count % 8 and bitmap[-1] >> (count % 8):
             raise ProtocolError("PAGE_LIST frame zero bitmap has bits set past its page count")
-        data = memoryview(payload)[offset + bitmap_len :]
-        first = int(index_array[0])
-        return Pages(start=first, count=count, encoding=encoding, zero_bitmap=bitmap, data=data, indices=indices)
+        fingerprints, data = _fingerprints_and_data(kind, payload, offset + bitmap_len, count, bitmap)
+        return Pages(int(index_array[0]), count, encoding, bitmap, data, indices, fingerprints)
     if kind is FrameType.PASS_END:
         _need(kind, payload, _PASS_END.size)
         number, batches = _PASS_END.unpack(payload)
@@ -332,17 +372,28 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
     raise AssertionError(f"unhandled frame type {kind!r}")
 
 
+def _fingerprints_and_data(
+    kind: FrameType, payload: bytes | bytearray | memoryview, offset: int, count: int, bitmap: bytes
+) -> tuple[bytes, memoryview]:
+    """A PAGES or PAGE_LIST frame's fingerprints (one per non-zero page) and, after them, its data."""
+    normal = count - int.from_bytes(bitmap, "little").bit_count()
+    end = offset + FINGERPRINT_SIZE * normal
+    _need(kind, payload, end, exact=False)
+    return bytes(payload[offset:end]), memoryview(payload)[end:]
+
+
 def pages_wire_size(frame: Pages) -> int:
     """Bytes a PAGES or PAGE_LIST frame takes on the wire, header included (what the bandwidth cap charges)."""
     head = _PAGE_LIST.size + len(frame.indices) if frame.indices is not None else _PAGES.size
-    return HEADER_SIZE + head + len(frame.zero_bitmap) + len(frame.data)
+    return HEADER_SIZE + head + len(frame.zero_bitmap) + len(frame.fingerprints) + len(frame.data)
 
 
 def max_pages_payload(batch_pages: int, page_size: int) -> int:
     """The largest payload a PAGES or PAGE_LIST frame of a session with this batch may carry (the receiver's buffers):
-    the larger head (PAGES', or PAGE_LIST's with its 8-byte index per page), the zero bitmap, every page raw."""
+    the larger head (PAGES', or PAGE_LIST's with its 8-byte index per page), the zero bitmap, a fingerprint and the
+    raw bytes of every page."""
     head = max(_PAGES.size, _PAGE_LIST.size + 8 * batch_pages)
-    return head + (batch_pages + 7) // 8 + batch_pages * page_size
+    return head + (batch_pages + 7) // 8 + batch_pages * (FINGERPRINT_SIZE + page_size)
 
 
 def validate_hello(hello: Hello) -> None:
