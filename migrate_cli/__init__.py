@@ -7,7 +7,7 @@ cli -> send / recv -> sender / receiver pipelines, transport -> codec, protocol,
 import gc
 import os
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # numpy's OpenBLAS starts a spinning thread per core when it is imported; vmmig never calls BLAS, and with both
 # ends on two cores those threads took ~5% of a migration's CPU (perf). Set for numpy's import only, so hooks and
