@@ -17,11 +17,13 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..errors import ClosedBetweenFrames, MigrateError, NetworkError, PeerError, SourceError, UsageError
 from ..wire.conversation import Conversation, Role, State
-from ..wire.frames import HEADER_SIZE, Abort, Frame, FrameType
-from ..wire.protocol import Header, check_crc, decode_payload, encode_parts, parse_header
+from ..wire.frames import HEADER_SIZE, Abort, Frame, FrameType, Pages, Unread
+from ..wire.protocol import Header, check_crc, decode_payload, encode_parts, pages_head_length, parse_header
+from .splice import Splicer
 from .tls import clean, refusal
 
 Buffer = bytes | bytearray | memoryview
@@ -135,6 +137,8 @@ class Channel:
         self.closed = False
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._tls_lock = threading.Lock()  # serialises SSL reads and writes of this channel (see _recv_some)
+        self._data = memoryview(b"")  # where a head-only PAGES frame's data would be read to (read_frame)
+        self._splicer: Splicer | None = None  # made on the first raw frame landed with splice
         self.index = 0  # channel number within the migration (HELLO's channel_index)
         self.hello_wire = 0  # bytes of its HELLO frame (for the statistics)
 
@@ -248,22 +252,51 @@ class Channel:
             return " (right after the TLS handshake: did the receiver refuse our certificate? its log says why)"
         return ""
 
-    def read_frame(self, alloc: Callable[[Header], memoryview] | None = None) -> tuple[Frame, int]:
+    def read_frame(
+        self, alloc: Callable[[Header], memoryview] | None = None, head_only: bool = False
+    ) -> tuple[Frame, int]:
         """Read, CRC-check, decode and order-check one frame. ``alloc`` may supply the payload buffer.
 
-        Returns the frame and its size on the wire.
+        With ``head_only`` a PAGES or PAGE_LIST frame is read only up to its page data (its data is ``Unread``): the
+        caller then takes the data with ``read_data`` or ``land_data``. Returns the frame and its size on the wire.
         """
         self._recv_exactly(memoryview(self._header), "header")
         header = parse_header(self._header)
-        if header.frame_type in (FrameType.PAGES, FrameType.PAGE_LIST) and alloc is not None:
-            payload = alloc(header)
+        pages = header.frame_type in (FrameType.PAGES, FrameType.PAGE_LIST)
+        payload = alloc(header) if pages and alloc is not None else memoryview(bytearray(header.length))
+        if pages and head_only:
+            got = 0
+            while got < (need := min(header.length, pages_head_length(header.frame_type, payload[:got]))):
+                self._recv_exactly(payload[got:need], f"{header.frame_type.name} frame")
+                got = need
+            check_crc(header, payload[:got])
+            frame = decode_payload(header, payload[:got])
+            assert isinstance(frame, Pages)
+            frame = replace(frame, data=Unread(header.length - got))
+            self._data = payload[got:]
         else:
-            payload = memoryview(bytearray(header.length))
-        self._recv_exactly(payload, f"{header.frame_type.name} frame")
-        check_crc(header, payload)
-        frame = decode_payload(header, payload)
+            self._recv_exactly(payload, f"{header.frame_type.name} frame")
+            check_crc(header, payload)
+            frame = decode_payload(header, payload)
         self.conversation.on_frame(header.frame_type)
         return frame, HEADER_SIZE + header.length
+
+    def read_data(self) -> memoryview:
+        """The data of the PAGES frame ``read_frame(head_only=True)`` just returned, read into its payload buffer."""
+        data, self._data = self._data, memoryview(b"")
+        self._recv_exactly(data, "PAGES frame")
+        return data
+
+    def land_data(self, fd: int, runs: list[tuple[int, int]], fallback: Callable[[bytes, int], None]) -> bool:
+        """Move that frame's data straight into the file ``fd`` at (offset, length) ``runs`` (splice.py); False,
+        nothing read, where this channel cannot (TLS) or the file refused it before."""
+        if self.tls or (self._splicer is not None and not self._splicer.file_takes_splice):
+            return False
+        if self._splicer is None:
+            self._splicer = Splicer()
+        self._splicer.into(self.sock, fd, runs, self.io_timeout, fallback)
+        self._data = memoryview(b"")
+        return True
 
     def wake_reader(self) -> None:
         """Make a thread blocked in ``read_frame`` return at once (it then sees the latched failure)."""
@@ -309,6 +342,8 @@ class Channel:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        if self._splicer is not None:
+            self._splicer.close()
 
 
 class Deadline:

@@ -78,6 +78,7 @@ class Attempt:
         finally:
             admission.close()
         listener.close()  # connections beyond the announced channels are refused from here on
+        reporter.sender_admitted()
         for each in channels:
             self.failure.add_waker(each.wake_reader)  # a worker's error must not wait for the next frame
         self.channels = channels

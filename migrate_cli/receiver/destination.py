@@ -30,6 +30,7 @@ from .dest_checks import partial_path
 from .page_check import check_landed
 
 ZERO_CHUNK = 1 << 20  # bytes of zeros one pwrite puts over a run of pages that must read as zero
+MAX_LANDING_RUNS = 64  # splices of one frame's data; a frame of more scattered pages is read into a buffer
 
 
 class DestinationImage:
@@ -178,9 +179,32 @@ class DestinationImage:
         self.fingerprints[:] = fingerprint_image(self.array, self.page_size, threads)
         return self.fingerprints
 
-    def write_batch(self, frame: Pages, data: bytes | memoryview) -> None:
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def landing_runs(self, frame: Pages) -> list[tuple[int, int]] | None:
+        """Where a raw frame's data goes in DEST, as (offset, length) runs of its non-zero pages, for the network
+        thread to splice it there (pipeline.py); None where it must be read into a buffer instead: no data, a
+        DEST stored through a mapping (hugetlbfs), or pages scattered in more than MAX_LANDING_RUNS runs."""
+        if frame.normal_count == 0 or self._stores is not None:
+            return None
+        ps, count = self.page_size, frame.count
+        zero = np.unpackbits(np.frombuffer(frame.zero_bitmap, np.uint8), count=count, bitorder="little").astype(bool)
+        normal = frame.index_array()[~zero]
+        bounds = run_bounds(normal)
+        if len(bounds) > MAX_LANDING_RUNS:
+            return None
+        return [(int(normal[lo]) * ps, (hi - lo) * ps) for lo, hi in bounds]
+
+    def write_at(self, data: bytes, offset: int) -> None:
+        """Write ``data`` at ``offset`` as the workers do (what a splice into DEST could not place)."""
+        self._pwrite(data, offset)
+
+    def write_batch(self, frame: Pages, data: bytes | memoryview, landed: bool = False) -> None:
         """Place a decoded batch, fingerprint what DEST now holds at those pages, and check each non-zero page
-        against the sender's fingerprint (page_check.py).
+        against the sender's fingerprint (page_check.py). ``landed``: its non-zero pages are in DEST already
+        (spliced by the network thread); only its zero pages and the check are left.
 
         ``data`` holds the non-zero pages in order; zero pages become zeros. The fingerprints are read back from the
         mapping (not from ``data``), so the check is on what DEST holds, and the end digest is computed over DEST
@@ -194,18 +218,19 @@ class DestinationImage:
         start, count = frame.start, frame.count
         zero = np.unpackbits(np.frombuffer(frame.zero_bitmap, np.uint8), count=count, bitorder="little").astype(bool)
         if frame.indices is not None:
-            self._write_list(frame.index_array(), zero, data, frame.fingerprint_array())
+            self._write_list(frame.index_array(), zero, data, frame.fingerprint_array(), landed)
             return
         ps = self.page_size
         base = start * ps
         region = self.array[base : base + count * ps]
         fps = self.fingerprints[start : start + count]
         if not zero.any():
-            self._pwrite(data, base)
+            if not landed:
+                self._pwrite(data, base)
             fingerprint_pages(region, ps, fps)
             check_landed(np.arange(start, start + count), fps, frame.fingerprint_array())
             return
-        src = np.frombuffer(data, dtype=np.uint8) if len(data) else None
+        src = np.frombuffer(data, dtype=np.uint8) if len(data) and not landed else None
         pos = 0
         # Walk runs of equal kind: one write per run, not per page.
         edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
@@ -217,20 +242,22 @@ class DestinationImage:
                 fps[lo:hi] = self._zero_fp
             else:
                 n = (hi - lo) * ps
-                assert src is not None
-                self._pwrite(src[pos : pos + n], base + lo * ps)
+                if src is not None:
+                    self._pwrite(src[pos : pos + n], base + lo * ps)
                 pos += n
                 fingerprint_pages(region[lo * ps : hi * ps], ps, fps[lo:hi])
         normal = np.flatnonzero(~zero)
         check_landed(start + normal, fps[normal], frame.fingerprint_array())
 
-    def _write_list(self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview, sent: np.ndarray) -> None:
+    def _write_list(
+        self, ids: np.ndarray, zero: np.ndarray, data: bytes | memoryview, sent: np.ndarray, landed: bool
+    ) -> None:
         ps = self.page_size
         pages2d = self.array.reshape(self.pages, ps)
         normal_ids = ids[~zero]
         if normal_ids.size:
-            src = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
-            for lo, hi in run_bounds(normal_ids):  # one write per run of consecutive pages
+            src = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps) if not landed else None
+            for lo, hi in run_bounds(normal_ids) if src is not None else []:  # one write per run of pages
                 self._pwrite(src[lo:hi], int(normal_ids[lo]) * ps)
             fps = np.empty(normal_ids.size, dtype=np.uint64)
             fingerprint_pages(pages2d[normal_ids], ps, fps)  # read back from DEST (a gathered copy)
@@ -375,9 +402,13 @@ class InPlaceDestination(DestinationImage):
             ),
         )  # fmt: skip
 
-    def write_batch(self, frame: Pages, data: bytes | memoryview) -> None:
+    def write_batch(self, frame: Pages, data: bytes | memoryview, landed: bool = False) -> None:
         self.modified = True
-        super().write_batch(frame, data)
+        super().write_batch(frame, data, landed)
+
+    def landing_runs(self, frame: Pages) -> list[tuple[int, int]] | None:
+        self.modified = True  # the network thread writes into DEST from here on
+        return super().landing_runs(frame)
 
     def publish(self, force: bool = False) -> None:
         self.close()  # written in place: nothing to rename

@@ -26,7 +26,16 @@ class DiscardSink:
         self.fingerprints = fingerprint_array(self.pages, zero_fingerprint(page_size), "(discard)")
         self._zero = zero_fingerprint(page_size)
 
-    def write_batch(self, frame: Pages, data: bytes | memoryview) -> None:
+    fd = -1
+
+    def landing_runs(self, frame: Pages) -> None:
+        """Nothing is landed: the data is read and fingerprinted."""
+        return None
+
+    def write_at(self, data: bytes, offset: int) -> None:
+        raise AssertionError("a discarding receiver lands nothing")
+
+    def write_batch(self, frame: Pages, data: bytes | memoryview, landed: bool = False) -> None:
         ids, count = frame.index_array(), frame.count
         zero = np.unpackbits(np.frombuffer(frame.zero_bitmap, np.uint8), count=count, bitorder="little").astype(bool)
         self.fingerprints[ids[zero]] = self._zero

@@ -6,12 +6,14 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .. import cpu_split
 from ..control import ControlServer, Handler
 from ..errors import UsageError
 from ..report import StatsLog, display_wanted, report, summary_line
 from ..safefile import write_atomic
 from ..stats import Stats
 from ..units import format_bytes
+from .allocate import cpu_seconds as allocation_cpu_seconds
 from .lifecycle import Phase
 from .options import RecvOptions
 
@@ -79,6 +81,10 @@ class Reporter:
         """`vmmig ctl status`."""
         return {**self.stats.snapshot().fields(), "role": "recv", "codec": self.codec_name, "threads": self.threads}
 
+    def sender_admitted(self) -> None:
+        """The migration's first admitted sender: the process CPU so far is start-up (cpu-startup-seconds)."""
+        cpu_split.mark_migration_start()
+
     def pass_done(self, number: int, batches: int) -> None:
         self.stats.end_pass(number)
         snap = self.stats.snapshot()
@@ -108,5 +114,7 @@ class Reporter:
                 "resumes": resumes,
                 **({"qemu-handoff": handoff} if handoff is not None else {}),
                 **(self.view.cpu_report() if self.view is not None else {}),
+                **cpu_split.fields(),
+                "cpu-allocation-seconds": round(allocation_cpu_seconds(), 4),
             },
         )

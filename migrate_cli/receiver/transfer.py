@@ -119,7 +119,7 @@ class Transfer:
         while True:
             failure.raise_if_set()
             try:
-                frame, wire = channel.read_frame(pipeline.alloc)
+                frame, wire = channel.read_frame(pipeline.alloc, head_only=True)
             except NetworkError:
                 if not self.lifecycle.transferring:
                     return None  # END arrived: the sender closes its other channels once the migration is over
@@ -131,7 +131,7 @@ class Transfer:
                 except ProtocolError:
                     pipeline.release_current()
                     raise
-                pipeline.submit(frame, wire)
+                pipeline.receive(frame, channel, wire)
                 carried += 1
             elif isinstance(frame, PassEnd):
                 stats.add_wire(wire)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import cpu_split
 from ..control import ControlError, ControlServer
 from ..errors import CancelledError
 from ..failure import Failure
@@ -62,6 +63,10 @@ class SenderReport:
         if self.opts.verbose and not self.display and not self.opts.quiet:
             notice(message)
 
+    def connecting(self) -> None:
+        """The migration's first connection: the process CPU so far is start-up (cpu-startup-seconds)."""
+        cpu_split.mark_migration_start()
+
     def set_phase(self, phase: str) -> None:
         if self.view:
             self.view.phase = phase
@@ -110,6 +115,7 @@ class SenderReport:
             extra.update(auto.stats.as_json())
         if handoff is not None:
             extra["qemu-handoff"] = handoff
+        extra.update(cpu_split.fields())  # last: the verified result is in, the migration's CPU is all spent
         return report(snap, extra)
 
 

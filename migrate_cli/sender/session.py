@@ -92,6 +92,7 @@ class Sender:
         self.control.open()
         self.reporter.stats_log.start()
         handshake = Handshake(opts, self.failure, stats)
+        self.reporter.connecting()
         try:
             channels, batch_pages = self._connect(handshake, source, host, port, batch_pages)
         except BaseException:

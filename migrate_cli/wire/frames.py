@@ -110,7 +110,20 @@ class Scattered:
         return self.nbytes
 
 
-PageData = bytes | bytearray | memoryview | Scattered
+class Unread:
+    """Page data still in the socket: the receiver has read a frame's head and decides where its data goes (into a
+    pool buffer, or spliced straight into DEST: receiver/pipeline.py)."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+PageData = bytes | bytearray | memoryview | Scattered | Unread
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,29 +216,36 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     return Header(kind, length, crc, bytes(data[:8]), flags)
 
 
+def pages_head_length(kind: FrameType, head: bytes | bytearray | memoryview) -> int:
+    """The length of a PAGES or PAGE_LIST frame's head (its fields, page numbers, zero bitmap and fingerprints: all
+    but the page data), as far as its first bytes ``head`` tell: read that many and ask again, until the answer
+    stops growing. Read from bytes the CRC has not checked yet: callers bound it by the frame's length."""
+    size = len(head)
+    if kind is FrameType.PAGES:
+        if size < _PAGES.size:
+            return _PAGES.size
+        count, offset = struct.unpack_from("!I", head, 8)[0], _PAGES.size
+    else:
+        if size < _PAGE_LIST.size:
+            return _PAGE_LIST.size
+        count = struct.unpack_from("!I", head, 0)[0]
+        offset = _PAGE_LIST.size + 8 * count
+    bitmap_end = offset + (count + 7) // 8
+    if size < bitmap_end:
+        return bitmap_end
+    zeros = int.from_bytes(head[offset:bitmap_end], "little").bit_count()
+    return bitmap_end + FINGERPRINT_SIZE * max(0, count - zeros)
+
+
 def checked_length(header: Header, payload: bytes | bytearray | memoryview) -> int:
     """How many payload bytes the CRC covers: all of them, except in PAGES and PAGE_LIST, whose page data is checked
     page by page against the fingerprints instead (the receiver fingerprints each page it lands anyway).
 
     Read before the CRC is checked, so from fields that may be damaged: a damaged count or bitmap only moves the
     end of the checked range, and the CRC over it then fails (never past the payload's end)."""
-    size = len(payload)
-    if header.frame_type is FrameType.PAGES:
-        if size < _PAGES.size:
-            return size
-        count, offset = struct.unpack_from("!I", payload, 8)[0], _PAGES.size
-    elif header.frame_type is FrameType.PAGE_LIST:
-        if size < _PAGE_LIST.size:
-            return size
-        count = struct.unpack_from("!I", payload, 0)[0]
-        offset = _PAGE_LIST.size + 8 * count
-    else:
-        return size
-    bitmap_end = offset + (count + 7) // 8
-    if bitmap_end >= size:
-        return size
-    zeros = int.from_bytes(payload[offset:bitmap_end], "little").bit_count()
-    return min(size, bitmap_end + FINGERPRINT_SIZE * max(0, count - zeros))
+    if header.frame_type not in (FrameType.PAGES, FrameType.PAGE_LIST):
+        return len(payload)
+    return min(len(payload), pages_head_length(header.frame_type, payload))
 
 
 def check_crc(header: Header, payload: bytes | bytearray | memoryview) -> None:
