@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check . || true
 
 bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat baselines, live migration
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy  # bench_gil.py samples with it
 	$(BIN)/python -m compileall -q migrate_cli  # as an installed package: no per-run compile in start-up times
 	$(BIN)/python benchmarks/bench_transfer.py
 	$(BIN)/python benchmarks/bench_live.py
@@ -39,8 +40,10 @@ bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat 
 	$(BIN)/python benchmarks/bench_qemu_live.py
 	$(BIN)/python benchmarks/bench_resume.py
 	$(BIN)/python benchmarks/bench_auto.py
+	$(BIN)/python benchmarks/bench_gil.py
 
 bench-quick: $(STAMP)  ## a smoke run of every benchmark
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy  # bench_gil.py samples with it
 	$(BIN)/python -m compileall -q migrate_cli
 	$(BIN)/python benchmarks/bench_transfer.py --quick
 	$(BIN)/python benchmarks/bench_live.py --quick
@@ -48,6 +51,7 @@ bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python benchmarks/bench_cap.py --quick
 	$(BIN)/python benchmarks/bench_resume.py --quick
 	$(BIN)/python benchmarks/bench_auto.py --quick
+	$(BIN)/python benchmarks/bench_gil.py --quick
 
 fuzz: $(STAMP)  ## fuzz the sans-IO decoder for 10 minutes (atheris if it installs, else hypothesis)
 	-$(BIN)/python -m pip install --quiet --disable-pip-version-check atheris

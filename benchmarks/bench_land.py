@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from migrate_cli.units import parse_size  # noqa: E402
+from migrate_cli.units import parse_size
 
 PAGE = 4096
 FRAME = 4 << 20

@@ -3,66 +3,70 @@
 
 What it measures
 ----------------
-One deterministic 'mixed' guest image (examples/make_guest_image.py, seed 1: 40% zero, 25% text, 20% code, 15%
-random pages, in runs) is generated in /dev/shm and moved by:
+Two 1 GiB images (``--images``), each moved by every case in the same interleaved rounds:
+
+* ``generated``: the deterministic 'mixed' image (examples/make_guest_image.py, seed 1: 40% zero, 25% text, 20%
+  code, 15% random pages, in runs), generated in /dev/shm;
+* ``guest``: a real guest's RAM (guest_ram.py): the examples/qemu guest booted with ``-m SIZE`` on a
+  memory-backend-file, its memory filled the way a working VM's is (host text, ELF and compressed files copied into
+  a tmpfs, an anonymous heap, some random data) to under 10% zero pages, paused over QMP and copied; cached in
+  ``~/.cache/vmmig`` and reused (``--rebuild-guest`` makes it again).
+
+The header of each image's table gives its zero share and zlib level-1 ratio. Cases:
 
 * QEMU (``qemu-system-x86_64 -accel tcg``, paused with ``-S``, so no guest kernel runs). The source's RAM is a
   ``memory-backend-file`` on a fresh copy of the image (``share=on``), the destination's a fresh /dev/shm file
   (``prealloc=on,share=on``) started with ``-incoming defer``. Both are driven over QMP (a small stdlib client):
   ``max-bandwidth`` is raised to 1 TiB/s on both sides, the same capabilities and parameters are set on both, then
-  ``migrate-incoming`` / ``migrate`` to ``tcp:127.0.0.1:PORT``. Cases:
+  ``migrate-incoming`` / ``migrate`` to ``tcp:127.0.0.1:PORT``. ``qemu multifd-none``, ``-zlib``, ``-zstd``:
+  capability ``multifd``, 2 channels, ``multifd-compression`` none / zlib (level 1) / zstd (level 1). With
+  ``--cases`` also ``qemu compress`` (capability ``compress``, 2 threads, level 1; QEMU 9.1 removed it: skipped
+  with a notice then) and ``qemu plain`` (one stream, no capabilities).
+* vmmig: ``vmmig recv --listen 127.0.0.1:0 --decompress-threads 2`` into a fresh /dev/shm file and ``vmmig send
+  IMAGE ADDR --compress none|zlib|zstd|auto --level 1 --compress-threads 2``.
+* design floor: ``floor none``, ``floor zlib``, ``floor zstd`` are not migrations. ``floor.py`` measures, on the same
+  image in the same round, the CPU cost of each step of the protocol-3 design (zero scan, in-place xxh3
+  fingerprints, a gather copy and level-1 compression for compressed batches only, loopback TCP on 2 connections,
+  decompression, fallocate of DEST, pwrite, the read-back fingerprint pass) with the same C primitives and no vmmig
+  code between them; ``--floor-designs 3,2`` adds the protocol-2 steps as ``floor2`` rows. Its ``MB/s`` is the image
+  over (the CPU sum / the usable CPUs): perfect overlap of both ends. No conforming implementation with these
+  primitives can beat it on this machine, so each target line also says whether the target lies within its reach.
 
-  - ``qemu compress``      -- capability ``compress``, compress-threads 2, decompress-threads 2, compress-level 1
-    (QEMU 9.1 removed it: if ``migrate-set-capabilities`` rejects it, the case is skipped with a notice);
-  - ``qemu multifd-none``, ``qemu multifd-zlib``, ``qemu multifd-zstd`` -- capability ``multifd``, 2 channels,
-    ``multifd-compression`` none / zlib (``multifd-zlib-level`` 1) / zstd (``multifd-zstd-level`` 1);
-  - ``qemu plain``          -- a single stream, no capabilities.
-
-* vmmig: ``vmmig recv --listen 127.0.0.1:0 --decompress-threads 2`` into a fresh /dev/shm file and ``vmmig send IMAGE
-  ADDR --compress none|zlib|zstd --level 1 --compress-threads 2`` (levels: zlib/zstd 1, as QEMU's).
-
-* design floor: ``floor none`` and ``floor zstd`` are not migrations. ``floor.py`` measures, on the same image in
-  the same round, the CPU cost of each step the core issue mandates (zero scan of a fresh mapping, copy out of it,
-  xxh3 fingerprints, CRC-32 on both ends, zstd level 1 where asked, loopback TCP on 2 connections, preallocation of
-  DEST, pwrite into it, the digest recomputed from DEST) with the same C primitives and no vmmig code between
-  them. Its ``MB/s tool`` is the image over (the CPU sum / the usable CPUs), perfect overlap of both ends; its
-  ``MB/s wall`` adds the wall time of a Python start-up that imports vmmig's sender. No conforming implementation
-  with these primitives can beat it on this machine, so each target line also says whether the target lies within
-  the floor's reach.
-
-How to read the table
----------------------
-* ``MB/s wall`` -- image bytes (10^6 B = 1 MB) over wall time. QEMU: from sending ``migrate`` until the source's
-  ``query-migrate`` says ``completed`` *and* the destination has left the ``inmigrate`` run state (both polled every
-  5 ms; the processes are already running, the destination already preallocated). vmmig: from starting the ``send``
-  process until both processes have exited (interpreter start-up, connecting, the receiver's allocation and its
-  final digest check all count against vmmig).
-* ``MB/s tool`` -- the tool's own figure: vmmig's ``image-mbytes-per-second``; for QEMU the image size over QEMU's
-  ``total-time``.
-* ``wire MB`` -- the tool's own count: QEMU's ``ram.transferred``, vmmig's ``transferred``. Careful: QEMU 7.2
-  counts multifd pages *before* compression, so for multifd-zlib/-zstd this is not what went over the wire (the
-  output adds a NOTE when a tool's count is more than 5% off the measured IP bytes).
-* ``IP MB`` -- measured the same way for both tools: the growth of ``IpExt OutOctets`` in /proc/net/netstat (all IP
-  traffic of the network namespace, headers included, so other traffic on the machine inflates it) during the case.
-* ``src/dst CPU s`` -- QEMU: utime + stime from /proc/PID/stat between ``migrate`` and the end (the migration's
-  own CPU, all threads). vmmig: the whole process (os.wait4 rusage), start-up included.
+How to read a table
+-------------------
+* ``MB/s`` -- image bytes (10^6 B = 1 MB) over the tool's own ``total-time``: QEMU's (``query-migrate``), vmmig's
+  (the sender's report: from WELCOME to the verified result). The targets use this column.
+* ``MB/s wall`` -- QEMU: from sending ``migrate`` until the source says ``completed`` *and* the destination has left
+  ``inmigrate`` (both polled every 5 ms; both processes already running, the destination preallocated). vmmig: from
+  starting ``send`` until both processes have exited (start-up, connecting and allocation count against vmmig).
+* ``x QEMU`` -- for vmmig and floor rows: MB/s over the counterpart's (``vs``).
+* ``wire MB`` -- the tool's own count: QEMU's ``ram.transferred``, vmmig's ``transferred``, the floor's bytes
+  sent. QEMU 7.2 counts multifd pages *before* compression, so for multifd-zlib/-zstd that is not what went over
+  the wire: ``IP MB`` (the growth of ``IpExt OutOctets`` during the case, headers and other traffic included; the
+  least of the rounds, since other traffic only adds) is measured alike for every tool, and ``IP x QEMU`` and the
+  wire targets use it.
+* ``CPU s/GiB`` -- CPU seconds of both ends *over the migration*, per GiB of image. QEMU: utime + stime of both
+  processes (all threads, /proc/PID/stat) between ``migrate`` and the end. vmmig: the sender's plus the receiver's
+  ``cpu-migration-seconds`` (process CPU from the first connection to the verified result; the receiver's includes
+  DEST's allocation, which QEMU's ``prealloc=on`` does before ``migrate``). Floor: the sum of its steps.
+  ``src/dst CPU s`` are the two ends' shares of it. Below the table, for vmmig rows: start-up CPU (before the first
+  connection), DEST allocation CPU, and whole-process CPU (rusage) of each end; for QEMU rows the whole-process CPU.
 * ``other CPU s`` -- CPU time used by everything else on the machine during the case; ~0 on a quiet machine.
-* ``x QEMU`` -- for vmmig rows: MB/s wall over the counterpart's MB/s wall, and IP MB over its IP MB.
 
 Verification: every QEMU destination's RAM file must equal the source QEMU's RAM file byte for byte after the
-migration, and the output says whether the source file still equals the pristine image (QEMU could write to guest
-RAM at machine init; the number of changed pages is shown if it did). Every vmmig destination must equal the image
-byte for byte (and send and recv must report the same digest).
+migration, and the output says whether the source file still equals the pristine image. Every vmmig destination
+must equal the image byte for byte (and send and recv must report the same digest).
 
-With ``--repeat N`` the cases run in N interleaved rounds and medians are reported. Targets (PASS/FAIL, MB/s wall):
-vmmig zlib >= 4x QEMU compress and >= 2.2x QEMU multifd-zlib, vmmig auto >= 3x QEMU multifd-zlib, vmmig zstd >=
-0.9x QEMU multifd-zstd, vmmig none >= 0.5x QEMU multifd-none. The exit status is 0 whatever the targets say; 1
-when a migration failed or a copy differs.
+Medians of ``--repeat`` (default 3) interleaved rounds. Targets (PASS/FAIL on MB/s and IP bytes, medians; the exit
+status is 0 whatever they say, 1 when a migration failed or a copy differs): vmmig zlib >= 5x QEMU multifd-zlib
+on the generated image and >= 4x on the real guest's RAM, with IP bytes no more than multifd-zlib's; vmmig zstd
+>= 1.0x multifd-zstd and vmmig none >= 0.5x multifd-none on both; vmmig none <= 1.0 CPU s per GiB (both ends, over
+the migration) on the generated image.
 
-    python benchmarks/bench_qemu.py [--size 1GiB] [--repeat 3] [--quick] [--json out.json]
+    python benchmarks/bench_qemu.py [--size 1GiB] [--repeat 3] [--quick] [--images generated,guest] [--json out.json]
 
-Needs ``qemu-system-x86_64`` (Debian: ``apt-get install qemu-system-x86``). KVM is not needed: TCG is used and the
-guest never runs.
+Needs ``qemu-system-x86_64`` (Debian: ``apt-get install qemu-system-x86``); the guest image also needs the
+examples/qemu guest (``bash examples/qemu/build_guest.sh``). KVM is not needed: TCG is used.
 """
 
 from __future__ import annotations
@@ -72,7 +76,6 @@ import functools
 import json
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -82,9 +85,10 @@ from pathlib import Path
 from typing import Any
 
 import floor
+import guest_ram
 import harness
 import numpy as np
-from harness import CPUS, MB, MIB, fmt, fmt_size
+from harness import CPUS, GIB, MB, MIB, fmt, fmt_size
 
 QEMU = "qemu-system-x86_64"
 
@@ -112,43 +116,67 @@ QEMU_CASES: dict[str, tuple[list[str], dict[str, Any]]] = {
     "qemu plain": ([], {}),
 }
 VMMIG_CASES: dict[str, str] = {"vmmig none": "none", "vmmig zlib": "zlib", "vmmig zstd": "zstd", "vmmig auto": "auto"}
-# The design floor (floor.py): the mandated steps' CPU cost over the image, no vmmig code; not a migration.
-FLOOR_CASES: dict[str, str] = {"floor zstd": "zstd", "floor none": "none"}
+# The design floors (floor.py): each design's steps' CPU cost over the image, no vmmig code; not migrations.
+FLOOR_CASES: dict[str, tuple[str, int]] = {
+    f"{'floor' if design == 3 else f'floor{design}'} {codec}": (codec, design)
+    for design in floor.DESIGNS
+    for codec in floor.CODECS
+}
 VMMIG_THREADS = 2
 VMMIG_LEVEL = 1
-# Order of one round (interleaved: each vmmig case next to its QEMU counterparts).
+# Order of one round on one image (interleaved: each vmmig case next to its QEMU counterpart).
 ROUND: tuple[str, ...] = (
     "qemu compress",
     "vmmig zlib",
     "qemu multifd-zlib",
     "vmmig auto",
+    "floor zlib",
+    "floor2 zlib",
     "qemu multifd-zstd",
     "vmmig zstd",
     "floor zstd",
+    "floor2 zstd",
     "qemu multifd-none",
     "vmmig none",
     "floor none",
+    "floor2 none",
     "qemu plain",
 )
-# (vmmig case, QEMU case, minimum ratio of MB/s wall)
-TARGETS: tuple[tuple[str, str, float], ...] = (
-    ("vmmig zlib", "qemu compress", 4.0),
-    ("vmmig zlib", "qemu multifd-zlib", 2.2),
-    ("vmmig auto", "qemu multifd-zlib", 3.0),
-    ("vmmig zstd", "qemu multifd-zstd", 0.9),
-    ("vmmig none", "qemu multifd-none", 0.5),
+DEFAULT_CASES = tuple(n for n in ROUND if n not in ("qemu compress", "qemu plain") and not n.startswith("floor2"))
+IMAGES = {"generated": "generated mixed image", "guest": "real guest's RAM"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """``ours`` MB/s >= ``minimum`` x ``theirs`` MB/s on ``image``; with ``wire``, ours' IP bytes <= theirs'."""
+
+    image: str
+    ours: str
+    theirs: str
+    minimum: float
+    wire: bool = False
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("generated", "vmmig zlib", "qemu multifd-zlib", 5.0, wire=True),
+    Target("guest", "vmmig zlib", "qemu multifd-zlib", 4.0, wire=True),
+    Target("generated", "vmmig zstd", "qemu multifd-zstd", 1.0),
+    Target("guest", "vmmig zstd", "qemu multifd-zstd", 1.0),
+    Target("generated", "vmmig none", "qemu multifd-none", 0.5),
+    Target("guest", "vmmig none", "qemu multifd-none", 0.5),
 )
+# (image, case, most CPU seconds per GiB of both ends over the migration)
+CPU_TARGETS: tuple[tuple[str, str, float], ...] = (("generated", "vmmig none", 1.0),)
 # Counterpart shown in the table's 'x QEMU' columns.
 COUNTERPART = {
     "vmmig zlib": "qemu multifd-zlib",
     "vmmig auto": "qemu multifd-zlib",
     "vmmig zstd": "qemu multifd-zstd",
     "vmmig none": "qemu multifd-none",
-    "floor zstd": "qemu multifd-zstd",
-    "floor none": "qemu multifd-none",
+    **{name: f"qemu multifd-{codec}" for name, (codec, _) in FLOOR_CASES.items()},
 }
-# The vmmig targets the floor bounds: a target above the floor's ratio cannot be met by any conforming vmmig.
-FLOOR_OF = {"vmmig zstd": "floor zstd", "vmmig none": "floor none"}
+# The vmmig cases a floor bounds: a target above the floor's ratio cannot be met by any conforming vmmig.
+FLOOR_OF = {"vmmig zlib": "floor zlib", "vmmig zstd": "floor zstd", "vmmig none": "floor none"}
 
 
 class SkipCase(Exception):
@@ -156,30 +184,59 @@ class SkipCase(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Results
+# Images and results
+
+
+@dataclass
+class Image:
+    """One benchmark image in the work directory (fully resident in /dev/shm)."""
+
+    key: str  # 'generated' or 'guest'
+    path: Path
+    size: int
+    zero_share: float
+    zlib_ratio: float
+
+    @property
+    def title(self) -> str:
+        return IMAGES[self.key]
 
 
 @dataclass
 class Run(harness.Measured):
-    """One migration."""
+    """One migration (or one floor measurement)."""
 
     ip_bytes: int
     tool_mbps: float | None
-    src_cpu_s: float | None
+    src_cpu_s: float | None  # over the migration
     dst_cpu_s: float | None
     other_cpu_s: float | None
+    process_cpu_s: tuple[float | None, float | None] | None = None  # whole-process rusage (src, dst)
+    startup_cpu_s: tuple[float, float] | None = None  # vmmig: before the first connection (send, recv)
+    alloc_cpu_s: float | None = None  # vmmig recv: DEST's allocation (part of dst_cpu_s)
     src_changed_pages: int | None = None  # QEMU: pages of the source RAM file that differ from the image afterwards
     qemu_total_time_ms: int | None = None
     qemu_downtime_ms: int | None = None
     qemu_dst_status: str | None = None
-    qemu_process_cpu_s: tuple[float | None, float | None] | None = None  # whole-process rusage (src, dst)
     report: dict[str, Any] = field(default_factory=dict)  # final query-migrate, or vmmig's send + recv reports
+
+    @property
+    def migration_cpu_s(self) -> float | None:
+        if self.src_cpu_s is None or self.dst_cpu_s is None:
+            return None
+        return self.src_cpu_s + self.dst_cpu_s
+
+    @property
+    def cpu_per_gib(self) -> float | None:
+        cpu = self.migration_cpu_s
+        return None if cpu is None else cpu / (self.image_bytes / GIB)
 
 
 @dataclass
 class Result(harness.Aggregate):
-    """A case aggregated over its repeats (medians)."""
+    """A case on one image aggregated over its repeats (medians)."""
 
+    image: str = ""
     skipped: str | None = None
 
     @property
@@ -188,27 +245,34 @@ class Result(harness.Aggregate):
 
     @property
     def ip_mb(self) -> float | None:
-        return self.median(lambda r: r.ip_bytes / MB)
+        """The least of the runs, not the median: other traffic on the machine only ever adds to the counter."""
+        return min((r.ip_bytes / MB for r in self.runs), default=None)
+
+    @property
+    def tool_mbps(self) -> float | None:
+        return self.median(lambda r: r.tool_mbps)
+
+    @property
+    def cpu_per_gib(self) -> float | None:
+        return self.median(lambda r: r.cpu_per_gib)
 
     def summary(self) -> dict[str, Any]:
         return {
+            "image": self.image,
             "name": self.name,
             "image-bytes": self.image_bytes,
             "error": self.error,
             "skipped": self.skipped,
+            "mbytes-per-second": self.tool_mbps,
             "wall-mbytes-per-second": self.wall_mbps,
-            "tool-mbytes-per-second": self.median(lambda r: r.tool_mbps),
             "wire-mbytes": self.wire_mb,
             "ip-mbytes": self.ip_mb,
+            "migration-cpu-seconds-per-gib": self.cpu_per_gib,
             "src-cpu-seconds": self.median(lambda r: r.src_cpu_s),
             "dst-cpu-seconds": self.median(lambda r: r.dst_cpu_s),
             "other-cpu-seconds": self.median(lambda r: r.other_cpu_s),
             "runs": [asdict(r) for r in self.runs],
         }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Child processes: own session, reaped by a thread with os.wait4 (exit time and rusage)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,7 +464,7 @@ def run_qemu_case(name: str, image: Path, size: int, workdir: Path) -> Run:
             qemu_total_time_ms=total_ms,
             qemu_downtime_ms=info.get("downtime"),
             qemu_dst_status=str(dst_status.get("status")),
-            qemu_process_cpu_s=(src.cpu_s, dst.cpu_s),
+            process_cpu_s=(src.cpu_s, dst.cpu_s),
             report=info,
         )
     finally:
@@ -423,6 +487,13 @@ def check_alive(name: str, src: harness.Child, dst: harness.Child, deadline: flo
 # vmmig cases
 
 
+def report_float(report: dict[str, Any], name: str, what: str) -> float:
+    value = report.get(name)
+    if not isinstance(value, int | float):
+        raise harness.BenchError(f"{what}: the report has no number {name!r} (a vmmig without the CPU split?)")
+    return float(value)
+
+
 def run_vmmig_case(name: str, image: Path, size: int, workdir: Path) -> Run:
     codec = VMMIG_CASES[name]
     dest = workdir / "vmmig-dest.ram"
@@ -443,15 +514,22 @@ def run_vmmig_case(name: str, image: Path, size: int, workdir: Path) -> Run:
             if differing_pages(dest, image, size) != 0:
                 raise harness.BenchError(f"{name}: the destination differs from the image")
             send, recv = pair.children
+            total_ms = report_float(sent, "total-time", name)
             return Run(
                 wall_s=wall,
                 image_bytes=size,
                 wire_bytes=int(sent["transferred"]),
                 ip_bytes=ip_bytes,
-                tool_mbps=float(sent["image-mbytes-per-second"]),
-                src_cpu_s=send.cpu_s,
-                dst_cpu_s=recv.cpu_s,
+                tool_mbps=size / MB / (total_ms / 1000) if total_ms else None,
+                src_cpu_s=report_float(sent, "cpu-migration-seconds", name),
+                dst_cpu_s=report_float(received, "cpu-migration-seconds", name),
                 other_cpu_s=others,
+                process_cpu_s=(send.cpu_s, recv.cpu_s),
+                startup_cpu_s=(
+                    report_float(sent, "cpu-startup-seconds", name),
+                    report_float(received, "cpu-startup-seconds", name),
+                ),
+                alloc_cpu_s=report_float(received, "cpu-allocation-seconds", name),
                 report={"send": sent, "recv": received},
             )
     finally:
@@ -459,30 +537,33 @@ def run_vmmig_case(name: str, image: Path, size: int, workdir: Path) -> Run:
 
 
 def run_floor_case(name: str, image: Path, size: int, workdir: Path) -> Run:
-    """The design floor (floor.py) on the same image: wall = its CPU sum over the usable CPUs, plus a start-up."""
+    """A design floor (floor.py) on the same image: MB/s = image over its CPU sum / the usable CPUs; 'wall' adds a
+    Python start-up that imports vmmig's sender."""
+    codec, design = FLOOR_CASES[name]
     before, ip_before = harness.cpu_clock(), harness.ip_out_octets()
-    measured = floor.measure(image, FLOOR_CASES[name], workdir)
+    measured = floor.measure(image, codec, workdir, design=design)
     ip_bytes = harness.ip_out_octets() - ip_before
     others = harness.other_cpu(before, 0.0)  # the steps ran in this process, which other_cpu leaves out
     measured.startup_s = floor.startup_wall()
-
-    def side(prefix: str) -> float:
-        return (
-            sum(v for k, v in measured.steps.items() if k.startswith(prefix))
-            + measured.steps.get(floor.TCP_STEP, 0.0) / 2
-        )
-
     return Run(
         wall_s=measured.wall_s + measured.startup_s,
         image_bytes=size,
         wire_bytes=measured.wire_bytes,
         ip_bytes=ip_bytes,
         tool_mbps=measured.mbps,
-        src_cpu_s=side("send:"),
-        dst_cpu_s=side("recv:"),
+        src_cpu_s=measured.side_cpu_s("send:"),
+        dst_cpu_s=measured.side_cpu_s("recv:"),
         other_cpu_s=others,
-        report={"floor-steps": measured.steps, "startup-seconds": measured.startup_s},
+        report={"floor-steps": measured.steps, "design": design, "startup-seconds": measured.startup_s},
     )
+
+
+def run_case(name: str, image: Image, workdir: Path) -> Run:
+    if name.startswith("qemu"):
+        return run_qemu_case(name, image.path, image.size, workdir)
+    if name in FLOOR_CASES:
+        return run_floor_case(name, image.path, image.size, workdir)
+    return run_vmmig_case(name, image.path, image.size, workdir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,6 +589,23 @@ def differing_pages(a: Path, b: Path, size: int) -> int:
             differing += int(np.count_nonzero((pa != pb).any(axis=1)))
 
 
+def prepare_images(args: argparse.Namespace, size: int, workdir: Path) -> list[Image]:
+    """The chosen images in the work directory, fully resident, with their zero share and zlib-1 ratio."""
+    images = []
+    for key in args.images:
+        path = workdir / f"{key}.ram"
+        if key == "generated":
+            harness.make_image(harness.load_generator(), path, size, allocate=True)  # fully resident, like the copies
+            share, ratio_ = guest_ram.figures(path)
+        else:
+            cached = guest_ram.ensure(size, workdir, args.guest_cache, args.rebuild_guest)
+            shutil.copyfile(cached.path, path)
+            share, ratio_ = cached.zero_share, cached.zlib_ratio
+        images.append(Image(key, path, size, share, ratio_))
+        harness.log(f"image {key}: {fmt_size(size)}, {share:.1%} zero pages, zlib-1 ratio {ratio_:.2f}")
+    return images
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Output
 
@@ -520,17 +618,26 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def median_pair(result: Result, get: Any) -> str:
+    """'a / b' of the medians of a per-run (src, dst) pair."""
+    pairs = [p for r in result.runs if (p := get(r)) is not None]
+    if not pairs:
+        return "-"
+    return " / ".join(fmt(harness.median_of(pairs, lambda p, i=i: p[i]), ".2f") for i in range(2))
+
+
 COLUMNS: tuple[tuple[str, int], ...] = (
-    ("case", 18),
+    ("case", 17),
+    ("MB/s", 7),
     ("MB/s wall", 9),
-    ("MB/s tool", 9),
-    ("wire MB", 8),
-    ("IP MB", 8),
+    ("x QEMU", 6),
+    ("wire MB", 7),
+    ("IP MB", 7),
+    ("IP x QEMU", 9),
+    ("CPU s/GiB", 9),
     ("src CPU s", 9),
     ("dst CPU s", 9),
     ("other CPU s", 11),
-    ("x QEMU MB/s", 11),
-    ("x QEMU IP MB", 12),
     ("vs", 17),
 )
 
@@ -542,20 +649,25 @@ def table_row(result: Result, by_name: dict[str, Result]) -> list[str]:
     usable = base is not None and base.ok
     return [
         result.name,
+        fmt(result.tool_mbps),
         fmt(result.wall_mbps),
-        fmt(result.median(lambda r: r.tool_mbps)),
+        fmt(ratio(result.tool_mbps, base.tool_mbps) if usable and base else None, ".2f"),
         fmt(result.wire_mb),
         fmt(result.ip_mb),
+        fmt(ratio(result.ip_mb, base.ip_mb) if usable and base else None, ".2f"),
+        fmt(result.cpu_per_gib, ".2f"),
         fmt(result.median(lambda r: r.src_cpu_s), ".2f"),
         fmt(result.median(lambda r: r.dst_cpu_s), ".2f"),
         fmt(result.median(lambda r: r.other_cpu_s), ".2f"),
-        fmt(ratio(result.wall_mbps, base.wall_mbps) if usable and base else None, ".2f"),
-        fmt(ratio(result.ip_mb, base.ip_mb) if usable and base else None, ".2f"),
         base.name if usable and base else "",
     ]
 
 
-def print_table(results: Sequence[Result]) -> None:
+def print_table(image: Image, results: Sequence[Result]) -> None:
+    print(
+        f"{image.title} ({image.key}): {fmt_size(image.size)}, {image.zero_share:.1%} zero pages, zlib-1 ratio "
+        f"{image.zlib_ratio:.2f}"
+    )
     by_name = {r.name: r for r in results}
     harness.print_table(COLUMNS, [table_row(r, by_name) for r in results], left=(0, -1))
     for result in results:
@@ -563,16 +675,28 @@ def print_table(results: Sequence[Result]) -> None:
             print(f"  {result.name}: FAILED: {result.error}")
         elif result.skipped is not None:
             print(f"  {result.name}: SKIPPED: {result.skipped}")
-    print("  MB = 10^6 bytes. MB/s = image bytes / time. wire MB: QEMU ram.transferred, vmmig transferred.")
-    print("  IP MB = IpExt OutOctets growth during the case (all IP traffic, headers included).")
-    print("  QEMU CPU s = migrate..end delta from /proc/PID/stat; vmmig CPU s = whole process (start-up included).")
-    print("  x QEMU = this row's MB/s wall (IP MB) over the 'vs' case's.")
+    print("  CPU outside the migration (medians, s): start-up before the first connection, DEST allocation (inside")
+    print("  dst CPU s), whole process (rusage) beside the migration's; QEMU: its whole processes")
+    for result in results:
+        if not result.ok or result.name.startswith("floor"):
+            continue
+        whole = median_pair(result, lambda r: r.process_cpu_s)
+        migration = fmt(result.median(lambda r: r.migration_cpu_s), ".2f")
+        if result.name.startswith("vmmig"):
+            startup = median_pair(result, lambda r: r.startup_cpu_s)
+            alloc = fmt(result.median(lambda r: r.alloc_cpu_s), ".2f")
+            print(
+                f"    {result.name:<17} start-up send/recv {startup}, allocation {alloc}, migration {migration}, "
+                f"whole process send/recv {whole}"
+            )
+        else:
+            print(f"    {result.name:<17} migration {migration}, whole process src/dst {whole}")
     for result in results:
         wire, ip = result.wire_mb, result.ip_mb
-        if result.ok and wire and ip and abs(wire - ip) > 0.05 * ip:
+        if result.ok and result.name.startswith("qemu") and wire and ip and abs(wire - ip) > 0.05 * ip:
             print(
-                f"  NOTE: {result.name}: the tool's wire MB ({wire:.1f}) differs from the IP bytes measured ({ip:.1f}):"
-                " that counter is not the bytes on the wire (QEMU 7.2 counts multifd pages before compression)."
+                f"  NOTE: {result.name}: wire MB ({wire:.1f}) differs from the IP bytes measured ({ip:.1f}): QEMU 7.2"
+                " counts multifd pages before compression."
             )
     load = [(r.name, r.median(lambda x: x.other_cpu_s), r.runs[0].wall_s) for r in results if r.ok]
     if warning := harness.busy_warning(load):
@@ -580,51 +704,65 @@ def print_table(results: Sequence[Result]) -> None:
     print()
 
 
-def print_qemu_detail(results: Sequence[Result]) -> None:
-    print("QEMU details (medians; total-time and downtime as QEMU reports them)")
+def print_qemu_detail(image: Image, results: Sequence[Result]) -> None:
+    print(f"QEMU details, {image.key} (medians; total-time and downtime as QEMU reports them)")
     for result in results:
         if not result.name.startswith("qemu") or not result.ok:
             continue
         changed = sorted({r.src_changed_pages for r in result.runs})
         states = sorted({str(r.qemu_dst_status) for r in result.runs})
-        procs = [r.qemu_process_cpu_s for r in result.runs if r.qemu_process_cpu_s]
-        whole = " / ".join(
-            fmt(statistics.median(v for v in vals if v is not None), ".2f") for vals in zip(*procs, strict=True)
-        )
         print(
             f"  {result.name:<18} total-time {fmt(result.median(lambda r: r.qemu_total_time_ms), '.0f')} ms, "
             f"downtime {fmt(result.median(lambda r: r.qemu_downtime_ms), '.0f')} ms, "
-            f"process CPU src/dst {whole or '-'} s, destination state {'/'.join(states)}, "
-            f"source pages changed vs image: {', '.join(str(c) for c in changed)}"
+            f"destination state {'/'.join(states)}, source pages changed vs image: {', '.join(map(str, changed))}"
         )
     print()
 
 
-def target_lines(results: Sequence[Result]) -> list[tuple[str, str]]:
+def floor_note(target: Target, by_name: dict[str, Result], theirs: Result, ours: Result) -> str:
+    bound = by_name.get(FLOOR_OF.get(target.ours, ""))
+    if bound is None or not bound.ok or not bound.tool_mbps or not theirs.tool_mbps or not ours.tool_mbps:
+        return ""
+    reach = bound.tool_mbps / theirs.tool_mbps
+    return (
+        f"; design floor {fmt(bound.tool_mbps)} MB/s = {reach:.2f}x: the target is "
+        f"{'above' if reach < target.minimum else 'within'} its reach; vmmig runs at "
+        f"{ours.tool_mbps / bound.tool_mbps:.0%} of it"
+    )
+
+
+def target_lines(image: str, results: Sequence[Result]) -> list[tuple[str, str]]:
     by_name = {r.name: r for r in results}
     lines = []
-    for ours, theirs, minimum in TARGETS:
-        a, b = by_name.get(ours), by_name.get(theirs)
-        value = ratio(a.wall_mbps, b.wall_mbps) if a is not None and b is not None and a.ok and b.ok else None
-        if value is None:
-            why = (b.skipped or b.error) if b is not None and not b.ok else (a.error if a else None)
-            lines.append(("SKIP", f"{ours} vs {theirs}: not measured ({why})"))
+    for target in (t for t in TARGETS if t.image == image):
+        a, b = by_name.get(target.ours), by_name.get(target.theirs)
+        label = f"{image}: {target.ours} vs {target.theirs}"
+        if a is None or b is None or not a.ok or not b.ok or not a.tool_mbps or not b.tool_mbps:
+            why = next((r.skipped or r.error for r in (a, b) if r is not None and not r.ok), "not run")
+            lines.append(("SKIP", f"{label}: not measured ({why})"))
             continue
-        assert a is not None and b is not None
-        verdict = "PASS" if value >= minimum else "FAIL"
-        text = (
-            f"{ours} vs {theirs}: {fmt(a.wall_mbps)} / {fmt(b.wall_mbps)} MB/s = {value:.2f}x "
-            f">= {minimum:g}x (IP {fmt(a.ip_mb)} / {fmt(b.ip_mb)} MB)"
-        )
-        bound = by_name.get(FLOOR_OF.get(ours, ""))
-        if bound is not None and bound.ok and bound.wall_mbps and b.wall_mbps:
-            reachable = "above" if bound.wall_mbps / b.wall_mbps < minimum else "within"
-            text += (
-                f"; design floor {fmt(bound.wall_mbps)} MB/s = {bound.wall_mbps / b.wall_mbps:.2f}x "
-                f"(transfer only {fmt(bound.median(lambda r: r.tool_mbps))}): the target is {reachable} the floor's "
-                f"reach; vmmig runs at {a.wall_mbps / bound.wall_mbps:.0%} of the floor"
-            )
-        lines.append((verdict, text))
+        value = a.tool_mbps / b.tool_mbps
+        passed = value >= target.minimum
+        text = f"{label}: {fmt(a.tool_mbps)} / {fmt(b.tool_mbps)} MB/s = {value:.2f}x >= {target.minimum:g}x"
+        if target.wire:
+            wire_ok = a.ip_mb is not None and b.ip_mb is not None and a.ip_mb <= b.ip_mb
+            passed = passed and wire_ok
+            text += f", IP {fmt(a.ip_mb)} <= {fmt(b.ip_mb)} MB ({'yes' if wire_ok else 'no'})"
+        lines.append(("PASS" if passed else "FAIL", text + floor_note(target, by_name, b, a)))
+    for target_image, name, most in CPU_TARGETS:
+        if target_image != image:
+            continue
+        result = by_name.get(name)
+        cpu = result.cpu_per_gib if result is not None and result.ok else None
+        if cpu is None:
+            lines.append(("SKIP", f"{image}: {name} CPU over the migration: not measured"))
+            continue
+        text = f"{image}: {name} CPU over the migration, both ends: {cpu:.2f} s per GiB <= {most:g}"
+        bound = by_name.get(FLOOR_OF.get(name, ""))
+        if bound is not None and bound.ok and bound.cpu_per_gib is not None:
+            reach = "above" if bound.cpu_per_gib > most else "within"
+            text += f"; design floor {bound.cpu_per_gib:.2f} s per GiB: the target is {reach} its reach"
+        lines.append(("PASS" if cpu <= most else "FAIL", text))
     return lines
 
 
@@ -636,14 +774,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1GiB", help="guest RAM / image size (default 1GiB; whole MiB)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: --size 256MiB --repeat 1")
+    parser.add_argument("--quick", action="store_true", help="smoke test: --size 512MiB --repeat 1")
+    parser.add_argument("--images", default="generated,guest", help="comma-separated: generated, guest (default both)")
+    parser.add_argument(
+        "--cases",
+        help=f"comma-separated cases (default: {', '.join(DEFAULT_CASES)}; also: qemu compress, qemu plain)",
+    )
+    parser.add_argument(
+        "--floor-designs", default="3", help="design floors to measure: 3 (protocol 3, default), 2 or 3,2"
+    )
+    parser.add_argument("--rebuild-guest", action="store_true", help="boot and fill the guest again (guest_ram.py)")
+    parser.add_argument("--guest-cache", type=Path, default=guest_ram.DEFAULT_CACHE, help="guest image cache dir")
     parser.add_argument("--json", metavar="PATH", help="also write every run (and QEMU's query-migrate) as JSON")
     harness.add_tree_option(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.repeat = "256MiB", 1
+        args.size, args.repeat = "512MiB", 1  # a 256 MiB guest keeps >10% zero pages (kernel reserve)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    args.images = [i.strip() for i in args.images.split(",") if i.strip()]
+    if not args.images or set(args.images) - set(IMAGES):
+        parser.error(f"--images: choose from {', '.join(IMAGES)}")
+    try:
+        designs = {int(d) for d in args.floor_designs.split(",") if d.strip()}
+    except ValueError:
+        parser.error("--floor-designs: 3, 2 or 3,2")
+    if designs - set(floor.DESIGNS):
+        parser.error("--floor-designs: 3, 2 or 3,2")
+    chosen = [c.strip() for c in args.cases.split(",")] if args.cases else list(DEFAULT_CASES)
+    if unknown := set(chosen) - set(ROUND):
+        parser.error(f"--cases: unknown {', '.join(sorted(unknown))} (known: {', '.join(ROUND)})")
+    if args.cases is None:  # every floor row of the chosen designs; with --cases, the floor rows it names
+        chosen += [n for n, (_, d) in FLOOR_CASES.items() if d in designs and n not in chosen]
+    else:
+        designs |= {FLOOR_CASES[n][1] for n in chosen if n in FLOOR_CASES}
+    chosen = [n for n in chosen if n not in FLOOR_CASES or FLOOR_CASES[n][1] in designs]
+    args.cases = [n for n in ROUND if n in chosen]
     return args
 
 
@@ -661,63 +827,71 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
     print(f"  machine  {CPUS} usable CPUs, {info['cpu-model']}, Linux {info['kernel']}")
     print(f"  software {info['vmmig']} (commit {info['commit']}), Python {info['python']}")
     print(f"  qemu     {version} (-accel tcg, guest paused with -S)")
-    print(f"  image    {fmt_size(size)} 'mixed' (seed 1) in /dev/shm; {args.repeat} interleaved round(s), medians")
+    print(
+        f"  images   {fmt_size(size)}: {', '.join(IMAGES[k] for k in args.images)}; {args.repeat} interleaved "
+        "round(s), medians"
+    )
     print(flush=True)
 
-    harness.check_space(size, 3.2, "the image, the QEMU source copy and one destination")
-    image = workdir / "image.ram"
-    harness.make_image(generator, image, size, allocate=True)  # fully resident, like the QEMU copies
+    harness.check_space(size, len(args.images) + 2.2, "the images, the QEMU source copy and one destination")
+    images = prepare_images(args, size, workdir)
     harness.prefault(workdir, size)
-    results = {name: Result(name=name, image_bytes=size) for name in ROUND}
+    results = {
+        (image.key, name): Result(name=name, image_bytes=size, image=image.key)
+        for image in images
+        for name in args.cases
+    }
     for round_no in range(1, args.repeat + 1):
-        for name in ROUND:
-            result = results[name]
-            if result.skipped is not None or result.error is not None:
-                continue
-            try:
-                if name.startswith("qemu"):
-                    run = run_qemu_case(name, image, size, workdir)
-                elif name in FLOOR_CASES:
-                    run = run_floor_case(name, image, size, workdir)
-                else:
-                    run = run_vmmig_case(name, image, size, workdir)
-            except SkipCase as exc:
-                result.skipped = str(exc)
-                print(f"NOTICE: {exc}: skipped", flush=True)
-                continue
-            except (harness.BenchError, QmpError, OSError, ConnectionError, ValueError) as exc:
-                result.error = str(exc)
-                harness.log(f"{name}: FAILED: {exc}")
-                continue
-            result.runs.append(run)
-            extra = ""
-            if run.src_changed_pages:
-                extra = f", source RAM changed in {run.src_changed_pages} pages"
-            harness.log(
-                f"round {round_no}/{args.repeat} {name}: {run.wall_mbps:.1f} MB/s wall ({run.wall_s:.2f}s), "
-                f"wire {run.wire_bytes / MB:.1f} MB, IP {run.ip_bytes / MB:.1f} MB, "
-                f"CPU src {fmt(run.src_cpu_s, '.2f')} dst {fmt(run.dst_cpu_s, '.2f')} s, "
-                f"other {fmt(run.other_cpu_s, '.2f')} s{extra}"
-            )
-    harness.remove(image)
+        for image in images:
+            for name in args.cases:
+                result = results[image.key, name]
+                if result.skipped is not None or result.error is not None:
+                    continue
+                try:
+                    run = run_case(name, image, workdir)
+                except SkipCase as exc:
+                    result.skipped = str(exc)
+                    print(f"NOTICE: {exc}: skipped", flush=True)
+                    continue
+                except (harness.BenchError, QmpError, OSError, ConnectionError, ValueError) as exc:
+                    result.error = str(exc)
+                    harness.log(f"{image.key} {name}: FAILED: {exc}")
+                    continue
+                result.runs.append(run)
+                extra = f", source RAM changed in {run.src_changed_pages} pages" if run.src_changed_pages else ""
+                harness.log(
+                    f"round {round_no}/{args.repeat} {image.key} {name}: {fmt(run.tool_mbps)} MB/s "
+                    f"({run.wall_mbps:.1f} wall, {run.wall_s:.2f}s), wire {run.wire_bytes / MB:.1f} MB, "
+                    f"IP {run.ip_bytes / MB:.1f} MB, CPU over the migration src {fmt(run.src_cpu_s, '.2f')} "
+                    f"dst {fmt(run.dst_cpu_s, '.2f')} s, other {fmt(run.other_cpu_s, '.2f')} s{extra}"
+                )
+    for image in images:
+        harness.remove(image.path)
 
-    ordered = [results[n] for n in (*QEMU_CASES, *VMMIG_CASES, *FLOOR_CASES)]
-    print_table(ordered)
-    print_qemu_detail(ordered)
-    targets = target_lines(ordered)
-    print("targets (MB/s wall, medians)")
-    for verdict, text in targets:
+    order = [n for n in (*QEMU_CASES, *VMMIG_CASES, *FLOOR_CASES) if n in args.cases]
+    all_targets: list[tuple[str, str]] = []
+    for image in images:
+        ordered = [results[image.key, n] for n in order]
+        print_table(image, ordered)
+        print_qemu_detail(image, ordered)
+        all_targets += target_lines(image.key, ordered)
+    print("targets (MB/s = image / the tool's total-time, medians; IP bytes, least of the rounds)")
+    for verdict, text in all_targets:
         print(f"  {verdict}  {text}")
     print()
     if args.json:
         document = {
             "machine": info,
-            "options": {"size": size, "repeat": args.repeat, "quick": args.quick},
-            "results": [r.summary() for r in ordered],
-            "targets": [{"verdict": v, "target": t} for v, t in targets],
+            "options": {"size": size, "repeat": args.repeat, "quick": args.quick, "cases": args.cases},
+            "images": [
+                {"image": i.key, "zero-share": i.zero_share, "zlib-ratio": i.zlib_ratio, "bytes": i.size}
+                for i in images
+            ],
+            "results": [r.summary() for r in results.values()],
+            "targets": [{"verdict": v, "target": t} for v, t in all_targets],
         }
         harness.write_json(args.json, document)
-    return harness.exit_status(ordered)
+    return harness.exit_status(list(results.values()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,12 @@ One input is one byte stream, as it would arrive on a socket. For each input, bo
    escape, and an accepted batch is exactly ``normal_count * 4096`` bytes;
 6. exactness (docs/PROTOCOL.md: decompression must yield exactly normal × page_size bytes, "the receiver fails
    otherwise"): a zlib batch a fresh decompressor accepts must not inflate past that size;
-7. the decoded batch is applied to a ``DiscardSink`` for the session: no exception at all.
+7. the decoded batch is applied to a ``DiscardSink`` for the session (protocol 3: which checks each page against
+   the frame's fingerprint): it raises ``CorruptFrame`` naming a page exactly when a page's fingerprint differs
+   from the one the frame carries, and nothing else; an accepted batch leaves the frame's fingerprints in the sink.
+
+Frames are built and re-framed the protocol-3 way (tests/encoded.py): each batch carries its pages' fingerprints, and
+the CRC covers everything but page data, so a mutation of page data passes the decoder and reaches property 7.
 
 A violation is a finding: saved as ``<findings>/<id>.bin`` (the raw input) and ``<id>.txt`` (hex and traceback),
 counted once per distinct signature, and the run goes on. The last line printed says how many inputs were tried
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import random
 import re
@@ -63,13 +69,14 @@ with atheris.instrument_imports(include=["migrate_cli"]) if _instrumented else c
     import numpy as np
     from zlib_ng import zlib_ng
 
-    from migrate_cli.errors import IntegrityError, ProtocolError
+    from migrate_cli.errors import CorruptFrame, IntegrityError, ProtocolError
     from migrate_cli.receiver.discard import DiscardSink
     from migrate_cli.wire import codec as codecs
     from migrate_cli.wire import frames as wire
     from migrate_cli.wire.conversation import Role
     from migrate_cli.wire.digest import fingerprint_pages, image_digest
     from migrate_cli.wire.protocol import Decoder, encode, validate_pages
+    from tests.encoded import fingerprinted, framed
 
 
 PAGE_SIZE = 4096
@@ -158,7 +165,34 @@ def check_batch(frame: wire.Pages, reused: dict[str, codecs.Decompressor], sink:
                         f"zlib batch accepted as {size} bytes although it inflates past them (to {inflated}+)"
                     )
     if decoded is not None:
-        sink.write_batch(frame.start, frame.count, frame.zero_bitmap, decoded, frame.indices)
+        apply_batch(frame, decoded, sink)
+
+
+def apply_batch(frame: wire.Pages, decoded: bytes, sink: DiscardSink) -> None:
+    """Property 7: the sink refuses the batch exactly when a page differs from its fingerprint, naming the first."""
+    landed = np.empty(frame.normal_count, dtype=np.uint64)
+    fingerprint_pages(decoded, PAGE_SIZE, landed)
+    sent = frame.fingerprint_array()
+    bad = np.flatnonzero(landed != sent)
+    try:
+        sink.write_batch(frame, decoded)
+    except CorruptFrame as exc:
+        if not bad.size:
+            raise PropertyViolation(f"a batch whose pages match their fingerprints was refused: {exc}") from None
+        first = int(frame.index_array()[np.flatnonzero(~zero_mask(frame))[bad[0]]])
+        if not str(exc).startswith(f"page {first} "):
+            raise PropertyViolation(f"page {first} differs from its fingerprint, but the sink said: {exc}") from None
+        return
+    if bad.size:
+        raise PropertyViolation(f"{bad.size} pages that differ from their fingerprints were accepted")
+    ids = frame.index_array()[~zero_mask(frame)]
+    if not np.array_equal(sink.fingerprints[ids], sent):
+        raise PropertyViolation("an accepted batch left other fingerprints in the sink than the frame's")
+
+
+def zero_mask(frame: wire.Pages) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(frame.zero_bitmap, np.uint8), count=frame.count, bitorder="little")
+    return bits.astype(bool)
 
 
 def check(data: bytes) -> None:
@@ -237,7 +271,7 @@ def batch(pages: list[bytes], start: int, codec: str, indices: list[int] | None 
     data = normal if codec == "none" or not normal else chosen.compressor(chosen.default_level).compress(normal)
     encoding = chosen.wire_id if data is not normal else wire.Encoding.RAW
     packed = None if indices is None else b"".join(struct.pack("!Q", i) for i in indices)
-    return wire.Pages(start, len(pages), encoding, bitmap, data, packed)
+    return fingerprinted(wire.Pages(start, len(pages), encoding, bitmap, data, packed), PAGE_SIZE)
 
 
 def page(kind: int) -> bytes:
@@ -278,7 +312,10 @@ def seeds() -> dict[str, bytes]:
         "pages-all-zero": batch([bytes(PAGE_SIZE)] * 16, 48, "zlib"),
         "page-list-zlib": second,
         "page-list-raw": batch([page(3)], 63, "none", [63]),
-        "pages-inflating-past": wire.Pages(0, 2, wire.Encoding.ZLIB, b"\x00", inflating_past),
+        "pages-inflating-past": fingerprinted(wire.Pages(0, 2, wire.Encoding.ZLIB, b"\x00", inflating_past)),
+        "pages-wrong-fingerprint": dataclasses.replace(
+            batch([page(2), page(3)], 5, "none"), fingerprints=bytes(8) + batch([page(3)], 6, "none").fingerprints
+        ),
         "pass-end": wire.PassEnd(1, 4),
         "end": wire.End(SESSION_PAGES, 5, digest(final)),
         "result-ok": wire.Result(0, digest(final)),
@@ -333,12 +370,11 @@ def split_frames(data: bytes) -> tuple[list[tuple[int, int, bytes]], bytes]:
 
 
 def join_frames(frames: list[tuple[int, int, bytes]], trailing: bytes) -> bytes:
-    """Frames with right lengths and CRCs (whatever their type, flags and payload), then the trailing bytes."""
-    out = bytearray()
-    for frame_type, flags, payload in frames:
-        head = struct.pack("!HBBI", wire.FRAME_MAGIC, frame_type & 0xFF, flags & 0xFF, len(payload))
-        out += head + struct.pack("!I", zlib_ng.crc32(payload, zlib_ng.crc32(head))) + payload
-    return bytes(out + trailing)
+    """Frames with right lengths and CRCs (whatever their type, flags and payload; a batch's CRC over all but its
+    page data, as its own count and bitmap say), then the trailing bytes."""
+    return (
+        b"".join(framed(frame_type & 0xFF, payload, flags & 0xFF) for frame_type, flags, payload in frames) + trailing
+    )
 
 
 def set_field(rng: random.Random, payload: bytes) -> bytes:

@@ -5,6 +5,9 @@ from pathlib import Path
 import numpy as np
 
 from migrate_cli.receiver.destination import ZERO_CHUNK, InPlaceDestination, run_bounds
+from migrate_cli.wire.frames import Encoding, Pages
+
+from .encoded import fingerprinted
 
 PAGE = 4096
 
@@ -23,7 +26,7 @@ def test_zero_pages_over_old_content_are_zeroed_in_runs_longer_than_one_zero_chu
     try:
         data = np.full(PAGE, 7, dtype=np.uint8).tobytes()  # page 0 holds data, every other page is zero
         bitmap = np.packbits(np.arange(pages) != 0, bitorder="little").tobytes()
-        dest.write_batch(0, pages, bitmap, data)
+        dest.write_batch(fingerprinted(Pages(0, pages, Encoding.RAW, bitmap, data)), data)
         dest.flush()
     finally:
         dest.close()
@@ -39,7 +42,8 @@ def test_zero_pages_of_a_page_list_are_zeroed(tmp_path: Path) -> None:
         ids = np.array([1, 2, 3, 8, 9, 15], dtype=">u8")
         zero = np.array([True, True, False, True, True, True])
         data = np.full(PAGE, 9, dtype=np.uint8).tobytes()
-        dest.write_batch(1, len(ids), np.packbits(zero, bitorder="little").tobytes(), data, ids.tobytes())
+        bitmap = np.packbits(zero, bitorder="little").tobytes()
+        dest.write_batch(fingerprinted(Pages(1, len(ids), Encoding.RAW, bitmap, data, ids.tobytes())), data)
         dest.flush()
     finally:
         dest.close()

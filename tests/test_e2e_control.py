@@ -180,6 +180,7 @@ def test_discard_receiver_verifies_without_keeping_anything(procs: Processes, tm
 def test_discard_receiver_still_catches_a_wrong_digest(procs: Processes, tmp_path: Path) -> None:
     from migrate_cli.wire.frames import Encoding, End, Hello, Pages, Result, Welcome
 
+    from .encoded import fingerprinted
     from .fakepeer import FakePeer
 
     recv = procs.start("recv", "--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "ready"), "--discard")
@@ -187,7 +188,7 @@ def test_discard_receiver_still_catches_a_wrong_digest(procs: Processes, tmp_pat
     peer = FakePeer.connect((tmp_path / "ready").read_text().strip())
     peer.send(Hello(4096, 8192, Encoding.ZLIB, 1, b"d" * 16, 2))
     peer.read_until(Welcome)
-    peer.send(Pages(0, 2, Encoding.RAW, b"\x00", b"\x05" * 8192), End(2, 1, b"\x00" * 16))
+    peer.send(fingerprinted(Pages(0, 2, Encoding.RAW, b"\x00", b"\x05" * 8192)), End(2, 1, b"\x00" * 16))
     assert peer.read_until(Result).status == 1
     code, _, err = recv.wait()
     assert code == 7 and "digest mismatch" in err

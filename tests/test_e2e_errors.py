@@ -12,13 +12,11 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from zlib_ng import zlib_ng
 
 from migrate_cli.wire.digest import end_commitment, fingerprint_pages, image_digest
 from migrate_cli.wire.frames import (
@@ -44,6 +42,7 @@ from .conftest import (
     sender_met_by,
     still_serves,
 )
+from .encoded import fingerprinted
 from .fakepeer import FakePeer
 
 PS = 4096
@@ -63,9 +62,9 @@ def hello(pages: int = 2, codec: int = Encoding.ZLIB, version: int = PROTOCOL_VE
     return Hello(PS, pages * PS, codec, 1, b"t" * 16, batch_pages=pages, version=version)
 
 
-def welcomed_peer(procs: Processes, dest: Path) -> tuple[Proc, FakePeer]:
+def welcomed_peer(procs: Processes, dest: Path, *recv_args: str) -> tuple[Proc, FakePeer]:
     """`vmmig recv` into ``dest`` and a scripted sender it has welcomed (HELLO for a 2-page image sent)."""
-    recv = procs.recv(dest)
+    recv = procs.recv(dest, *recv_args)
     peer = FakePeer.connect(recv.address)
     peer.send(hello())
     peer.read_until(Welcome)
@@ -88,21 +87,25 @@ def slow_migration(procs: Processes, tmp_path: Path) -> tuple[Path, Proc, Proc]:
 
 
 def test_a_corrupt_compressed_batch_is_a_decompression_error(procs: Processes, tmp_path: Path) -> None:
+    """Protocol 3: the CRC no longer covers page data, so data that does not decode is damage on the link like a
+    failed CRC: an integrity error naming the batch's pages, and resumable (it was, before, a final one). Nothing
+    was applied, so with no resume window there is nothing to keep."""
     dest = tmp_path / "dest.img"
-    recv, peer = welcomed_peer(procs, dest)
-    peer.send(Pages(0, 2, Encoding.ZLIB, b"\x00", b"this is not deflate data at all"))
+    recv, peer = welcomed_peer(procs, dest, "--resume-window", "0")
+    peer.send(fingerprinted(Pages(0, 2, Encoding.ZLIB, b"\x00", b"this is not deflate data at all")))
     abort = peer.read_until(Abort)
     code, _, err = recv.wait()
     assert code == 7
-    assert "decompression failed" in one_line(err)
-    assert abort.code == 7 and "decompression failed" in abort.message
+    assert "batch of pages 0..1: zlib decompression failed" in one_line(err)
+    assert abort.code == 7 and "batch of pages 0..1: zlib decompression failed" in abort.message
+    assert abort.resumable
     assert_no_destination(dest)
 
 
 def test_a_wrong_end_digest_is_a_digest_mismatch_and_dest_is_not_published(procs: Processes, tmp_path: Path) -> None:
     dest = tmp_path / "dest.img"
     recv, peer = welcomed_peer(procs, dest)
-    peer.send(Pages(0, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS), End(2, 1, b"\x00" * 16))
+    peer.send(fingerprinted(Pages(0, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS)), End(2, 1, b"\x00" * 16))
     result = peer.read_until(Result)
     code, _, err = recv.wait()
     assert code == 7
@@ -118,7 +121,8 @@ def test_a_matching_digest_from_a_scripted_sender_is_published(procs: Processes,
     fps = __import__("numpy").empty(2, dtype="uint64")
     fingerprint_pages(data, PS, fps)
     recv, peer = welcomed_peer(procs, dest)
-    peer.send(Pages(0, 2, Encoding.RAW, b"\x02", b"\x01" * PS), End(2, 1, end_commitment(image_digest(fps))))
+    batch = fingerprinted(Pages(0, 2, Encoding.RAW, b"\x02", b"\x01" * PS))
+    peer.send(batch, End(2, 1, end_commitment(image_digest(fps))))
     assert peer.read_until(Result).status == 0
     assert recv.wait()[0] == 0
     assert dest.read_bytes() == data
@@ -135,18 +139,29 @@ def test_sender_refuses_a_receiver_reporting_a_different_digest(
     assert code == 7 and "digest mismatch" in one_line(err)
 
 
-def test_a_flipped_bit_on_the_wire_is_a_crc_mismatch(procs: Processes, tmp_path: Path, image_8m: Path) -> None:
-    """A corrupted frame is a link fault: nothing of it was applied, and DEST.partial (holding the batches before
-    it) stays for a resume."""
+def test_a_flipped_bit_in_page_data_on_the_wire_names_the_page(
+    procs: Processes, tmp_path: Path, image_8m: Path
+) -> None:
+    """A corrupted frame is a link fault, and DEST.partial (holding the batches before it) stays for a resume.
+
+    Protocol 3: the CRC no longer covers page data; a flipped bit there is caught by the receiver's check of each
+    page against the sender's fingerprint, which names the page (it was, before, a CRC mismatch of the frame)."""
     dest = tmp_path / "dest.img"
     send_args = ["--compress", "none", "--batch-size", "1M"]
-    at = 1_500_000  # in the second of eight 1 MiB batches
+    at = 1_500_000  # in page data, some way into the stream
     run = migrate_through_fault(procs, image_8m, dest, "flip", at, ["--resume-window", "0"], send_args)
     send_code, send_err, recv_code, recv_err = run.send_code, run.send_err, run.recv_code, run.recv_err
-    assert recv_code == 7 and "CRC mismatch" in one_line(recv_err) and "recv --resume" in one_line(recv_err)
-    assert send_code == 8 and one_line(send_err).startswith("vmmig send: peer: CRC mismatch")
+    mismatch = re.compile(r"page (\d+) does not match the fingerprint the sender took of it: damaged in transit")
+    named = mismatch.search(one_line(recv_err))
+    assert recv_code == 7 and named and "recv --resume" in one_line(recv_err), recv_err
+    assert send_code == 8 and one_line(send_err).startswith(f"vmmig send: peer: page {named.group(1)} does not match")
     assert "vmmig send --resume" in one_line(send_err)
     assert_resumable(dest)
+    # The page named is the one the flip landed in: DEST.partial holds it as it arrived, one bit off the source's.
+    page = int(named.group(1))
+    landed = Path(f"{dest}.partial").read_bytes()[page * PS : (page + 1) * PS]
+    sent = image_8m.read_bytes()[page * PS : (page + 1) * PS]
+    assert sum(bin(a ^ b).count("1") for a, b in zip(landed, sent, strict=True)) == 1
 
 
 # --- network ----------------------------------------------------------------------------------------------------
@@ -226,14 +241,10 @@ def test_non_loopback_listen_needs_insecure(procs: Processes, tmp_path: Path) ->
 def test_a_sender_of_another_protocol_version_is_refused_naming_both(procs: Processes, tmp_path: Path) -> None:
     dest = tmp_path / "dest.img"
     recv = procs.recv(dest)
-    payload = bytearray(encode(hello())[12:])
-    payload[0:2] = struct.pack("!H", 1)  # a vmmig of protocol 1, whose END carries the bare digest
-    head = struct.pack("!HBBI", 0x564D, 0x01, 0, len(payload))
-    frame = head + struct.pack("!I", zlib_ng.crc32(payload, zlib_ng.crc32(head))) + payload
     peer = FakePeer.connect(recv.address)
-    peer.send(bytes(frame))
+    peer.send(hello(version=1))  # a vmmig of protocol 1, whose END carries the bare digest
     abort = peer.read_until(Abort)
-    assert "peer speaks version 1, this vmmig speaks 2" in abort.message and abort.code == 6
+    assert "peer speaks version 1, this vmmig speaks 3" in abort.message and abort.code == 6
     assert not Path(f"{dest}.partial").exists()
     err = still_serves(procs, recv, tmp_path)  # turned away, logged, and the receiver waits on
     assert "refused a connection from 127.0.0.1:" in err and "peer speaks version 1" in err
@@ -245,7 +256,7 @@ def test_a_receiver_of_another_protocol_version_is_refused(
     send, peer, _ = sender_met_by(fake_receiver, procs, image_8m)
     peer.send(encode(Welcome(version=7)))
     code, _, err = send.wait()
-    assert code == 6 and "peer speaks version 7, this vmmig speaks 2" in one_line(err)
+    assert code == 6 and "peer speaks version 7, this vmmig speaks 3" in one_line(err)
 
 
 def test_an_unknown_codec_id_is_refused(procs: Processes, tmp_path: Path) -> None:
@@ -262,7 +273,7 @@ def test_an_unknown_codec_id_is_refused(procs: Processes, tmp_path: Path) -> Non
 def test_pages_past_the_image_end_are_refused_before_writing(procs: Processes, tmp_path: Path) -> None:
     dest = tmp_path / "dest.img"
     recv, peer = welcomed_peer(procs, dest)
-    peer.send(Pages(1, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS))
+    peer.send(fingerprinted(Pages(1, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS)))
     peer.read_until(Abort)
     code, _, err = recv.wait()
     assert code == 6 and "past the image end" in one_line(err)

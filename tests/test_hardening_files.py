@@ -26,8 +26,10 @@ import pytest
 from migrate_cli.errors import DestinationError, ExitCode
 from migrate_cli.receiver import allocate
 from migrate_cli.receiver.destination import DestinationImage
+from migrate_cli.wire.frames import Encoding, Pages
 
 from .conftest import Proc, Processes, last_line, make_image
+from .encoded import fingerprinted
 
 VICTIM = b"precious content that vmmig must never touch\n"
 PAGE = 4096
@@ -382,7 +384,8 @@ def test_pages_written_tells_whether_any_batch_reached_the_file(tmp_path: Path) 
     try:
         assert dest.pages_written is False
         bitmap = np.packbits(np.zeros(2, dtype=bool), bitorder="little").tobytes()
-        dest.write_batch(0, 2, bitmap, bytes(range(256)) * (2 * PAGE // 256))
+        data = bytes(range(256)) * (2 * PAGE // 256)
+        dest.write_batch(fingerprinted(Pages(0, 2, Encoding.RAW, bitmap, data), PAGE), data)
         assert dest.pages_written is True
     finally:
         dest.discard()

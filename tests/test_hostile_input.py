@@ -4,12 +4,17 @@ Every case starts a real `vmmig recv` on 127.0.0.1 (with ``--io-timeout 2s --han
 crafted stream from a FakePeer, or raw bytes on the same socket. What each case specifies:
 
 - the documented exit code: 5 network (closed, truncated, too slow), 6 protocol (malformed, out of order, out of
-  range, longer than its type allows), 7 integrity (CRC, decompression, digest), 8 the peer aborted, 4 destination;
+  range, longer than its type allows), 7 integrity (CRC, decompression, a page that does not match its fingerprint,
+  digest), 8 the peer aborted, 4 destination;
 - exactly one error line on stderr, never a traceback;
-- a protocol or integrity failure is also told to the sender, as an ABORT with the same code and message;
+- a protocol or integrity failure is also told to the sender, as an ABORT with the same code and message (marked
+  resumable for damage on the link: a CRC mismatch, data that does not decode, a page that does not match);
 - no DEST and no DEST.partial afterwards (a symlink someone else planted is left alone, its target untouched);
 - a bounded run: a malformed frame is refused at once (a protocol verdict, not the 2 s silence timer's), and every
   case ends within ``EXIT_WITHIN`` seconds.
+
+Every batch a case sends carries the fingerprints a correct sender computes (tests/encoded.py), unless the case is
+about them: protocol 3 checks each page landed against its fingerprint.
 
 The cases that once exposed bugs (a zlib batch inflating past its pages mid-match, an ABORT before HELLO, a HELLO
 too large to track) are fixed and stay here as regression tests; each test states the documented behaviour.
@@ -18,6 +23,7 @@ too large to track) are fixed and stay here as regression tests; each test state
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import random
@@ -57,6 +63,7 @@ from migrate_cli.wire.frames import (
 from migrate_cli.wire.protocol import encode
 
 from .conftest import Proc, Processes, assert_no_destination, assert_resumable, still_serves
+from .encoded import fingerprinted, framed
 from .fakepeer import FakePeer
 
 PS = 4096
@@ -103,25 +110,27 @@ def hello(pages: int = 4, codec: int = Encoding.ZLIB, batch: int = 4) -> Hello:
 
 
 def batch_of(image: bytes, start: int = 0, codec: str = "zlib") -> Pages:
-    """The PAGES frame a correct sender emits for ``image`` placed at page ``start``: zero pages in the bitmap."""
+    """The PAGES frame a correct sender emits for ``image`` placed at page ``start``: zero pages in the bitmap, a
+    fingerprint for each other page."""
     pages = [image[i : i + PS] for i in range(0, len(image), PS)]
     bitmap = sum(1 << i for i, page in enumerate(pages) if not any(page)).to_bytes((len(pages) + 7) // 8, "little")
     normal = b"".join(page for page in pages if any(page))
     chosen = codecs.by_name(codec)
-    data = chosen.compressor(chosen.default_level).compress(normal)
-    assert len(data) < len(normal), "the test image must compress"
-    return Pages(start, len(pages), chosen.wire_id, bitmap, data)
+    data = normal if codec == "none" else chosen.compressor(chosen.default_level).compress(normal)
+    assert codec == "none" or len(data) < len(normal), "the test image must compress"
+    return fingerprinted(Pages(start, len(pages), chosen.wire_id, bitmap, data))
 
 
 def raw_pages(start: int, count: int, fill: int = 5) -> Pages:
-    return Pages(start, count, Encoding.RAW, bytes((count + 7) // 8), bytes([fill]) * count * PS)
+    return fingerprinted(Pages(start, count, Encoding.RAW, bytes((count + 7) // 8), bytes([fill]) * count * PS))
 
 
 def page_list(indices: list[int], fill: int = 5) -> Pages:
     """A PAGE_LIST frame naming exactly ``indices`` (unchecked: refusing it is the receiver's job)."""
     count = len(indices)
     packed = b"".join(struct.pack("!Q", index) for index in indices)
-    return Pages(indices[0], count, Encoding.RAW, bytes((count + 7) // 8), bytes([fill]) * count * PS, packed)
+    data = bytes([fill]) * count * PS
+    return fingerprinted(Pages(indices[0], count, Encoding.RAW, bytes((count + 7) // 8), data, packed))
 
 
 def valid_stream(image: bytes = IMAGE) -> list[Frame]:
@@ -131,12 +140,6 @@ def valid_stream(image: bytes = IMAGE) -> list[Frame]:
 
 
 # --- raw frames ------------------------------------------------------------------------------------------------
-
-
-def framed(frame_type: int, payload: bytes, flags: int = 0) -> bytes:
-    """A frame of any type, flags and payload, with a correct CRC."""
-    head = struct.pack("!HBBI", FRAME_MAGIC, frame_type, flags, len(payload))
-    return head + struct.pack("!I", zlib_ng.crc32(payload, zlib_ng.crc32(head))) + payload
 
 
 def header_only(frame_type: int, length: int) -> bytes:
@@ -152,10 +155,21 @@ def with_payload_byte(frame: Frame, offset: int, value: int) -> bytes:
     return framed(data[2], bytes(data[12:]), data[3])
 
 
-def flipped_bit(frame: Frame) -> bytes:
+def flipped_bit(frame: Frame, at: int = -1) -> bytes:
+    """``frame`` encoded, then bit 6 of its byte ``at`` flipped (the CRC left as it was)."""
     data = bytearray(encode(frame))
-    data[-1] ^= 0x40  # a payload bit: the CRC no longer matches
+    data[at] ^= 0x40
     return bytes(data)
+
+
+def in_fingerprints(frame: Pages) -> int:
+    """The offset (from the end of its encoding) of ``frame``'s last fingerprint byte: covered by the CRC."""
+    return -len(frame.data) - 1
+
+
+def in_page(frame: Pages, normal: int) -> int:
+    """The offset (from the end of its encoding) of the first byte of raw ``frame``'s ``normal``-th non-zero page."""
+    return -len(frame.data) + normal * PS
 
 
 def noise(seed: int, size: int = 4096) -> bytes:
@@ -233,6 +247,8 @@ def expect_failure(
     if peer is not None and code in (PROTOCOL, INTEGRITY):
         assert isinstance(word, Abort), f"no ABORT reached the sender (got {word!r})"
         assert word.code == code and word.message in line
+        # Every integrity failure an ABORT reports here is damage on the link: the sender may resume.
+        assert word.resumable == (code == INTEGRITY), word
     if resumable:
         assert_resumable(dest)
         assert "vmmig recv --resume" in line
@@ -461,16 +477,18 @@ def test_a_header_announcing_too_long_a_payload_is_refused_before_the_payload(
         pytest.param(raw_pages(0, 5), "exceeds the announced batch of 4 pages", id="pages-above-batch"),
         pytest.param(framed(FrameType.PAGES, struct.pack("!QIBBH", 0, 0, 0, 0, 0)), "page count 0", id="count-0"),
         pytest.param(
-            Pages(0, 2, Encoding.RAW, b"\x04", b"\x05" * 2 * PS), "bits set past its page count", id="bitmap-overflow"
+            fingerprinted(Pages(0, 2, Encoding.RAW, b"\x04", b"\x05" * 2 * PS)),
+            "bits set past its page count",
+            id="bitmap-overflow",
         ),
         pytest.param(with_payload_byte(raw_pages(0, 1), 13, 1), "non-zero reserved bytes", id="reserved-byte-set"),
         pytest.param(
-            Pages(0, 1, Encoding.RAW, b"\x00", b"\x05" * (PS - 1)),
+            fingerprinted(Pages(0, 1, Encoding.RAW, b"\x00", b"\x05" * (PS - 1))),
             "raw PAGES frame holds 4095 bytes, expected 4096",
             id="raw-data-short",
         ),
         pytest.param(
-            Pages(0, 1, Encoding.ZLIB, b"\x00", b"\x05" * (PS + 1)),
+            fingerprinted(Pages(0, 1, Encoding.ZLIB, b"\x00", b"\x05" * (PS + 1))),
             "compressed PAGES frame holds 4097 bytes for 4096",
             id="compressed-data-longer-than-its-pages",
         ),
@@ -545,7 +563,10 @@ def test_a_hello_naming_an_unknown_codec_is_refused(
             id="zlib-batch-in-a-raw-session",
         ),
         pytest.param(
-            Encoding.ZLIB, Pages(0, 1, 9, b"\x00", b"\x05" * 100), "uses codec id 9", id="unknown-codec-in-a-batch"
+            Encoding.ZLIB,
+            fingerprinted(Pages(0, 1, 9, b"\x00", b"\x05" * 100)),
+            "uses codec id 9",
+            id="unknown-codec-in-a-batch",
         ),
     ],
 )
@@ -557,20 +578,52 @@ def test_a_batch_encoded_with_another_codec_than_the_sessions_is_refused(
     expect_failure(recv, dest, PROTOCOL, message, peer)
 
 
+RAW_IMAGE = batch_of(IMAGE, codec="none")  # pages 0, 2 and 3 in its data (page 1 is zero)
+
+
 @pytest.mark.parametrize(
-    ("session_codec", "frame", "message"),
+    ("session_codec", "frame", "message", "landed"),
     [
-        pytest.param(Encoding.ZLIB, flipped_bit(batch_of(IMAGE)), "CRC mismatch in PAGES frame", id="crc"),
         pytest.param(
             Encoding.ZLIB,
-            Pages(0, 2, Encoding.ZLIB, b"\x00", b"not deflate at all"),
-            "zlib decompression failed",
+            flipped_bit(batch_of(IMAGE), in_fingerprints(batch_of(IMAGE))),
+            "CRC mismatch in PAGES frame",
+            False,
+            id="crc",
+        ),
+        pytest.param(
+            Encoding.ZLIB,
+            flipped_bit(batch_of(IMAGE)),
+            "batch of pages 0..3: zlib decompression failed",
+            False,
+            id="zlib-data-flipped",
+        ),
+        pytest.param(
+            Encoding.RAW,
+            flipped_bit(RAW_IMAGE, in_page(RAW_IMAGE, 2)),
+            "page 3 does not match the fingerprint the sender took of it: damaged in transit",
+            True,
+            id="raw-data-flipped",
+        ),
+        pytest.param(
+            Encoding.RAW,
+            dataclasses.replace(RAW_IMAGE, fingerprints=RAW_IMAGE.fingerprints[:8] + bytes(16)),
+            "page 2 (and 1 more of its batch) does not match the fingerprint",
+            True,
+            id="wrong-fingerprints",
+        ),
+        pytest.param(
+            Encoding.ZLIB,
+            fingerprinted(Pages(0, 2, Encoding.ZLIB, b"\x00", b"not deflate at all")),
+            "batch of pages 0..1: zlib decompression failed",
+            False,
             id="zlib-garbage",
         ),
         pytest.param(
             Encoding.ZSTD,
-            Pages(0, 2, Encoding.ZSTD, b"\x00", b"not a zstd frame"),
-            "zstd decompression failed",
+            fingerprinted(Pages(0, 2, Encoding.ZSTD, b"\x00", b"not a zstd frame")),
+            "batch of pages 0..1: zstd decompression failed",
+            False,
             id="zstd-garbage",
         ),
     ],
@@ -582,11 +635,16 @@ def test_a_corrupt_batch_is_an_integrity_error(
     session_codec: int,
     frame: Frame | bytes,
     message: str,
+    landed: bool,
 ) -> None:
+    """Damage on the link, resumable. Protocol 3: the CRC covers a batch but its page data (a flipped bit there was,
+    before, a CRC mismatch); a flip in the data is caught as data that does not decode (resumable now, final
+    before) or as a page that does not match its fingerprint, named. A CRC mismatch or undecodable data keeps
+    nothing (no page of this session reached DEST.partial); a page that does not match was written, so
+    DEST.partial stays for a resume (its fingerprints record what it holds, so the page is sent again)."""
     recv, peer = streaming(procs, dest, connect, hello(codec=session_codec))
     peer.send(frame)
-    # Even a CRC mismatch (a link fault) keeps nothing: no page of this session reached DEST.partial.
-    expect_failure(recv, dest, INTEGRITY, message, peer)
+    expect_failure(recv, dest, INTEGRITY, message, peer, resumable=landed)
 
 
 # --- decompression bombs ---------------------------------------------------------------------------------------
@@ -681,7 +739,7 @@ def test_a_decompression_bomb_is_an_integrity_error_within_one_batch_of_memory(
     data = bomb()
     assert len(data) <= BOMB_BATCH * PS, "the bomb passes the size check and reaches a decompressor"
     recv, peer = streaming(procs, dest, connect, hello(pages=BOMB_BATCH, codec=codec, batch=BOMB_BATCH))
-    peer.send(Pages(0, BOMB_BATCH, codec, bytes(BOMB_BATCH // 8), data))
+    peer.send(fingerprinted(Pages(0, BOMB_BATCH, codec, bytes(BOMB_BATCH // 8), data)))
     abort = last_word(peer)
     peer.close()
     code, err, peak = wait_with_peak_memory(recv, EXIT_WITHIN)
@@ -715,7 +773,8 @@ def test_a_zlib_batch_inflating_past_its_pages_mid_match_is_an_integrity_error(
     Here the batch inflates to 16,514 bytes for 4 pages (16,384); END's digest is that of the first 16,384."""
     data = deflate_ending_mid_match(4 * PS)
     recv, peer = streaming(procs, dest, connect, hello(codec=Encoding.ZLIB))
-    peer.send(Pages(0, 4, Encoding.ZLIB, b"\x00", data), PassEnd(1, 1), End(4, 1, commitment_of(b"\x01" * 4 * PS)))
+    batch = fingerprinted(Pages(0, 4, Encoding.ZLIB, b"\x00", data))
+    peer.send(batch, PassEnd(1, 1), End(4, 1, commitment_of(b"\x01" * 4 * PS)))
     expect_failure(recv, dest, INTEGRITY, "zlib batch decompressed to", peer)
 
 
@@ -993,6 +1052,7 @@ def test_a_page_sent_twice_in_one_pass_is_refused(
     """Within a pass a page may travel once: two copies would race between the decompression workers."""
     recv, peer = streaming(procs, dest, connect, hello(codec=Encoding.RAW))
     peer.send(
-        Pages(0, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS), Pages(1, 2, Encoding.RAW, b"\x00", b"\x02" * 2 * PS)
+        fingerprinted(Pages(0, 2, Encoding.RAW, b"\x00", b"\x01" * 2 * PS)),
+        fingerprinted(Pages(1, 2, Encoding.RAW, b"\x00", b"\x02" * 2 * PS)),
     )
     expect_failure(recv, dest, PROTOCOL, "sent twice in one pass", peer)

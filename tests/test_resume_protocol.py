@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from zlib_ng import zlib_ng
 
@@ -20,6 +20,8 @@ from migrate_cli.wire.frames import FLAG_RESUMABLE, HEADER, RESUME_CHUNK_PAGES, 
 from migrate_cli.wire.protocol import Decoder, encode
 from migrate_cli.wire.resume import ResumeCollector, resume_frames
 
+from .encoded import framed
+
 
 def decode_all(role: Role, data: bytes) -> list:
     decoder = Decoder(role)
@@ -27,11 +29,7 @@ def decode_all(role: Role, data: bytes) -> list:
     return list(decoder.frames())
 
 
-def frame_bytes(kind: FrameType, payload: bytes, flags: int = 0) -> bytes:
-    head = struct.pack("!HBBI", 0x564D, kind, flags, len(payload))
-    return head + struct.pack("!I", zlib_ng.crc32(payload, zlib_ng.crc32(head))) + payload
-
-
+@settings(deadline=None)  # up to 3 MiB of fingerprints: a loaded machine must not fail it on time alone
 @given(st.integers(min_value=1, max_value=3 * RESUME_CHUNK_PAGES + 5), st.integers(min_value=0, max_value=2**32))
 def test_fingerprints_survive_the_trip_in_page_order(pages: int, seed: int) -> None:
     fps = np.random.default_rng(seed).integers(0, 2**63, size=pages, dtype=np.uint64)
@@ -58,7 +56,7 @@ def test_a_resume_state_that_inflates_beyond_its_count_is_refused() -> None:
     """A bomb: 1 fingerprint announced, a megabyte inside. Inflation stops at what was announced."""
     payload = struct.pack("!QIB3x", 0, 1, 1) + zlib_ng.compress(bytes(1 << 20), 9)
     with pytest.raises(ProtocolError, match="exactly 1 fingerprints"):
-        decode_all(Role.SENDER, encode(Welcome()) + frame_bytes(FrameType.RESUME_STATE, payload))
+        decode_all(Role.SENDER, encode(Welcome()) + framed(FrameType.RESUME_STATE, payload))
 
 
 @pytest.mark.parametrize(
@@ -68,7 +66,7 @@ def test_a_resume_state_that_inflates_beyond_its_count_is_refused() -> None:
 def test_resume_state_header_limits(head: tuple[int, int, int], message: str) -> None:
     payload = struct.pack("!QIB3x", *head) + zlib_ng.compress(bytes(8))
     with pytest.raises(ProtocolError, match=message):
-        decode_all(Role.SENDER, encode(Welcome()) + frame_bytes(FrameType.RESUME_STATE, payload))
+        decode_all(Role.SENDER, encode(Welcome()) + framed(FrameType.RESUME_STATE, payload))
 
 
 def test_resume_state_is_only_for_the_sender_after_welcome() -> None:
@@ -85,9 +83,9 @@ def test_abort_carries_the_resumable_flag_and_no_other_frame_may() -> None:
     assert decode_all(Role.SENDER, resumable) == [Abort(5, "no data from peer for 2s", True)]
     assert decode_all(Role.SENDER, encode(Abort(7, "digest mismatch"))) == [Abort(7, "digest mismatch", False)]
     with pytest.raises(ProtocolError, match="unknown flags 0x01"):
-        decode_all(Role.SENDER, frame_bytes(FrameType.WELCOME, struct.pack("!HI", 1, 0), flags=FLAG_RESUMABLE))
+        decode_all(Role.SENDER, framed(FrameType.WELCOME, struct.pack("!HI", 1, 0), flags=FLAG_RESUMABLE))
     with pytest.raises(ProtocolError, match="unknown flags 0x02"):
-        decode_all(Role.SENDER, frame_bytes(FrameType.ABORT, struct.pack("!H", 5), flags=2))
+        decode_all(Role.SENDER, framed(FrameType.ABORT, struct.pack("!H", 5), flags=2))
 
 
 def test_a_crc_mismatch_is_a_resumable_integrity_error() -> None:

@@ -189,6 +189,7 @@ class DestinationImage:
         DEST stored through a mapping (hugetlbfs), or pages scattered in more than MAX_LANDING_RUNS runs."""
         if frame.normal_count == 0 or self._stores is not None:
             return None
+        self.pages_written = True  # the network thread writes into DEST from here on: worth keeping for a resume
         ps, count = self.page_size, frame.count
         zero = np.unpackbits(np.frombuffer(frame.zero_bitmap, np.uint8), count=count, bitorder="little").astype(bool)
         normal = frame.index_array()[~zero]
