@@ -19,7 +19,7 @@ class ExitCode(IntEnum):
     DESTINATION = 4  # destination exists, leftover .partial, no space, not writable
     NETWORK = 5  # refused / timed-out connection, address in use, connection lost, stream truncated, silence
     PROTOCOL = 6  # malformed frame, version mismatch, unknown codec, unexpected frame
-    INTEGRITY = 7  # CRC mismatch, decompression error, digest mismatch
+    INTEGRITY = 7  # CRC mismatch, decompression error, page fingerprint or digest mismatch
     PEER = 8  # the other end failed and told us why (message prefixed "peer:")
     CANCELLED = 9  # cancelled by the operator (reserved for `vmmig ctl cancel`)
     NO_CONVERGENCE = 10  # reserved: live migration did not converge
@@ -72,7 +72,7 @@ class ProtocolError(MigrateError):
 
 
 class IntegrityError(MigrateError):
-    """Data arrived but is wrong: CRC, decompression or digest failure."""
+    """Data arrived but is wrong: CRC, decompression, page fingerprint or digest failure."""
 
     exit_code = ExitCode.INTEGRITY
 

@@ -60,7 +60,7 @@ from .params import (
     "--batch-size",
     type=SIZE,
     default=None,
-    help="Bytes of pages per batch: the unit of compression, framing and CRC.  "
+    help="Bytes of pages per batch: the unit of compression and framing.  "
     f"[default: {DEFAULT_BATCH_SIZE >> 20}MiB, down to 1MiB with more than 8 --compress-threads; with --resume, "
     "the interrupted session's]",
 )
