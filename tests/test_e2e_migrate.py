@@ -141,7 +141,7 @@ def test_sparse_destination_keeps_zero_pages_as_holes(procs: Processes, tmp_path
 
 def test_version_flag_shows_the_protocol_version(procs: Processes) -> None:
     code, out, _ = procs.run("--version")
-    assert code == 0 and "protocol 2" in out
+    assert code == 0 and "protocol 3" in out
 
 
 def test_a_block_device_is_a_source_and_an_in_place_destination(procs: Processes, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from functools import partial
 
 import numpy as np
 
+from ..errors import SourceError
 from ..failure import Failure, spawn
 from ..net.transport import Channel
 from ..ratelimit import TokenBucket
@@ -132,7 +133,11 @@ class PassSender:
             frames = batch.frames
             watch = Stopwatch()
             self.bucket.consume(sum(pages_wire_size(f) for f in frames), self.failure.event, keep_alive)
-            sent = channel.send_parts(batch.parts)
+            try:
+                sent = channel.send_parts(batch.parts)
+            except SourceError:
+                self.source.check_size()  # name the truncation (sizes) when that is what made the mapping unreadable
+                raise
             if self.auto is not None:
                 self.auto.note_wire(sent, watch.elapsed())
             stats.add_wire(sent)
