@@ -34,9 +34,11 @@ Writes
 ------
 Every write replaces one whole page, by numpy or memoryview slice assignment on the mapping, with one of:
 
-* new content (the common case): one of a pool of up to 64 random pages with a unique 64-bit stamp (thread number
+* new content (the common case): one of a pool of up to 64 pages with a unique 64-bit stamp (thread number
   and per-thread counter, XORed with a per-process nonce) in its first 8 bytes, so every write gives distinct,
-  non-zero content;
+  non-zero content. ``--content random`` (default) fills the pool with random bytes (they do not compress, like
+  encrypted or compressed data); ``--content compressible`` with words of a small vocabulary (zlib level 1 packs
+  them about 3:1, like text and code);
 * zeros (``--zero-fraction`` of the writes);
 * an earlier content of that page (``--restore-fraction`` of the writes): before some overwrites a thread saves the
   page's old content in a small ring (at most 256 pages, oldest dropped first) and a restore writes the oldest saved
@@ -82,6 +84,7 @@ DEFAULT_PAGE_SIZE = 4096
 MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 2 * 1024 * 1024
 HOT_SHARE = 0.95  # share of hotset writes that land in the hot set
+CONTENTS = ("random", "compressible")
 POOL_PAGES = 64  # distinct random pages new content is taken from
 POOL_BYTES_MAX = 16 * 1024 * 1024  # fewer pool pages when pages are large
 RING_PAGES = 256  # saved page contents per thread, for restores
@@ -119,6 +122,20 @@ def ensure_image(path: str, size: int) -> None:
         os.close(fd)
 
 
+def content_pool(content: str, pages: int, page_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The pages new content is taken from: random bytes, or text-like words (a vocabulary of 64 words of 2 to 9
+    lowercase letters, each followed by a space: zlib level 1 packs such a page about 3:1)."""
+    if content == "random":
+        return rng.integers(0, 256, size=(pages, page_size), dtype=np.uint8)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+    vocabulary = [bytes(rng.choice(letters, int(rng.integers(2, 10)))) + b" " for _ in range(64)]
+    pool = np.empty((pages, page_size), dtype=np.uint8)
+    for page in pool:
+        text = b"".join(vocabulary[i] for i in rng.integers(0, len(vocabulary), page_size // 2))
+        page[:] = np.frombuffer(text[:page_size], dtype=np.uint8)
+    return pool
+
+
 def hot_pages(pages: int, fraction: float, seed: int) -> np.ndarray:
     """The hot set of the ``hotset`` pattern: ``max(1, round(fraction * pages))`` distinct page indices (sorted)."""
     count = min(pages, max(1, round(fraction * pages)))
@@ -146,11 +163,14 @@ class Workload:
         restore_fraction: float = 0.1,
         seed: int = 1,
         page_size: int = DEFAULT_PAGE_SIZE,
+        content: str = "random",
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         if rate < 0:
             raise ValueError(f"rate must not be negative, not {rate}")
+        if content not in CONTENTS:
+            raise ValueError(f"unknown content {content!r} (use {', '.join(CONTENTS)})")
         if pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {pattern!r} (use {', '.join(PATTERNS)})")
         if not 0 < hot_fraction <= 1:
@@ -171,6 +191,7 @@ class Workload:
         self.restore_fraction = restore_fraction
         self.seed = seed
         self.page_size = page_size
+        self.content = content
         self.pages = 0
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -203,7 +224,7 @@ class Workload:
         self.pages = size // self.page_size
         seeds = np.random.SeedSequence(self.seed).spawn(self.threads + 1)
         pool_pages = max(2, min(POOL_PAGES, POOL_BYTES_MAX // self.page_size))
-        pool = np.random.default_rng(seeds[-1]).integers(0, 256, size=(pool_pages, self.page_size), dtype=np.uint8)
+        pool = content_pool(self.content, pool_pages, self.page_size, np.random.default_rng(seeds[-1]))
         hot = hot_pages(self.pages, self.hot_fraction, self.seed) if self.pattern == "hotset" else None
         nonce = int.from_bytes(os.urandom(8), "little")
         self._stop.clear()
@@ -409,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zero-fraction", type=float, default=0.1, help="share of writes that zero a page")
     parser.add_argument("--restore-fraction", type=float, default=0.1, help="share of writes restoring old content")
     parser.add_argument("--seed", type=int, default=1, help="seed for page choices and content (default 1)")
+    parser.add_argument(
+        "--content", choices=CONTENTS, default="random", help="new pages: random bytes or compressible text"
+    )
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run, 0 = until SIGTERM/SIGINT")
     parser.add_argument("--page-size", default="4096", help="page size (default 4096)")
     parser.add_argument("--pid-file", help="write the pid here (atomically) once running")
@@ -440,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             restore_fraction=args.restore_fraction,
             seed=args.seed,
             page_size=page_size,
+            content=args.content,
         )
         if create is not None:
             ensure_image(args.image, create)

@@ -29,6 +29,7 @@ class ExitCode(IntEnum):
     PAUSE = 14  # pausing, resuming or throttling the source guest failed
     AUTH = 15  # TLS: the peer failed authentication, or does not speak TLS when we do (or the reverse)
     RESUME_REFUSED = 16  # --resume: nothing to resume, or the session belongs to another image or other options
+    STALLED = 17  # --progress-timeout: no progress for that long; resumable, never retried by --retries
     SIGINT = 130  # interrupted (Ctrl-C), after cleanup
     SIGTERM = 143  # terminated, after cleanup
 
@@ -120,8 +121,16 @@ class PeerAuthRefused(PeerError):
     exit_code = ExitCode.AUTH
 
 
+class PeerStalled(PeerError):
+    """The peer gave up on a stalled run (its --progress-timeout): this end exits with the stalled code too."""
+
+    exit_code = ExitCode.STALLED
+
+
 def peer_abort(code: int, message: str, resumable: bool = False) -> PeerError:
     """The error for an ABORT frame received from the peer."""
+    if code == ExitCode.STALLED:
+        return PeerStalled(message, code, resumable)
     if code == ExitCode.CANCELLED:
         return PeerCancelled(message, code)
     if code == ExitCode.AUTH:
@@ -141,6 +150,19 @@ class NoConvergence(MigrateError):
     """A live migration did not converge and --on-no-converge is abort: the guest keeps running on the source."""
 
     exit_code = ExitCode.NO_CONVERGENCE
+
+
+class Stalled(MigrateError):
+    """--progress-timeout: the remaining bytes did not shrink and no pass ended for that long. The session is kept
+    for --resume as after a lost link, but --retries does not try again: a stall is not a fault a reconnect heals."""
+
+    exit_code = ExitCode.STALLED
+    resumable = True
+
+
+def is_stall(error: BaseException) -> bool:
+    """A stall of this end or of the peer, possibly wrapped as a kept session (ResumableFailure.cause)."""
+    return isinstance(getattr(error, "cause", error), Stalled | PeerStalled)
 
 
 class OutcomeUnknown(MigrateError):

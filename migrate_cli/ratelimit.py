@@ -54,6 +54,12 @@ class TokenBucket:
     def rate(self) -> float | None:
         return self.cap.rate
 
+    @property
+    def burst(self) -> float:
+        """Bytes that go out at once after idling (0: no cap)."""
+        rate = self.cap.rate
+        return (self._explicit_burst or max(rate * 0.05, 256 * 1024)) if rate else 0.0
+
     def set_rate(self, rate: float | None) -> None:
         with self._lock:
             self._refill()  # the time so far at the old rate
@@ -64,7 +70,7 @@ class TokenBucket:
         """Take the cap's current rate (set here or by its owner elsewhere) and derive the burst from it."""
         self._rate = self.cap.rate
         # 50 ms worth of bytes: smooth enough for a 5 s window, big enough for one batch frame.
-        self._burst = self._explicit_burst or (max(self._rate * 0.05, 256 * 1024) if self._rate else 0.0)
+        self._burst = self.burst
         self._tokens = min(self._tokens, self._burst)
 
     def _refill(self) -> None:

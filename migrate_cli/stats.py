@@ -35,7 +35,7 @@ class Snapshot:
     setup_time: float = 0.0  # seconds from start to the first page
     downtime: float | None = None  # live: pause -> destination verified
     dirty_rate: float = 0.0  # live: image bytes dirtied per second, last measured
-    achieved_rate: float = 0.0  # live: non-zero image bytes per second the link achieved, last measured
+    achieved_rate: float = 0.0  # live: image bytes of dirty pages per second the wire carries (downtime.py)
     expected_downtime: float | None = None  # live: seconds, last estimate
     dirty_syncs: int = 0
     throttle: int = 0  # live: auto-converge percentage in force

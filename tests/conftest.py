@@ -52,6 +52,18 @@ def vmmig_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "migrate_cli", *args]
 
 
+def wait_until_landed(control: Path, pages: int = 1, timeout: float = 60) -> None:
+    """Wait until the receiver behind ``control`` (its --control socket) has applied ``pages`` non-zero pages: a fault
+    injected after that hits a session that holds pages, however slowly a loaded machine started the processes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run(vmmig_command("ctl", str(control), "status"), capture_output=True, text=True, timeout=20)
+        if done.returncode == 0 and json.loads(done.stdout).get("normal", 0) >= pages:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the receiver applied fewer than {pages} pages within {timeout:g}s")
+
+
 @dataclass
 class Proc:
     popen: subprocess.Popen[str]

@@ -44,6 +44,10 @@ class FakeQmp:
                     self.status = "running"
                 elif command == "query-status":
                     reply = {"return": {"status": self.status, "running": self.status == "running"}}
+                elif command == "query-cpus-fast":  # the process's threads but its first stand for vCPU threads
+                    tasks = Path(f"/proc/{self.pid}/task").iterdir()
+                    tids = sorted(int(t.name) for t in tasks if int(t.name) != self.pid)
+                    reply = {"return": [{"cpu-index": i, "thread-id": tid} for i, tid in enumerate(tids)]}
                 elif command != "qmp_capabilities":
                     reply = {"error": {"class": "CommandNotFound", "desc": f"unknown command {command}"}}
                 fh.write(json.dumps(reply).encode() + b"\n")

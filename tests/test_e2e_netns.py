@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import json_report, make_image
+from .conftest import json_report, make_image, wait_until_landed
 from .netns import NetnsPair, NetnsUnavailable, ip, remove_stale_namespaces, unavailable_reason
 
 MiB = 1 << 20
@@ -107,12 +107,13 @@ def test_a_migration_over_a_delayed_lossy_link_verifies(netns: NetnsPair, tmp_pa
 @pytest.mark.parametrize("side", ["a", "b"], ids=["down-at-sender", "down-at-receiver"])
 def test_a_link_cut_mid_way_is_resumed(netns: NetnsPair, tmp_path: Path, random_16m: Path, side: str) -> None:
     dest = tmp_path / "dest.img"
-    recv = netns.recv("b", dest, "--json", "--io-timeout", "2s", "--resume-window", "30s")
+    control = tmp_path / "recv.sock"
+    recv = netns.recv("b", dest, "--json", "--io-timeout", "2s", "--resume-window", "30s", "--control", str(control))
     send = netns.send(
         "a", random_16m, recv.address, "--json", "--compress", "none", "--max-bandwidth", "4M", "--retries", "10",
         "--retry-delay", "500ms", "--io-timeout", "2s", "--state-file", str(tmp_path / "send.state"),
     )  # fmt: skip
-    time.sleep(1.5)
+    wait_until_landed(control)  # the cut must hit a session that holds pages, or there is nothing to resume
     assert send.popen.poll() is None, "the sender finished before the cut: the cap did not hold"
     netns.set_link(side, up=False)
     try:

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Processes, json_report, last_line, make_image, migrate_through_fault, resume_files_kept
+from .conftest import (
+    Processes,
+    json_report,
+    last_line,
+    make_image,
+    migrate_through_fault,
+    resume_files_kept,
+    wait_until_landed,
+)
 from .faultproxy import FaultProxy
 from .guest import Guest, start_guest
 
@@ -135,10 +143,11 @@ def test_an_expired_resume_window_keeps_the_partial_for_recv_resume(
     procs: Processes, tmp_path: Path, source: Path
 ) -> None:
     dest, state = tmp_path / "dest.img", tmp_path / "send.state"
-    recv = procs.recv(dest, "--resume-window", "500ms")
+    control = tmp_path / "recv.sock"
+    recv = procs.recv(dest, "--resume-window", "500ms", "--control", str(control))
     args = ("--compress", "zlib", "--state-file", str(state))
     first = procs.send(source, recv.address, "--max-bandwidth", "8M", *args)
-    time.sleep(1.0)
+    wait_until_landed(control)
     os.kill(first.popen.pid, signal.SIGKILL)
     first.wait()
     code, _, err = recv.wait(30)

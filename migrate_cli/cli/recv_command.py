@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .app import main
-from .params import DURATION, EXIT_CODES_HELP, execute, tls_options, with_common
+from .params import DURATION, EXIT_CODES_HELP, TIMEOUT, execute, tls_options, with_common
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -78,6 +78,14 @@ from .params import DURATION, EXIT_CODES_HELP, execute, tls_options, with_common
     help="After the link drops, keep listening this long for the same session to resume (0: exit at once). "
     "DEST.partial and its state file are kept either way.",
 )
+@click.option(
+    "--progress-timeout",
+    type=TIMEOUT,
+    default=None,
+    help="Give up when no page lands in DEST and no pass ends for this long, keepalives or not (a sender that "
+    "sends nothing): exit 17 at once, without waiting --resume-window; DEST.partial and its state file are kept "
+    "for `recv --resume` once they hold pages. [default: off]",
+)
 @with_common
 def recv(
     destination: str | None,
@@ -94,6 +102,7 @@ def recv(
     discard: bool,
     resume: bool,
     resume_window: float,
+    progress_timeout: float | None,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
@@ -140,6 +149,7 @@ def recv(
         threads=threads or 0,
         ready_file=ready_file,
         io_timeout=io_timeout,
+        progress_timeout=progress_timeout,
         json=json_output,
         quiet=quiet,
         discard=discard,

@@ -79,6 +79,14 @@ from .params import (
     help="Keep retrying the connection this long (the receiver may start later).",
 )
 @click.option(
+    "--progress-timeout",
+    type=TIMEOUT,
+    default=None,
+    help="Give up when no page is sent and no pass ends for this long, keepalives or not (a receiver that takes "
+    "no data, a wedged source; any time counts, a pause step or a scan between passes too): exit 17, the guest "
+    "resumed, the session kept for --resume, and --retries does not retry it. [default: off]",
+)
+@click.option(
     "--live",
     is_flag=True,
     help="Live migration: copy while the guest runs, re-send changed pages pass after pass, then pause it "
@@ -146,8 +154,9 @@ from .params import (
 @click.option(
     "--auto-converge",
     is_flag=True,
-    help="Throttle the guest (SIGSTOP/SIGCONT duty cycle: 20%, +10% a pass, max 99%) while its dirty rate "
-    "outruns the link. Needs --pause-pid.",
+    help="Throttle the guest (20%, +10% a pass, max 99%) while its dirty rate outruns the link: with --pause-pid "
+    "a SIGSTOP/SIGCONT duty cycle over 100 ms; with --qmp a CPU quota on QEMU's vCPU threads alone (cgroup "
+    "vmmig-PID; QEMU never stops; without the rights to make the cgroup: exit 14).",
 )
 @click.option(
     "--resume",
@@ -182,6 +191,7 @@ def send(
     batch_size: int | None,
     channels: int,
     connect_timeout: float,
+    progress_timeout: float | None,
     live: bool,
     pause_pid: int | None,
     qmp: str | None,
@@ -260,6 +270,7 @@ def send(
         connect_timeout=connect_timeout,
         channels=channels,
         io_timeout=io_timeout,
+        progress_timeout=progress_timeout,
         json=json_output,
         quiet=quiet,
         live=live,

@@ -13,7 +13,7 @@ from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_op
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("socket_path", metavar="SOCKET")
-@click.argument("command", type=click.Choice(["status", "set", "cancel"]))
+@click.argument("command", type=click.Choice(["status", "set", "switchover", "cancel"]))
 @click.argument("args", nargs=-1)
 @click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
 def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> None:
@@ -23,6 +23,10 @@ def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> N
     vmmig ctl SOCKET status                        the current statistics as JSON (docs/STATS.md)
     vmmig ctl SOCKET set max-bandwidth 200M        change the cap (send; 0 = unlimited)
     vmmig ctl SOCKET set downtime-limit 500ms      change the downtime target (send --live)
+    vmmig ctl SOCKET set auto-converge on          throttle the guest while it dirties too fast (send --live;
+                                                   off: stop throttling; needs --pause-pid or --qmp)
+    vmmig ctl SOCKET switchover                    pause now and finish, whatever the estimate says (send
+                                                   --live; after the pass under way)
     vmmig ctl SOCKET cancel                        clean abort: guest resumed, DEST not published, both ends exit 9
 
     Changes take effect within 200 ms. Prints the reply as JSON on stdout.
@@ -32,7 +36,9 @@ def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> N
     from ..control import request
 
     if command == "set" and len(args) != 2:
-        raise click.UsageError("usage: vmmig ctl SOCKET set NAME VALUE (max-bandwidth, downtime-limit)")
+        raise click.UsageError(
+            "usage: vmmig ctl SOCKET set NAME VALUE (max-bandwidth, downtime-limit, auto-converge)"
+        )
     if command != "set" and args:
         raise click.UsageError(f"{command} takes no arguments")
     message: dict[str, Any] = {"command": command}

@@ -9,7 +9,9 @@ confirmed. Three ways, chosen on the command line:
 - ``CommandPauser`` (--pause-cmd/--unpause-cmd): shell hooks, bounded by --hook-timeout; a hook that runs past it
   is killed with everything it started, and a pause hook killed so is followed by the unpause hook.
 
-``Throttle`` runs a SIGSTOP/SIGCONT duty cycle over a 100 ms period (QEMU's cpu-throttle, by signals).
+``Throttle`` runs a SIGSTOP/SIGCONT duty cycle over a 100 ms period (QEMU's cpu-throttle, by signals) on a
+--pause-pid process; a QEMU guest (--qmp) is throttled by a CPU quota on its vCPU threads instead
+(vcpu_cgroup.py), so that QEMU itself never stops. Both are ``GuestThrottle``s.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ from typing import Protocol
 
 from ..errors import HookTimeout, PauseError, QemuError, UsageError
 from .qmp import Qmp
+
+
+class GuestThrottle(Protocol):
+    """Auto-converge: ``step_up()`` to the next percentage (returned), ``release()`` to leave the guest unthrottled."""
+
+    percentage: int
+
+    def step_up(self) -> int: ...
+
+    def release(self) -> None: ...
 
 
 class Pauser(Protocol):

@@ -1,9 +1,13 @@
-"""A minimal QMP client: QEMU's JSON monitor over a unix socket, one command at a time (stdlib only)."""
+"""A minimal QMP client: QEMU's JSON monitor over a unix socket, one command at a time (stdlib only).
+
+One command at a time across threads too: the pre-copy pauses QEMU over the connection the auto-converge throttle
+asks for vCPU threads on, and `vmmig ctl set auto-converge on` starts that throttle from the control thread."""
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 from typing import Any
 
 from ..errors import QemuError
@@ -12,6 +16,7 @@ from ..errors import QemuError
 class Qmp:
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
+        self._lock = threading.Lock()  # a command and its reply are never interleaved with another thread's
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -36,6 +41,10 @@ class Qmp:
         return reply
 
     def execute(self, command: str, **arguments: Any) -> Any:
+        with self._lock:
+            return self._execute(command, arguments)
+
+    def _execute(self, command: str, arguments: dict[str, Any]) -> Any:
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = arguments

@@ -302,6 +302,14 @@ class Channel:
         """Make a thread blocked in ``read_frame`` return at once (it then sees the latched failure)."""
         socket.socket.shutdown(self.sock, socket.SHUT_RD)  # the plain socket call, also under TLS
 
+    def wake_sender(self) -> None:
+        """Make a thread blocked in a send (a peer that takes no data) return at once: only --io-timeout would end
+        it otherwise. The connection is shut both ways, so not even an ABORT goes out after it; an idle channel is
+        left alone for that ABORT."""
+        if self._send_lock.locked():
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
     def abort(self, error: BaseException | None) -> None:
         """Tell the peer why we stop (ABORT with our exit code and message), then close so that it can read it.
 

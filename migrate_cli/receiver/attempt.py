@@ -19,9 +19,10 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..errors import IntegrityError, MigrateError
+from ..errors import IntegrityError, MigrateError, Stalled
 from ..failure import Failure, spawn
 from ..net.transport import Channel
+from ..progress_watch import ProgressWatch
 from ..report import live_display
 from ..units import format_bytes
 from ..wire import codec as codecs
@@ -142,7 +143,13 @@ class Attempt:
             transfer = Transfer(
                 dest, hello, codec, self.channels, session.threads, stats, self.failure, lifecycle, reporter.pass_done
             )
-            end = transfer.run()
+            watch = ProgressWatch(opts.progress_timeout, stats, "landed", self._stalled)
+            watch.start()
+            try:
+                end = transfer.run()
+            finally:
+                watch.stop()
+            self.failure.raise_if_set()  # a stall reported just before END arrived
             digest = self._verify_and_publish(dest, channel, end)
             if session.handoff is not None:
                 lifecycle.move(Phase.HANDING_OVER)
@@ -214,6 +221,12 @@ class Attempt:
         self._stop_keepalive.set()
         channel.send_frame(Result(RESULT_VERIFIED, digest))
         return digest
+
+    def _stalled(self, error: Stalled) -> None:
+        """--progress-timeout expired: fail the attempt, and free a send the sender does not take."""
+        if self.failure.set(error):
+            for each in self.channels:
+                each.wake_sender()
 
     def _poll(self, window_end: float | None) -> None:
         """Called while admission waits: a cancel (vmmig ctl) or the end of the resume window stops the wait."""

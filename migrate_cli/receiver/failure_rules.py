@@ -3,7 +3,8 @@
 - a link fault once DEST.partial holds pages (written now, or kept from before) parks the session: DEST.partial and
   its state file stay, the receiver waits --resume-window for the sender to come back (``parks``);
 - a link fault of a new session before any page was written starts over: nothing is kept, the receiver waits for
-  a sender again as if the connection had never happened (``starts_over``);
+  a sender again as if the connection had never happened (``starts_over``); not our own stall (--progress-timeout),
+  which ends the receiver like a parked session whose window is 0;
 - anything else ends the session; a parked session (or one being read back) keeps its files for `recv --resume`,
   any other removes DEST.partial unless --keep-partial, and a published DEST is never removed (``leave_on_disk``).
 """
@@ -17,6 +18,7 @@ from ..errors import (
     PeerCancelled,
     ResumeKept,
     ResumeWindowExpired,
+    Stalled,
 )
 from ..guest.qemu import DestHandoff
 from .destination import DestinationImage, InPlaceDestination
@@ -77,9 +79,11 @@ def starts_over(
     opts: RecvOptions,
 ) -> bool:
     """A link fault before any page of a new session arrived (a client that said HELLO and hung up): nothing to
-    keep, wait for a sender again (only with a --resume-window: without one a link fault ends the receiver)."""
+    keep, wait for a sender again (only with a --resume-window: without one a link fault ends the receiver). Our own
+    stall is final: the sender we gave up on may still be connected."""
     return (
         error.resumable
+        and not isinstance(error, Stalled)
         and lifecycle.phase in LINK_FAULT_PHASES
         and not resuming
         and type(dest) is DestinationImage

@@ -24,6 +24,7 @@ class RecvOptions:
     threads: int = 0
     ready_file: str | None = None
     io_timeout: float = 30.0
+    progress_timeout: float | None = None  # give up (exit 17) when no page lands and no pass ends this long
     json: bool = False
     quiet: bool = False
     discard: bool = False

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from ..cpus import usable_cpus
-from ..errors import CancelledError, MigrateError
+from ..errors import CancelledError, MigrateError, Stalled
 from ..failure import Failure
 from ..guest.qemu import DestHandoff
 from ..net.tls import preflight
@@ -109,7 +109,7 @@ class Receiver:
                 except StreamLost as lost:
                     listener.close()
                     self.lost = lost.error
-                    if self.opts.resume_window <= 0:
+                    if self.opts.resume_window <= 0 or isinstance(lost.error, Stalled):  # our stall: no waiting
                         raise kept_error(lost.error, self.lost, self.opts, self.dest) from None
                     window_end = time.monotonic() + self.opts.resume_window
                     self.reporter.notice(

@@ -78,14 +78,15 @@ class AutoPolicy:
         with self._lock:
             self.wire_speed = speed if self.wire_speed is None else (1 - EWMA) * self.wire_speed + EWMA * speed
 
-    def link_faster(self) -> bool:
-        """True (and counted) when raw pages fill the wire faster than the compressors could: no need to sample."""
+    def link_faster(self, count: bool = True) -> bool:
+        """True (and counted, unless ``count`` is False) when raw pages fill the wire faster than the compressors
+        could: no need to sample."""
         with self._lock:
             wire = min(self.wire_speed or float("inf"), self.cap or float("inf"))
             if self.compress_speed is None or wire == float("inf"):
                 return False  # nothing measured yet: compress, which measures
             if self.compress_speed * self.threads <= wire * (1 + MARGIN):
-                self.stats.raw_link_faster += 1
+                self.stats.raw_link_faster += count
                 return True
             return False
 

@@ -19,12 +19,14 @@ import numpy as np
 
 from ..errors import ExitCode, MigrateError, PauseError, PeerError, SourceError
 from ..failure import Failure
+from ..guest.pause import GuestThrottle
 from ..net.transport import Channel
 from ..ratelimit import TokenBucket
 from ..stats import Stats
 from ..wire.digest import fingerprint_pages
 from .adaptive import AutoPolicy
 from .dirty import DirtyTracker, FingerprintTracker, SoftDirtyTracker, soft_dirty_supported
+from .downtime import DowntimeEstimator, SwitchoverCost
 from .guest_hold import GuestHold
 from .options import SendOptions
 from .pipeline import SendPipeline
@@ -55,6 +57,7 @@ class Copy:
         self.sent: ReceiverCopy = self.pipeline.sent
         self.batches_sent = 0  # frames of every pass: END tells the receiver how many to expect
         self.live: LiveResult | None = None
+        self.precopy: Precopy | None = None  # live: steered by `vmmig ctl` (switchover, auto-converge)
         self._frozen_pass: bool | None = None  # the pass under way reads a source that must not change (paused: True)
         self._paused_pass = False
 
@@ -98,14 +101,14 @@ class Copy:
         opts = self.opts
         throttle = None
         if opts.auto_converge:
-            assert opts.pause_pid is not None
-            throttle = self.guest.start_throttle(opts.pause_pid)
+            throttle = self.guest.start_throttle()
         precopy = Precopy(
             policy, tracker, self._send_pass, self.guest, self.source.page_size, self.stats,
-            abort_on_no_converge=opts.on_no_converge == "abort", throttle=throttle, notice=notice,
-            on_pass=self.reporter.on_pass, first_pass=first,
+            abort_on_no_converge=opts.on_no_converge == "abort", estimator=self._estimator(), throttle=throttle,
+            make_throttle=self._throttle_maker(), notice=notice, on_pass=self.reporter.on_pass, first_pass=first,
         )  # fmt: skip
         self.live = precopy.result
+        self.precopy = precopy
         precopy.run()
         # The post-pause scan saw the image as it is while paused; the last pass sent exactly the pages that
         # differed, so what was sent must now equal it page for page. The digest comes from that one scan.
@@ -113,6 +116,18 @@ class Copy:
         if differing := self.sent.differing(live):
             self._wrote_while_paused(differing)
         return self.sent.digest()  # equal to the live fingerprints' now
+
+    def _estimator(self) -> DowntimeEstimator:
+        opts, source = self.opts, self.source
+        kind = "pid" if opts.pause_pid is not None else "qmp" if opts.qmp is not None else "command"
+        return DowntimeEstimator(
+            source.array.reshape(source.pages, source.page_size), self.pipeline.codec, self.pipeline.level,
+            self.bucket, SwitchoverCost.for_guest(kind, opts.qemu_handoff), self.auto,
+        )  # fmt: skip
+
+    def _throttle_maker(self) -> Callable[[], GuestThrottle] | None:
+        """How `vmmig ctl set auto-converge on` starts a throttle mid-run (None: no pause option that can)."""
+        return None if self.opts.pause_pid is None and self.opts.qmp is None else self.guest.start_throttle
 
     def _stop_and_copy(self, tracker: DirtyTracker, first: Callable[[], np.ndarray | None]) -> bytes:
         self.guest.pause()  # every copy is taken while the guest is paused

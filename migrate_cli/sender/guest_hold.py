@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import PauseError
-from ..guest.pause import CommandPauser, Pauser, PidPauser, QmpPauser, Throttle
+from ..guest.pause import CommandPauser, GuestThrottle, Pauser, PidPauser, QmpPauser, Throttle
+from ..guest.vcpu_cgroup import VcpuCgroupThrottle
 from .options import SendOptions
 
 
@@ -27,7 +28,7 @@ def make_pauser(opts: SendOptions) -> Pauser | None:
 class GuestHold:
     def __init__(self, pauser: Pauser | None, notice: Callable[[str], None]) -> None:
         self.pauser = pauser
-        self.throttle: Throttle | None = None  # --auto-converge, during pre-copy
+        self.throttle: GuestThrottle | None = None  # --auto-converge, during pre-copy
         self.paused = False  # we paused the guest and have not resumed it
         self._notice = notice
 
@@ -45,15 +46,25 @@ class GuestHold:
         self.pauser.resume()
         self.paused = False
 
-    def start_throttle(self, pid: int) -> Throttle:
-        self.throttle = Throttle(pid)
+    def start_throttle(self) -> GuestThrottle:
+        """--auto-converge: a SIGSTOP duty cycle on a --pause-pid process; for --qmp a CPU quota on QEMU's vCPU
+        threads, found over the pauser's QMP connection (its monitor, I/O and migration threads never stop)."""
+        if isinstance(self.pauser, PidPauser):
+            self.throttle = Throttle(self.pauser.pid)
+        elif isinstance(self.pauser, QmpPauser):
+            self.throttle = VcpuCgroupThrottle.for_qemu(self.pauser.qmp)
+        else:  # options.check refuses this combination
+            raise PauseError("--auto-converge needs --pause-pid or --qmp")
         return self.throttle
 
     def settle_after_failure(self, keep_stopped: bool) -> None:
         """Release the throttle; resume the guest if we paused it, unless ``keep_stopped`` (the destination VM may
         be running, or the outcome is unknown)."""
         if self.throttle is not None:
-            self.throttle.release()
+            try:
+                self.throttle.release()
+            except PauseError as exc:
+                self._notice(str(exc))
         if not self.paused or self.pauser is None:
             return
         if keep_stopped:

@@ -42,6 +42,7 @@ class SendOptions:
     batch_size: int | None = None  # None: image.default_batch_size, or with --resume the interrupted session's
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
+    progress_timeout: float | None = None  # give up (exit 17) when no page is sent and no pass ends this long
     channels: int = 1
     json: bool = False
     quiet: bool = False
@@ -81,8 +82,10 @@ class SendOptions:
             raise UsageError("--pause-cmd and --unpause-cmd go together")
         if self.live and not pausers:
             raise UsageError("--live needs a way to pause the guest: --pause-pid, --qmp or --pause-cmd")
-        if self.auto_converge and self.pause_pid is None:
-            raise UsageError("--auto-converge needs --pause-pid (it throttles the guest with SIGSTOP/SIGCONT)")
+        if self.auto_converge and self.pause_pid is None and self.qmp is None:
+            raise UsageError(
+                "--auto-converge needs --pause-pid (a SIGSTOP duty cycle) or --qmp (a CPU quota on QEMU's vCPU threads)"
+            )
         if self.dirty_tracking == "soft-dirty" and self.pause_pid is None:
             raise UsageError("--dirty-tracking soft-dirty needs --pause-pid (the process whose writes are tracked)")
         if self.batch_size is not None and not self.page_size <= self.batch_size <= MAX_BATCH_BYTES:

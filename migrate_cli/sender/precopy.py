@@ -1,25 +1,22 @@
 """Iterative pre-copy: the pass loop of a live migration and its convergence decision.
 
 Pass 1 sends every page. Each later pass starts with a scan (dirty.py) for pages whose live content differs from
-what was sent, and sends only those. After each scan:
+what was sent, and sends only those. After each scan the expected downtime (downtime.py: switchover cost + the
+wire bytes of the dirty pages / the rate the wire achieves) is compared with ``--downtime-limit``: when it fits,
+the guest is paused and the last pass goes out. When it does not fit after ``--max-passes`` passes or
+``--max-time``, ``--on-no-converge`` decides: switch over anyway (a long downtime, reported), or abort with the
+guest still running. `vmmig ctl SOCKET switchover` forces the switchover at the next decision (after the pass
+under way).
 
-    expected downtime = switchover cost + dirty bytes / achieved rate
-
-where the achieved rate is non-zero image bytes sent per second in the latest measurable pass, and the switchover
-cost is what happens while the guest is paused besides sending: the post-pause scan on this side (measured: the
-last scan's time) plus 20 ms for the final frames, the receiver's flush and digest (it fingerprints DEST as it
-writes, so only the fingerprint array is left to hash) and the rename.
-When the estimate fits ``--downtime-limit`` the guest is paused and the last pass goes out. When it does not fit
-after ``--max-passes`` passes or ``--max-time``, ``--on-no-converge`` decides: switch over anyway (a long downtime,
-reported), or abort with the guest still running.
-
-Auto-converge: while a scan finds the dirty rate at or above half the achieved rate (QEMU's
-throttle-trigger-threshold of 50%), the guest is throttled: 20% the first time, then +10% per second elapsed since
-the last step (QEMU steps once per dirty sync, about every second; our passes can last longer), at most 99%.
+Auto-converge: while a scan finds the dirty rate at or above half the rate at which dirty pages can be sent
+(QEMU's throttle-trigger-threshold of 50%), the guest is throttled: 20% the first time, then +10% per second
+elapsed since the last step (QEMU steps once per dirty sync, about every second; our passes can last longer), at
+most 99%. `vmmig ctl SOCKET set auto-converge on|off` turns it on or off while the migration runs.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import NoConvergence
-from ..guest.pause import Pauser, Throttle
+from ..errors import ControlError, MigrateError, NoConvergence
+from ..guest.pause import GuestThrottle, Pauser
 from ..stats import Stats
 from ..units import format_bytes, format_rate
 from .dirty import DirtyTracker
-
-SWITCHOVER_OVERHEAD = 0.02  # seconds: the final frames' round trip and the rename, on top of the scans
+from .downtime import DowntimeEstimator, Estimate, PassCost
 
 
 @dataclass
@@ -79,13 +75,8 @@ class ConvergencePolicy:
     max_passes: int = 30
     max_time: float | None = None
 
-    @staticmethod
-    def expected_downtime(dirty_bytes: int, achieved_rate: float, scan_time: float) -> float:
-        cost = scan_time + SWITCHOVER_OVERHEAD
-        return cost + (dirty_bytes / achieved_rate if achieved_rate > 0 else float("inf"))
-
-    def decide(self, expected: float, passes_done: int, elapsed: float) -> Decision:
-        if expected <= self.downtime_limit:
+    def decide(self, expected: float, passes_done: int, elapsed: float, forced: bool = False) -> Decision:
+        if forced or expected <= self.downtime_limit:
             return Decision.SWITCHOVER
         if passes_done >= self.max_passes or (self.max_time is not None and elapsed >= self.max_time):
             return Decision.GIVE_UP
@@ -114,7 +105,9 @@ class Precopy:
     page_size: int
     stats: Stats
     abort_on_no_converge: bool
-    throttle: Throttle | None = None
+    estimator: DowntimeEstimator
+    throttle: GuestThrottle | None = None  # started with --auto-converge
+    make_throttle: Callable[[], GuestThrottle] | None = None  # `ctl set auto-converge on`; None: nothing can throttle
     notice: Callable[[str], None] = lambda _msg: None
     on_pass: Callable[[PassRecord], None] = lambda _record: None
     clock: Callable[[], float] = time.monotonic
@@ -122,24 +115,39 @@ class Precopy:
 
     def __post_init__(self) -> None:
         self.result = LiveResult()
+        self.auto_converge = self.throttle is not None
         self._last_step: float | None = None
+        self._switchover_requested = False
+        self._switching = False
+        self._throttle_lock = threading.Lock()  # the control thread turns auto-converge on and off
 
-    def _achieved_rate(self) -> float:
-        """Non-zero page bytes per second of the latest pass big enough to measure (dirty pages are rarely zero).
+    # --- steering (`vmmig ctl`, from the control thread) -------------------------------------------------------------
+    def request_switchover(self) -> None:
+        """Pause and finish at the next decision, whatever the estimate says."""
+        self._switchover_requested = True
 
-        Pass 1 is mostly a different mix (zero pages, cold data), so a later pass of at least 64 pages and 20 ms
-        replaces it as soon as there is one.
-        """
-        for record in reversed(self.result.passes):
-            if record.number == 1 or (record.normal_pages >= 64 and record.duration >= 0.02):
-                return record.normal_pages * self.page_size / record.duration if record.duration > 0 else 0.0
-        return 0.0
+    def set_auto_converge(self, on: bool) -> None:
+        with self._throttle_lock:
+            if self._switching:
+                raise ControlError("too late for auto-converge: the switchover has begun")
+            if on and self.throttle is None:
+                if self.make_throttle is None:
+                    raise ControlError("auto-converge needs --pause-pid or --qmp: nothing here can throttle the guest")
+                try:
+                    self.throttle = self.make_throttle()
+                except MigrateError as exc:  # no rights to the cgroup, a guest gone: this request's error only
+                    raise ControlError(str(exc)) from None
+            elif not on and self.throttle is not None:
+                self.throttle.release()
+                self.stats.throttle = 0
+                self._last_step = None
+            self.auto_converge = on
 
     def run(self) -> LiveResult:
         """Send passes until switchover; returns with the guest paused and the last pass sent."""
         started = self.clock()
         self.tracker.start()
-        self._record(self.send_pass(1, self.first_pass(), False))
+        self._record(self.send_pass(1, self.first_pass(), False), None)
         previous_scan = started
         while True:
             scan_start = self.clock()
@@ -150,12 +158,16 @@ class Precopy:
             dirty_bytes = int(dirty.size) * self.page_size
             dirty_rate = dirty_bytes / max(scan_start - previous_scan, 1e-6)
             previous_scan = scan_start
-            achieved = self._achieved_rate()
-            # Pages keep being dirtied until the pause, about one scan time after this scan started.
-            expected = self.policy.expected_downtime(int(dirty_bytes + dirty_rate * scan_time), achieved, scan_time)
+            # Pages keep being dirtied until the pause takes hold, about one scan time after this scan.
+            estimate = self.estimator.estimate(dirty, dirty_rate * scan_time / self.page_size, scan_time)
+            expected, achieved = estimate.seconds, estimate.image_rate
             self.stats.dirty_rate, self.stats.expected_downtime = dirty_rate, expected
             self.stats.achieved_rate = achieved
-            decision = self.policy.decide(expected, len(self.result.passes), self.clock() - started)
+            forced = self._switchover_requested
+            decision = self.policy.decide(expected, len(self.result.passes), self.clock() - started, forced)
+            if forced:
+                self.result.converged = expected <= self.policy.downtime_limit  # the report says it was forced
+                self.notice(f"switching over on request (vmmig ctl switchover): expected downtime {expected:.3f}s")
             if decision is Decision.GIVE_UP:
                 self.result.converged = False
                 detail = (
@@ -172,20 +184,28 @@ class Precopy:
                 decision = Decision.SWITCHOVER
             if decision is Decision.SWITCHOVER:
                 return self._switchover(dirty_rate, expected)
-            if self.throttle is not None and dirty_rate >= 0.5 * achieved:
-                steps = 1 if self._last_step is None else max(1, int(scan_start - self._last_step))
-                for _ in range(steps):
-                    self.stats.throttle = self.throttle.step_up()
-                self._last_step = scan_start
+            self._throttle_step(dirty_rate, achieved, scan_start)
             record = self.send_pass(len(self.result.passes) + 1, dirty, False)
             record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
             record.throttle = self.throttle.percentage if self.throttle else 0
-            self._record(record)
+            self._record(record, estimate)
+
+    def _throttle_step(self, dirty_rate: float, achieved: float, now: float) -> None:
+        with self._throttle_lock:
+            if not self.auto_converge or self.throttle is None or dirty_rate < 0.5 * achieved:
+                return
+            steps = 1 if self._last_step is None else max(1, int(now - self._last_step))
+            for _ in range(steps):
+                self.stats.throttle = self.throttle.step_up()
+            self._last_step = now
 
     def _switchover(self, dirty_rate: float, expected: float) -> LiveResult:
-        if self.throttle is not None:
-            self.throttle.release()
-            self.stats.throttle = 0
+        with self._throttle_lock:
+            self._switching = True  # a late `ctl set auto-converge on` must not throttle a paused guest
+            self.auto_converge = False
+            if self.throttle is not None:
+                self.throttle.release()
+                self.stats.throttle = 0
         self.result.paused_at = started = self.clock()  # downtime counts from the pause request
         self.pauser.pause()  # the sender's GuestHold: it knows from here on that the guest is paused
         paused = self.clock()
@@ -201,9 +221,13 @@ class Precopy:
         }
         record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
         record.paused = True
-        self._record(record)
+        self._record(record, None)
         return self.result
 
-    def _record(self, record: PassRecord) -> None:
+    def _record(self, record: PassRecord, estimate: Estimate | None) -> None:
+        """Keep the pass, and teach the estimator what it cost: its wire rate, and (for a pass whose dirty set was
+        sampled) actual against predicted wire bytes."""
+        predicted = self.estimator.predicted_per_page if estimate is not None else None
+        self.estimator.note_pass(PassCost(record.pages, record.wire_bytes, record.duration), predicted)
         self.result.passes.append(record)
         self.on_pass(record)

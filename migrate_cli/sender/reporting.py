@@ -22,7 +22,7 @@ from ..units import format_bytes, parse_duration, parse_rate
 from .adaptive import AutoPolicy
 from .lifecycle import Lifecycle
 from .options import SendOptions
-from .precopy import ConvergencePolicy, LiveResult, PassRecord
+from .precopy import ConvergencePolicy, LiveResult, PassRecord, Precopy
 
 if TYPE_CHECKING:
     from ..display import DisplayView
@@ -121,7 +121,8 @@ class SenderReport:
 
 @dataclass(eq=False)
 class SenderControl:
-    """`vmmig ctl` requests on --control SOCK: status, set (max-bandwidth, downtime-limit), cancel."""
+    """`vmmig ctl` requests on --control SOCK: status, set (max-bandwidth, downtime-limit, auto-converge),
+    switchover, cancel."""
 
     reporter: SenderReport
     cap: BandwidthCap
@@ -131,11 +132,13 @@ class SenderControl:
 
     def __post_init__(self) -> None:
         self.server: ControlServer | None = None
+        self.precopy: Callable[[], Precopy | None] = lambda: None  # the live pass loop, once there is one
 
     def open(self) -> None:
         path = self.reporter.opts.control
         if path:
-            self.server = ControlServer(path, {"status": self._status, "set": self._set, "cancel": self._cancel})
+            handlers = {"status": self._status, "set": self._set, "cancel": self._cancel}
+            self.server = ControlServer(path, {**handlers, "switchover": self._switchover})
 
     def close(self, final: dict[str, Any] | None) -> None:
         """Stop answering requests and close the NDJSON stream with ``final`` (or nothing)."""
@@ -151,10 +154,29 @@ class SenderControl:
         setters: dict[str, Callable[[str], dict[str, Any]]] = {
             "max-bandwidth": self._set_max_bandwidth,
             "downtime-limit": self._set_downtime_limit,
+            "auto-converge": self._set_auto_converge,
         }
         if name not in setters:
-            raise ControlError(f"cannot set {name!r}: settable are max-bandwidth and downtime-limit")
+            raise ControlError(f"cannot set {name!r}: settable are {', '.join(setters)}")
         return setters[name](value)
+
+    def _live(self, what: str) -> Precopy:
+        precopy = self.precopy()
+        if precopy is None or not self.reporter.opts.live:
+            raise ControlError(f"{what} applies to a live migration (send --live) in pre-copy")
+        if self.lifecycle.end_sent or precopy.result.paused_at:
+            raise ControlError(f"too late for {what}: the guest is paused and the last pass is out or going")
+        return precopy
+
+    def _set_auto_converge(self, value: str) -> dict[str, Any]:
+        if value not in ("on", "off"):
+            raise ControlError(f"auto-converge: {value!r} is not on or off")
+        self._live("auto-converge").set_auto_converge(value == "on")
+        return {"auto-converge": value}
+
+    def _switchover(self, _request: dict[str, Any]) -> str:
+        self._live("switchover").request_switchover()
+        return "switching over after the pass under way"
 
     def _set_max_bandwidth(self, value: str) -> dict[str, Any]:
         self.cap.set(parse_rate(value))  # the bucket the network threads charge reads it within 50 ms

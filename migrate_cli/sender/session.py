@@ -21,12 +21,13 @@ from functools import partial
 from typing import Any
 
 from ..cpus import usable_cpus
-from ..errors import CancelledError, MigrateError, NetworkError, OutcomeUnknown
+from ..errors import CancelledError, MigrateError, NetworkError, OutcomeUnknown, Stalled, is_stall
 from ..failure import Failure, spawn
 from ..guest.pause import QmpPauser
 from ..guest.qemu import SourceHandoff, check_backend
 from ..net.tls import preflight
 from ..net.transport import Channel, parse_address
+from ..progress_watch import ProgressWatch
 from ..ratelimit import BandwidthCap, TokenBucket
 from ..report import live_display, print_json
 from ..stats import Stats
@@ -76,6 +77,7 @@ class Sender:
         self.handoff: SourceHandoff | None = None
         self.verdict = Verdict(self.failure, self.lifecycle, self.guest, None, self.reporter.verbose)
         self._control_thread: threading.Thread | None = None  # channel 0's reader: it may bring the peer's reason
+        self.watch = ProgressWatch(opts.progress_timeout, self.stats, "sent", self._stalled)  # WELCOME to END
 
     @property
     def resuming(self) -> bool:
@@ -112,12 +114,15 @@ class Sender:
             opts, source, pipeline, channels, self.bucket, stats, self.failure, self.auto, self.guest,
             self.reporter, self.threads,
         )  # fmt: skip
+        self.control.precopy = lambda: copy.precopy
         try:
             with live_display(stats, "send", self._info(), self.reporter.display) as view:
                 self.reporter.view = view
                 self._start(handshake, channels, sent)
                 pipeline.start()
                 digest = copy.run(self.policy, self.resuming)
+                self.watch.stop()
+                self.failure.raise_if_set()  # a stall reported just before the last pass ended
                 end = End(source.pages, copy.batches_sent, end_commitment(digest))
                 self.lifecycle.move(Phase.VERIFYING)  # before END goes out: from its first byte the receiver may act
                 stats.add_wire(channels[0].send_frame(end))
@@ -211,9 +216,17 @@ class Sender:
         self._control_thread = spawn("control", partial(self.verdict.read, channels[0]), self.failure)
         for index, each in enumerate(channels[1:], start=1):
             spawn(f"control-{index}", partial(self.verdict.read, each), self.failure)
+        self.watch.start()
+
+    def _stalled(self, error: Stalled) -> None:
+        """--progress-timeout expired: fail the run, and free a send the receiver does not take (a stopped reader)."""
+        if self.failure.set(error):
+            for each in self.verdict.channels:
+                each.wake_sender()
 
     def _fail(self, exc: BaseException, channels: list[Channel], pipeline: SendPipeline, copy: Copy) -> BaseException:
         """Stop everything, settle the guest and the state file by the phase the failure struck in."""
+        self.watch.stop()
         exc = as_outcome(exc, self.lifecycle)
         self.failure.set(exc, replace=isinstance(exc, OutcomeUnknown))
         control = self._control_thread
@@ -242,8 +255,8 @@ def run(opts: SendOptions) -> dict[str, Any]:
         try:
             return sender.run()
         except MigrateError as exc:
-            if not exc.resumable or attempt == opts.retries:
-                raise
+            if not exc.resumable or is_stall(exc) or attempt == opts.retries:
+                raise  # a stall is kept for --resume but not retried: a reconnect does not unstick a peer
             # This session's id again once the receiver WELCOMEd it (it continues it if it holds it, or starts it
             # afresh); a session that never started left no state file: a new session again.
             resume = resume or sender.lifecycle.started
