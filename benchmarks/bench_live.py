@@ -11,15 +11,34 @@ What it measures
    overstates it; with ``--codec none`` (the default) the wire cap binds, so the achieved rate is defined as the cap
    (``--cap``, wire bytes/s). Each case also reports pass 1's measured non-zero-page rate (``normal-pages * 4096 /
    duration``), which should sit close to the cap.
-3. **Write-rate sweep** -- a simulated guest (examples/guest_workload.py, uniform pattern, 2 writer threads) rewrites
-   the image at a fraction of the cap (0.1 to 2.0 x cap; ``--quick``: 0.25, 0.5, 1.0) while ``vmmig send --live``
-   migrates it, once without and once with ``--auto-converge``, always with ``--max-time 60s --on-no-converge abort
-   --downtime-limit 300ms``. Every case starts from a fresh copy of the pristine image, a fresh guest process and a
-   fresh destination. After a successful migration the (paused) source and the destination are compared byte for
-   byte, chunk by chunk over two mmaps; a mismatch is a critical failure and makes the benchmark exit 1.
+3. **Write-rate sweep** -- a simulated guest (examples/guest_workload.py, uniform pattern, 2 writer threads, random
+   content) rewrites the image at a fraction of the cap (0.1 to 2.0 x cap; ``--quick``: 0.25, 0.5, 1.0, and 2.0 with
+   auto-converge only) while ``vmmig send --live`` migrates it, once without and once with ``--auto-converge``.
+   It gives the highest write rate that converges without and with auto-converge, and checks the target: a guest
+   dirtying at 2 x the achieved rate converges with ``--auto-converge``.
+4. **Downtime promise** (live_promise.py) -- the issue's scenario: a guest (hotset pattern, a hot tenth of the
+   image, 2 threads) writes 5,000 pages/s (20.48 MB/s, ``--promise-rate``) into a 256 MiB image
+   (``--promise-size``) under a cap that binds. Cases: content {random, compressible} (guest_workload ``--content``)
+   x cap {50M, 200M} x codec {none, zlib, zstd, auto}, 3 runs each (``--promise-runs``; ``--quick``: 4 cases that
+   cover every content, cap and codec, 1 run each; ``--promise-cases`` picks cases by name, ``random/50M/zstd``).
+   One line per run: exit code, passes, the sender's ``expected-downtime`` (its estimate at the switchover decision),
+   the measured ``downtime`` (pause -> destination verified), ``err %`` = (expected - measured) / measured, and the
+   switchover steps (pause, scan, send, verify ms). Per case and overall, PASS/FAIL: every converged run's downtime
+   <= limit + 10%; |err| <= 15% in every converged run; no exit 10 (and no other failure).
+5. **Side by side with QEMU** (``--with-qemu``; live_vs_qemu.py) -- benchmarks/bench_qemu_live.py, run as a child,
+   at every cap of the promise cases with the promise's write rate in whole MiB/s (``--write-mb``) and the same
+   downtime limit: QEMU's own live migration of the examples/qemu TCG guest (``max-bandwidth`` = the cap) and
+   vmmig's QEMU mode on the same guest (``--qemu-cases``), their downtime and total time next to the promise's
+   random-content runs at that cap. Skipped, with the reason, when QEMU or the guest build is missing.
 
-How to read the table
----------------------
+Every migration uses ``--downtime-limit`` (default 300ms) ``--max-time 60s --on-no-converge abort`` and starts from a
+fresh copy of the pristine image, a fresh guest process and a fresh destination (live_migration.py). After a
+successful migration the (paused) source and the destination are compared byte for byte, chunk by chunk over two
+mmaps; a mismatch is a critical failure and makes the benchmark exit 1. ``--sections`` runs a subset of
+fingerprint, sweep, promise.
+
+How to read the sweep table
+---------------------------
 * ``x cap`` / ``write MB/s`` -- the guest's configured write rate (MB = 10^6 bytes).
 * ``AC``         -- whether ``--auto-converge`` was on.
 * ``result``     -- ``converged`` (sender exit 0), ``no-conv`` (exit 10: aborted, the guest kept running),
@@ -36,12 +55,16 @@ How to read the table
 * ``p1 nz MB/s`` -- pass 1's non-zero-page rate (see 2.).
 * ``verified``   -- ``yes`` when DEST equals the paused source byte for byte.
 
-The summary gives the highest write rate that converged without and with auto-converge, then PASS/FAIL per goal:
-fingerprint speed, downtime <= 300 ms for every converged run at write rates <= 0.5 x cap, auto-converge converging
-at 2 x cap, and byte-identical destinations. The exit status is 0 unless a destination differed from its source.
-``--json PATH`` writes the configuration, every case (with the sender's full JSON report) and the summary.
+The summary (6.) gives the highest write rate that converged without and with auto-converge (with the dirty rate
+the sender measured there), then PASS/FAIL per goal: fingerprint speed, sweep downtime <= the limit for every
+converged run at write rates <= 0.5 x cap, auto-converge converging at 2 x cap, the three promise checks, and
+byte-identical destinations. The exit status is 0 unless a destination differed from its source.
+``--json PATH`` writes the configuration, every sweep case (with the sender's full JSON report), the promise
+(every run, per-case and overall verdicts), QEMU's runs and the side-by-side rows, and the summary.
 
-    python benchmarks/bench_live.py [--size 1GiB] [--cap 100M] [--codec none] [--quick] [--json out.json]
+    python benchmarks/bench_live.py [--quick] [--size 1GiB] [--cap 100M] [--codec none] [--downtime-limit 300ms]
+        [--sections fingerprint,sweep,promise] [--promise-runs 3] [--promise-cases ...] [--with-qemu]
+        [--qemu-cases ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,8 +75,6 @@ import json
 import mmap
 import os
 import platform
-import re
-import shutil
 import statistics
 import sys
 import time
@@ -63,52 +84,32 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import live_promise
+import live_vs_qemu
 import numpy as np
-from harness import (
-    GIB,
-    MB,
-    REPO,
-    BenchError,
-    Child,
-    VmmigPair,
-    add_tree_option,
-    fmt,
-    kill_all,
-    load_generator,
-    remove,
-    run_main,
-    wait_for_text,
-)
+from harness import GIB, MB, add_tree_option, fmt, load_generator, run_main
+from live_migration import MAX_TIME, PAGE_SIZE, CaseResult, Setting, run_case
+from live_promise import PromiseConfig, PromiseRun
+from live_vs_qemu import QemuConfig
 
+from migrate_cli.units import parse_duration
 from migrate_cli.wire.digest import fingerprint_image
 
-WORKLOAD = REPO / "examples" / "guest_workload.py"
-
-PAGE_SIZE = 4096
-COMPARE_CHUNK = 64 << 20  # bytes compared at a time
-
 FULL_FRACTIONS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-QUICK_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 1.0)
+AC_GOAL_FRACTION = 2.0  # the target: auto-converge converges with the guest dirtying at 2 x the achieved rate
+QUICK_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 1.0, AC_GOAL_FRACTION)
 QUICK_SIZE = "256MiB"
 GUEST_THREADS = 2
 GUEST_PATTERN = "uniform"
+SECTIONS: tuple[str, ...] = ("fingerprint", "sweep", "promise")
 
-DOWNTIME_LIMIT_MS = 300.0
-MAX_TIME = "60s"
-CASE_TIMEOUT = 120.0  # seconds from starting the sender until both sides must have exited
-START_TIMEOUT = 20.0  # seconds for the guest to write its pid file / the receiver its ready file
-RECV_GRACE = 10.0  # seconds the receiver gets after the sender exited, even past the case deadline
+DOWNTIME_LIMIT = "300ms"
 
 FP_REPEATS = 5
 FP_THREADS: tuple[int, ...] = (1, 2)
 FP_GOAL_S_PER_GIB = 0.15
 FP_GOAL_THREADS = 2
 DOWNTIME_GOAL_MAX_FRACTION = 0.5
-AC_GOAL_FRACTION = 2.0
-
-_PASSES_RE = re.compile(r"after (\d+) passes")
-_DIRTY_RE = re.compile(r"\(dirty ([\d.]+) MB/s")
-_EXPECTED_RE = re.compile(r"expected downtime (\d+)ms")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,55 +126,24 @@ class Config:
     quick: bool
     fractions: tuple[float, ...]
     json_path: str | None
+    downtime_limit_ms: float
+    sections: tuple[str, ...]
+    promise: PromiseConfig
+    qemu: QemuConfig | None  # --with-qemu
     tree: Path | None = None  # whose vmmig runs (--tree); this checkout's by default
 
+    def sweep_setting(self, fraction: float, auto: bool) -> Setting:
+        level = None if self.codec == "none" else 1
+        return Setting(
+            write_rate=round(fraction * self.cap), cap_text=self.cap_text, codec=self.codec,
+            downtime_limit_ms=self.downtime_limit_ms, auto_converge=auto, pattern=GUEST_PATTERN,
+            threads=GUEST_THREADS, level=level,
+        )  # fmt: skip
 
-@dataclass
-class CaseResult:
-    """One live migration of the sweep."""
-
-    fraction: float
-    write_rate: int
-    auto_converge: bool
-    status: str = "error"  # converged | no-conv | timeout | error | MISMATCH
-    send_code: int | None = None
-    recv_code: int | None = None
-    wall_s: float | None = None
-    passes: int | None = None
-    downtime_ms: float | None = None
-    expected_downtime_ms: float | None = None
-    wire_bytes: int | None = None
-    max_throttle: int | None = None
-    max_dirty_rate: float | None = None
-    pass1_nonzero_rate: float | None = None
-    guest_paused: bool | None = None
-    verified: bool | None = None
-    mismatch_pages: int | None = None
-    first_mismatch_page: int | None = None
-    note: str = ""
-    report: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def converged(self) -> bool:
-        return self.status == "converged"
-
-
-@dataclass
-class CasePaths:
-    """The per-case files, all inside the benchmark's own /dev/shm directory."""
-
-    image: Path
-    dest: Path
-    ready: Path
-    pid: Path
-
-    @classmethod
-    def inside(cls, workdir: Path) -> CasePaths:
-        return cls(workdir / "guest.ram", workdir / "dest.ram", workdir / "ready", workdir / "guest.pid")
-
-    @property
-    def partial(self) -> Path:
-        return self.dest.with_name(self.dest.name + ".partial")
+    def sweep_cases(self) -> list[tuple[float, bool]]:
+        """(fraction, auto-converge) pairs; --quick runs rates above the cap only with auto-converge (without it a
+        guest dirtying faster than the link cannot converge: it would only spend --max-time)."""
+        return [(f, auto) for f in self.fractions for auto in (False, True) if auto or not self.quick or f <= 1.0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,15 +152,6 @@ class CasePaths:
 
 def in_mb(value: float | None) -> float | None:
     return None if value is None else value / MB
-
-
-def all_threads_stopped(pid: int) -> bool:
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in tasks]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return bool(states) and all(state in "Tt" for state in states)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,150 +189,6 @@ def print_fingerprint(results: dict[str, Any], size: int) -> None:
         print(f"   {threads} thread(s): {entry['median_s_per_gib']:.3f} s/GiB")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. One live migration
-
-
-def start_guest(paths: CasePaths, rate: int) -> tuple[Child, int]:
-    command = [
-        sys.executable, str(WORKLOAD), str(paths.image), "--threads", str(GUEST_THREADS), "--rate", str(rate),
-        "--pattern", GUEST_PATTERN, "--pid-file", str(paths.pid),
-    ]  # fmt: skip
-    guest = Child(command, paths.image.parent, "guest")
-    return guest, int(wait_for_text(paths.pid, guest, START_TIMEOUT, "guest workload"))
-
-
-def sender_args(config: Config, paths: CasePaths, address: str, guest_pid: int, auto: bool) -> list[str]:
-    args = [
-        "--live", str(paths.image), address, "--pause-pid", str(guest_pid), "--compress", config.codec,
-        "--max-bandwidth", config.cap_text, "--downtime-limit", f"{DOWNTIME_LIMIT_MS:.0f}ms",
-        "--max-time", MAX_TIME, "--on-no-converge", "abort",
-    ]  # fmt: skip
-    if config.codec != "none":
-        args += ["--level", "1"]
-    if auto:
-        args.append("--auto-converge")
-    return args
-
-
-def fill_from_report(result: CaseResult, report: dict[str, Any]) -> None:
-    """Take downtime, passes, wire bytes, throttle, dirty and pass-1 rates from the sender's JSON."""
-    passes = report.get("passes") or []
-    result.report = report
-    result.passes = len(passes)
-    result.downtime_ms = report.get("downtime")
-    result.expected_downtime_ms = report.get("expected-downtime")
-    result.wire_bytes = report.get("transferred")
-    result.max_throttle = report.get("cpu-throttle-percentage")
-    result.max_dirty_rate = max((p.get("dirty-rate") or 0 for p in passes), default=None)
-    if passes and passes[0].get("duration"):
-        first = passes[0]
-        result.pass1_nonzero_rate = first["normal-pages"] * PAGE_SIZE / (first["duration"] / 1000)
-
-
-def fill_from_no_convergence(result: CaseResult, stderr: str) -> None:
-    """Exit 10 gives no JSON: take the pass count, dirty rate and expected downtime from the stderr line."""
-    result.note = stderr
-    if match := _PASSES_RE.search(stderr):
-        result.passes = int(match.group(1))
-    if match := _DIRTY_RE.search(stderr):
-        result.max_dirty_rate = float(match.group(1)) * MB
-    if match := _EXPECTED_RE.search(stderr):
-        result.expected_downtime_ms = float(match.group(1))
-
-
-def classify(result: CaseResult, send: Child, recv: Child, finished: bool) -> None:
-    if not finished:
-        result.status, result.note = "timeout", f"killed after {CASE_TIMEOUT:.0f}s"
-        return
-    stderr = send.stderr_tail(1)
-    if result.send_code == 0 and result.recv_code == 0:
-        result.status = "converged"
-        fill_from_report(result, send.report("send"))
-    elif result.send_code == 10:
-        result.status = "no-conv"
-        fill_from_no_convergence(result, stderr)
-    else:
-        result.status = "error"
-        result.note = f"send exit {result.send_code}: {stderr} | recv exit {result.recv_code}: {recv.stderr_tail(1)}"
-
-
-def migrate(config: Config, paths: CasePaths, result: CaseResult, guests: list[Child]) -> None:
-    """Start guest (appended to ``guests``), receiver and sender, wait for the outcome, record it."""
-    guest, guest_pid = start_guest(paths, result.write_rate)
-    guests.append(guest)
-    with VmmigPair(paths.image.parent, "live") as pair:
-        address = pair.start_recv(str(paths.dest), timeout=START_TIMEOUT)
-        pair.start_send(*sender_args(config, paths, address, guest_pid, result.auto_converge))
-        send, recv = pair.children
-        sent = send.wait(CASE_TIMEOUT)
-        result.wall_s = (send.ended or time.perf_counter()) - pair.started
-        result.send_code = send.returncode
-        received = recv.wait(max(pair.started + CASE_TIMEOUT - time.perf_counter(), RECV_GRACE))
-        result.recv_code = recv.returncode
-        classify(result, send, recv, sent and received)
-    if result.converged:
-        result.guest_paused = all_threads_stopped(guest_pid)
-        verify(result, paths)
-
-
-def run_case(config: Config, workdir: Path, pristine: Path, fraction: float, auto: bool) -> CaseResult:
-    result = CaseResult(fraction=fraction, write_rate=round(fraction * config.cap), auto_converge=auto)
-    paths = CasePaths.inside(workdir)
-    remove(paths.dest, paths.partial, paths.ready, paths.pid)
-    shutil.copyfile(pristine, paths.image)
-    guests: list[Child] = []
-    try:
-        migrate(config, paths, result, guests)
-    except BenchError as exc:
-        result.status, result.note = "error", str(exc)
-    finally:
-        kill_all(guests)  # SIGKILL ends a guest stopped by --pause-pid too
-        remove(paths.dest, paths.partial, paths.ready, paths.pid)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Verification
-
-
-def compare_images(source: Path, dest: Path) -> tuple[int, int | None]:
-    """Count the pages that differ between two equally sized images; also return the first one (None if equal)."""
-    mismatches, first = 0, None
-    with (
-        open(source, "rb") as a_file,
-        open(dest, "rb") as b_file,
-        mmap.mmap(a_file.fileno(), 0, access=mmap.ACCESS_READ) as a_map,
-        mmap.mmap(b_file.fileno(), 0, access=mmap.ACCESS_READ) as b_map,
-    ):
-        for offset in range(0, len(a_map), COMPARE_CHUNK):
-            a = np.frombuffer(a_map, np.uint8, min(COMPARE_CHUNK, len(a_map) - offset), offset)
-            b = np.frombuffer(b_map, np.uint8, a.size, offset)
-            if not np.array_equal(a, b):
-                differ = np.flatnonzero((a != b).reshape(-1, PAGE_SIZE).any(axis=1))
-                first = first if first is not None else offset // PAGE_SIZE + int(differ[0])
-                mismatches += int(differ.size)
-            del a, b  # the mmaps cannot close while numpy views of them exist
-    return mismatches, first
-
-
-def verify(result: CaseResult, paths: CasePaths) -> None:
-    """DEST must equal the paused source byte for byte; anything else is a critical failure."""
-    if not paths.dest.exists() or paths.dest.stat().st_size != paths.image.stat().st_size:
-        result.status, result.verified = "MISMATCH", False
-        result.note = f"destination missing or of the wrong size: {paths.dest}"
-    else:
-        result.mismatch_pages, result.first_mismatch_page = compare_images(paths.image, paths.dest)
-        result.verified = result.mismatch_pages == 0
-        if not result.verified:
-            result.status = "MISMATCH"
-            result.note = f"{result.mismatch_pages} pages differ, first page {result.first_mismatch_page}"
-    if not result.verified:
-        paused = "paused" if result.guest_paused else "NOT paused"
-        print(f"\n!!!!! CRITICAL: destination differs from the {paused} source: {result.note} !!!!!\n", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Table
 
 
@@ -406,14 +223,18 @@ def print_notes(results: Sequence[CaseResult]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Summary and goals
+# 6. Summary and goals
 
 
 def highest_converged(config: Config, results: Sequence[CaseResult], auto: bool) -> str:
-    rates = [r.fraction for r in results if r.converged and r.auto_converge == auto]
-    if not rates:
+    converged = [r for r in results if r.converged and r.auto_converge == auto]
+    if not converged:
         return "none"
-    return f"{max(rates):.2f} x cap ({max(rates) * config.cap / MB:.1f} MB/s)"
+    top = max(converged, key=lambda r: r.fraction)
+    return (
+        f"{top.fraction:.2f} x cap ({top.fraction * config.cap / MB:.1f} MB/s written, "
+        f"{fmt(in_mb(top.max_dirty_rate), '.1f')} MB/s dirty measured)"
+    )
 
 
 def goal_fingerprint(fp: dict[str, Any]) -> tuple[str, str]:
@@ -423,12 +244,12 @@ def goal_fingerprint(fp: dict[str, Any]) -> tuple[str, str]:
     return verdict, f"fingerprint pass <= {FP_GOAL_S_PER_GIB} s/GiB at {FP_GOAL_THREADS} threads ({others} s/GiB)"
 
 
-def goal_downtime(results: Sequence[CaseResult]) -> tuple[str, str]:
+def goal_downtime(results: Sequence[CaseResult], limit_ms: float) -> tuple[str, str]:
     runs = [r for r in results if r.converged and r.fraction <= DOWNTIME_GOAL_MAX_FRACTION + 1e-9]
-    text = f"downtime <= {DOWNTIME_LIMIT_MS:.0f} ms for every converged run at <= {DOWNTIME_GOAL_MAX_FRACTION} x cap"
+    text = f"sweep: downtime <= {limit_ms:.0f} ms for every converged run at <= {DOWNTIME_GOAL_MAX_FRACTION} x cap"
     if not runs:
         return "FAIL", f"{text} (no converged run to check)"
-    over = [r for r in runs if r.downtime_ms is None or r.downtime_ms > DOWNTIME_LIMIT_MS]
+    over = [r for r in runs if r.downtime_ms is None or r.downtime_ms > limit_ms]
     worst = max(runs, key=lambda r: r.downtime_ms or float("inf"))
     detail = f"{len(runs) - len(over)}/{len(runs)} held; worst {fmt(worst.downtime_ms, '.0f')} ms at " + (
         f"{worst.fraction:.2f} x cap, AC {'yes' if worst.auto_converge else 'no'}"
@@ -436,14 +257,37 @@ def goal_downtime(results: Sequence[CaseResult]) -> tuple[str, str]:
     return ("PASS" if not over else "FAIL"), f"{text} ({detail})"
 
 
-def goal_auto_converge(results: Sequence[CaseResult]) -> tuple[str, str]:
-    text = f"auto-converge converges at {AC_GOAL_FRACTION} x cap"
+def goal_auto_converge(config: Config, results: Sequence[CaseResult]) -> tuple[str, str]:
+    text = f"sweep: auto-converge converges at {AC_GOAL_FRACTION} x cap (2 x the achieved rate)"
     runs = [r for r in results if r.auto_converge and abs(r.fraction - AC_GOAL_FRACTION) < 1e-9]
     if not runs:
         return "SKIP", f"{text} (rate not in this sweep)"
     run = runs[0]
-    detail = f"{run.status}, {fmt(run.passes, 'd')} passes, throttle {fmt(run.max_throttle, 'd')} %"
+    # the guest may not reach its configured rate on 2 shared cores: say what the sender saw
+    dirty = "-" if run.max_dirty_rate is None else f"{run.max_dirty_rate / config.cap:.2f} x cap"
+    detail = (
+        f"{run.status}, {fmt(run.passes, 'd')} passes, throttle {fmt(run.max_throttle, 'd')} %, "
+        f"highest dirty rate measured {dirty}"
+    )
     return ("PASS" if run.converged else "FAIL"), f"{text} ({detail})"
+
+
+def goals_promise(judged: dict[str, Any], config: PromiseConfig) -> list[tuple[str, str]]:
+    overall = judged["overall"]
+    checks, cases = overall["checks"], judged["cases"]
+
+    def failing(check: str) -> str:
+        names = [name for name, case in cases.items() if case["checks"][check] != "PASS"]
+        return f"; failing: {', '.join(names)}" if names else ""
+
+    runs = f"{overall['converged']}/{overall['runs']} runs converged"
+    return [
+        (checks["downtime"], f"promise: downtime <= {config.downtime_bound_ms:.0f} ms (limit + 10%) in every "
+         f"converged run ({runs}; worst {fmt(overall['worst-downtime-ms'], '.0f')} ms{failing('downtime')})"),
+        (checks["estimate"], f"promise: expected downtime within +-{live_promise.ERROR_BOUND_PCT:g}% of measured "
+         f"(worst {fmt(overall['worst-abs-error-pct'], '.1f')}%{failing('estimate')})"),
+        (checks["no-exit-10"], f"promise: no run ends in exit 10 ({overall['exit-10']} did{failing('no-exit-10')})"),
+    ]  # fmt: skip
 
 
 def goal_correctness(results: Sequence[CaseResult]) -> tuple[str, str]:
@@ -466,14 +310,22 @@ def achieved_rate_lines(config: Config, results: Sequence[CaseResult]) -> list[s
     return lines
 
 
-def summarize(config: Config, fp: dict[str, Any], results: Sequence[CaseResult]) -> dict[str, Any]:
-    goals = [goal_fingerprint(fp), goal_downtime(results), goal_auto_converge(results), goal_correctness(results)]
-    info = [
-        *achieved_rate_lines(config, results),
-        f"highest write rate converged without auto-converge: {highest_converged(config, results, False)}",
-        f"highest write rate converged with auto-converge:    {highest_converged(config, results, True)}",
-    ]
-    print("\n4. Summary")
+def summarize(config: Config, outcome: Outcome) -> dict[str, Any]:
+    goals, info = [], []
+    if outcome.fingerprint:
+        goals.append(goal_fingerprint(outcome.fingerprint))
+    if "sweep" in config.sections:
+        sweep = outcome.sweep
+        goals += [goal_downtime(sweep, config.downtime_limit_ms), goal_auto_converge(config, sweep)]
+        info = [
+            *achieved_rate_lines(config, sweep),
+            f"highest write rate converged without auto-converge: {highest_converged(config, sweep, False)}",
+            f"highest write rate converged with auto-converge:    {highest_converged(config, sweep, True)}",
+        ]
+    if outcome.promise_judged:
+        goals += goals_promise(outcome.promise_judged, config.promise)
+    goals.append(goal_correctness([*outcome.sweep, *(run.result for run in outcome.promise)]))
+    print("\n6. Summary")
     for line in info:
         print(f"   {line}")
     print("\nGoals")
@@ -486,12 +338,81 @@ def summarize(config: Config, fp: dict[str, Any], results: Sequence[CaseResult])
 # Main
 
 
+@dataclass
+class Outcome:
+    """What the sections measured (empty for a section not run)."""
+
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    sweep: list[CaseResult] = field(default_factory=list)
+    promise: list[PromiseRun] = field(default_factory=list)
+    promise_judged: dict[str, Any] = field(default_factory=dict)
+    qemu: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mismatch(self) -> bool:
+        return any(r.status == "MISMATCH" for r in [*self.sweep, *(run.result for run in self.promise)])
+
+
+def promise_config(args: argparse.Namespace, parser: argparse.ArgumentParser, limit_ms: float) -> PromiseConfig:
+    by_name = {case.name: case for case in live_promise.ALL_CASES}
+    if args.promise_cases:
+        names = [name.strip() for name in args.promise_cases.split(",") if name.strip()]
+        if unknown := [name for name in names if name not in by_name]:
+            parser.error(f"unknown --promise-cases {', '.join(unknown)} (CONTENT/CAP/CODEC, e.g. random/50M/zstd)")
+        cases = tuple(by_name[name] for name in names)
+    else:
+        cases = live_promise.QUICK_CASES if args.quick else live_promise.ALL_CASES
+    runs = args.promise_runs or (live_promise.QUICK_RUNS if args.quick else live_promise.RUNS)
+    generator = load_generator()
+    size = generator.parse_size(args.promise_size)
+    rate = generator.parse_size(args.promise_rate.removesuffix("/s"))
+    if size <= 0 or size % PAGE_SIZE or rate <= 0 or runs < 1:
+        parser.error("--promise-size must be a positive multiple of 4096, --promise-rate and --promise-runs positive")
+    return PromiseConfig(cases, runs, size, args.promise_size, rate, limit_ms)
+
+
+def qemu_config(args: argparse.Namespace, promise: PromiseConfig, limit_ms: float) -> QemuConfig | None:
+    if not args.with_qemu:
+        return None
+    caps = tuple(dict.fromkeys(case.cap_text for case in promise.cases)) or live_promise.CAPS
+    default = live_vs_qemu.QUICK_CASES if args.quick else live_vs_qemu.CASES
+    cases = tuple(c.strip() for c in args.qemu_cases.split(",") if c.strip()) if args.qemu_cases else default
+    return QemuConfig(caps, promise.write_rate, limit_ms, promise.runs, cases, args.tree)
+
+
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--size", default=None, help="image size (default 1GiB; 256MiB with --quick)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 256MiB image, write rates 0.25/0.5/1.0 x cap")
-    parser.add_argument("--cap", default="100M", help="sender --max-bandwidth in wire bytes/s (default 100M)")
-    parser.add_argument("--codec", default="none", choices=("none", "zlib", "zstd"), help="sender codec (default none)")
+    parser.add_argument("--size", default=None, help="sweep image size (default 1GiB; 256MiB with --quick)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke test: sweep on 256MiB at 0.25/0.5/1.0 x cap (and 2.0 with auto-converge); promise: 4 cases x 1 run",
+    )  # fmt: skip
+    parser.add_argument("--cap", default="100M", help="sweep: sender --max-bandwidth in wire bytes/s (default 100M)")
+    parser.add_argument(
+        "--codec", default="none", choices=("none", "zlib", "zstd", "auto"), help="sweep: sender codec (default none)"
+    )
+    parser.add_argument(
+        "--downtime-limit", default=DOWNTIME_LIMIT, help=f"sender --downtime-limit everywhere ({DOWNTIME_LIMIT})"
+    )
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)} (default all)"
+    )
+    parser.add_argument("--promise-runs", type=int, help="runs per promise case (default 3; 1 with --quick)")
+    parser.add_argument("--promise-cases", help="only these promise cases, CONTENT/CAP/CODEC comma-separated")
+    parser.add_argument(
+        "--promise-size", default=live_promise.SIZE_TEXT, help=f"promise image size (default {live_promise.SIZE_TEXT})"
+    )
+    parser.add_argument(
+        "--promise-rate", default=str(live_promise.WRITE_RATE),
+        help=f"promise guest write rate, bytes/s (default {live_promise.WRITE_RATE}: 5,000 pages/s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--with-qemu", action="store_true",
+        help="also run bench_qemu_live.py at the promise's dirty rate, caps and limit; print both side by side",
+    )  # fmt: skip
+    parser.add_argument(
+        "--qemu-cases", help=f"with --with-qemu: bench_qemu_live.py cases (default {', '.join(live_vs_qemu.CASES)})"
+    )
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="write every result to PATH")
     add_tree_option(parser)
     args = parser.parse_args(argv)
@@ -500,42 +421,59 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     size, cap = generator.parse_size(size_text), generator.parse_size(args.cap.removesuffix("/s"))
     if size <= 0 or size % PAGE_SIZE or cap <= 0:
         parser.error("--size must be a positive multiple of 4096 and --cap positive")
+    try:
+        limit_ms = parse_duration(args.downtime_limit) * 1000
+    except ValueError as exc:
+        parser.error(str(exc))
+    sections = tuple(name.strip() for name in args.sections.split(",") if name.strip())
+    if unknown := [name for name in sections if name not in SECTIONS]:
+        parser.error(f"unknown --sections {', '.join(unknown)}")
     fractions = QUICK_FRACTIONS if args.quick else FULL_FRACTIONS
-    return Config(size, size_text, cap, args.cap, args.codec, args.quick, fractions, args.json_path, args.tree)
+    promise = promise_config(args, parser, limit_ms)
+    return Config(
+        size, size_text, cap, args.cap, args.codec, args.quick, fractions, args.json_path, limit_ms, sections,
+        promise, qemu_config(args, promise, limit_ms), args.tree,
+    )  # fmt: skip
 
 
 def print_intro(config: Config) -> None:
     print(f"vmmig live-migration benchmark  {datetime.now().isoformat(timespec='seconds')}  {platform.node()}")
     print(
-        f"image {config.size_text} (mixed profile) in /dev/shm, cap {config.cap / MB:.0f} MB/s, codec {config.codec}, "
-        f"guest {GUEST_PATTERN} x{GUEST_THREADS} threads, downtime limit {DOWNTIME_LIMIT_MS:.0f} ms, "
-        f"max time {MAX_TIME}, {os.cpu_count()} CPUs"
+        f"sections {', '.join(config.sections)}{' + QEMU' if config.qemu else ''}; downtime limit "
+        f"{config.downtime_limit_ms:g} ms, max time {MAX_TIME}, {os.cpu_count()} CPUs"
     )
+    if "sweep" in config.sections:
+        print(
+            f"sweep: image {config.size_text} (mixed profile) in /dev/shm, cap {config.cap / MB:.0f} MB/s, codec "
+            f"{config.codec}, guest {GUEST_PATTERN} x{GUEST_THREADS} threads"
+        )
 
 
 def run_sweep(config: Config, workdir: Path, pristine: Path) -> list[CaseResult]:
-    print(f"\n2./3. Write-rate sweep ({len(config.fractions) * 2} live migrations)")
+    cases = config.sweep_cases()
+    print(f"\n2./3. Write-rate sweep ({len(cases)} live migrations)")
     print(table_header(), flush=True)
     results = []
-    for fraction in config.fractions:
-        for auto in (False, True):
-            result = run_case(config, workdir, pristine, fraction, auto)
-            results.append(result)
-            print(table_row(result), flush=True)
+    for fraction, auto in cases:
+        result = run_case(workdir, pristine, config.sweep_setting(fraction, auto), fraction)
+        results.append(result)
+        print(table_row(result), flush=True)
     return results
 
 
-def write_json(config: Config, fp: dict[str, Any], results: Sequence[CaseResult], summary: dict[str, Any]) -> None:
+def write_json(config: Config, outcome: Outcome, summary: dict[str, Any]) -> None:
     if not config.json_path:
         return
     document = {
-        "config": {**asdict(config), "tree": str(config.tree) if config.tree else None},
+        "config": asdict(config),
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "fingerprint": fp,
-        "cases": [asdict(r) for r in results],
+        "fingerprint": outcome.fingerprint,
+        "cases": [asdict(r) for r in outcome.sweep],
+        "promise": outcome.promise_judged,
+        "qemu": outcome.qemu,
         "summary": summary,
     }
-    Path(config.json_path).write_text(json.dumps(document, indent=2) + "\n")
+    Path(config.json_path).write_text(json.dumps(document, indent=2, default=str) + "\n")
     print(f"\nresults written to {config.json_path}")
 
 
@@ -544,20 +482,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_main(functools.partial(benchmark, config), "vmmig-bench-live-", config.tree)
 
 
+def make_pristine(path: Path, size: int) -> Path:
+    started = time.monotonic()
+    load_generator().generate(str(path), size, seed=1, profile="mixed", page_size=PAGE_SIZE)
+    print(f"generated {path.name} ({size / GIB:.2f} GiB) in {time.monotonic() - started:.1f}s", flush=True)
+    return path
+
+
 def benchmark(config: Config, workdir: Path) -> int:
     print_intro(config)
-    pristine = workdir / "pristine.ram"
     started = time.monotonic()
-    load_generator().generate(str(pristine), config.size, seed=1, profile="mixed", page_size=PAGE_SIZE)
-    print(f"generated {pristine.name} in {time.monotonic() - started:.1f}s")
-    fp = bench_fingerprint(pristine)
-    print_fingerprint(fp, config.size)
-    results = run_sweep(config, workdir, pristine)
-    print_notes(results)
-    summary = summarize(config, fp, results)
-    write_json(config, fp, results, summary)
+    outcome = Outcome()
+    if {"fingerprint", "sweep"} & set(config.sections):
+        pristine = make_pristine(workdir / "pristine.ram", config.size)
+        if "fingerprint" in config.sections:
+            outcome.fingerprint = bench_fingerprint(pristine)
+            print_fingerprint(outcome.fingerprint, config.size)
+        if "sweep" in config.sections:
+            outcome.sweep = run_sweep(config, workdir, pristine)
+            print_notes(outcome.sweep)
+        pristine.unlink()
+    if "promise" in config.sections:
+        pristine = make_pristine(workdir / "promise.ram", config.promise.size)
+        outcome.promise = live_promise.run_promise(config.promise, workdir, pristine)
+        outcome.promise_judged = live_promise.judge_promise(outcome.promise, config.promise)
+        pristine.unlink()
+    if config.qemu is not None:
+        outcome.qemu = live_vs_qemu.run_with_qemu(config.qemu, workdir, outcome.promise)
+    summary = summarize(config, outcome)
+    write_json(config, outcome, summary)
     print(f"\ntotal time {time.monotonic() - started:.0f}s")
-    if any(r.status == "MISMATCH" for r in results):
+    if outcome.mismatch:
         print("\nCRITICAL: at least one destination differed from its paused source", file=sys.stderr)
         return 1
     return 0

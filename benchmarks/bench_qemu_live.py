@@ -9,16 +9,18 @@ every second, ``DATA OK n`` after re-checksumming 32 MiB it holds in RAM every t
 destination QEMU with ``-S -incoming defer`` and its own, empty RAM file), and moved over 127.0.0.1 by:
 
 * ``qemu plain`` -- QEMU's own live migration of all the RAM (no ``x-ignore-shared``: nobody pre-copies the
-  destination file). Both sides: ``migrate-set-parameters`` ``max-bandwidth`` 1 TiB/s (QEMU's default is 32 MiB/s)
-  and ``downtime-limit`` 300 ms; ``migrate-incoming tcp:127.0.0.1:PORT`` on the destination, ``migrate`` on the
-  source, ``query-migrate`` polled every 5 ms until ``completed``, then the destination's ``query-status`` until
-  it leaves ``inmigrate`` and ``cont`` (it is ``paused``: ``-S``).
+  destination file). Both sides: ``migrate-set-parameters`` ``max-bandwidth`` ``--cap`` in bytes/s (without it
+  1 TiB/s; QEMU's default is 32 MiB/s) and ``downtime-limit`` ``--downtime-limit`` (default 300 ms);
+  ``migrate-incoming tcp:127.0.0.1:PORT`` on the destination, ``migrate`` on the source, ``query-migrate`` polled
+  every 5 ms until ``completed``, then the destination's ``query-status`` until it leaves ``inmigrate`` and
+  ``cont`` (it is ``paused``: ``-S``).
 * ``qemu multifd-zstd`` -- the same with capability ``multifd``, ``multifd-channels`` 2 and ``multifd-compression``
   zstd on both sides.
 * ``vmmig zlib``, ``vmmig zstd`` -- ``vmmig recv --listen 127.0.0.1:0 --ready-file F --in-place --qmp DEST.qmp
   --json --quiet DEST.ram`` and ``vmmig send --live SRC.ram ADDR --qmp SRC.qmp --qemu-handoff --compress CODEC
-  --json --quiet``: vmmig pre-copies the RAM live, stops the source, sends the last pass, verifies it, lets QEMU
-  move only the device state (``x-ignore-shared``) and the receiver ``cont``s the destination.
+  --downtime-limit LIMIT [--max-bandwidth CAP] --json --quiet``: vmmig pre-copies the RAM live, stops the source,
+  sends the last pass, verifies it, lets QEMU move only the device state (``x-ignore-shared``) and the receiver
+  ``cont``s the destination.
 
 After every run the guest must continue on the destination: the source's serial log followed by the
 destination's must be one consecutive heartbeat sequence (no reboot, no gap) that goes past the source's last
@@ -45,10 +47,16 @@ Columns
   recv; ``other CPU s`` -- everything else on the machine in that window (about 0 on a quiet machine).
 * ``continued`` -- the guest check above, for every repeat.
 
-MB = 10^6 bytes. With ``--repeat N`` (default 3) the cases run in N interleaved rounds and medians are shown.
-Exit status 1 only if a migration failed or the guest did not continue; 0 otherwise.
+Below the table, per case: QEMU's ``ram.dirty-pages-rate`` x 4 KiB at the end (QEMU 7.2 often leaves it at 0 on
+so short a migration) and vmmig's highest pass ``dirty-rate`` and ``expected-downtime`` (its estimate at the
+switchover decision).
 
-    .venv/bin/python benchmarks/bench_qemu_live.py [--quick] [--repeat 3] [--write-mb 4] [--cases ...] [--json F]
+MB = 10^6 bytes. With ``--repeat N`` (default 3) the cases run in N interleaved rounds and medians are shown.
+Exit status 1 only if a migration failed or the guest did not continue; 0 otherwise. ``--cap`` and ``--write-mb``
+let ``bench_live.py --with-qemu`` run this guest at the same dirty rate, cap and limit as its own simulated guest.
+
+    .venv/bin/python benchmarks/bench_qemu_live.py [--quick] [--repeat 3] [--write-mb 4] [--cap 50M]
+        [--downtime-limit 300ms] [--cases ...] [--json F]
 
 Needs qemu-system-x86_64 and the guest built by ``examples/qemu/build_guest.sh`` (``examples/qemu/build/``).
 """
@@ -86,8 +94,11 @@ from harness import (
     run_main,
 )
 
+from migrate_cli.units import parse_duration, parse_rate
+
 MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" for QEMU
-DOWNTIME_LIMIT_MS = 300
+DOWNTIME_LIMIT = "300ms"
+PAGE = 4096  # QEMU's target page size on x86
 BOOT_TIMEOUT = 180.0
 READY_TIMEOUT = 30.0
 MIGRATE_TIMEOUT = 300.0
@@ -190,10 +201,10 @@ def finish_window(run: Run, win: Window, t1: float, case_cpu: float) -> None:
     run.other_cpu_s = max(0.0, machine_busy_s() - win.busy0 - (own_cpu_s() - win.own0) - case_cpu)
 
 
-def migrate_qemu(run: Run, src: Any, dst: Any, multifd: bool) -> None:
+def migrate_qemu(run: Run, src: Any, dst: Any, multifd: bool, args: argparse.Namespace) -> None:
     uri = f"tcp:127.0.0.1:{free_port()}"
     caps = [{"capability": "multifd", "state": True}] if multifd else []
-    params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS}
+    params: dict[str, Any] = {"max-bandwidth": args.cap_bytes or MAX_BANDWIDTH, "downtime-limit": args.limit_ms}
     if multifd:
         params.update({"multifd-channels": 2, "multifd-compression": "zstd"})
     with src.qmp() as sq, dst.qmp() as dq:
@@ -237,6 +248,7 @@ def migrate_qemu(run: Run, src: Any, dst: Any, multifd: bool) -> None:
                 "ram-duplicate-pages": ram.get("duplicate"),
                 "ram-mbps": ram.get("mbps"),
                 "multifd-bytes": ram.get("multifd-bytes"),
+                "dirty-rate": None if ram.get("dirty-pages-rate") is None else ram["dirty-pages-rate"] * PAGE,
             }
         )
         stops = [e for e in sq.events if e.get("event") == "STOP"]
@@ -252,16 +264,18 @@ def qemu_cpu_s(*guests: Any) -> float:
     return sum(proc_cpu_s(guest.pid) or 0.0 for guest in guests)
 
 
-def migrate_vmmig(run: Run, src: Any, dst: Any, codec: str, workdir: Path) -> None:
+def migrate_vmmig(run: Run, src: Any, dst: Any, codec: str, workdir: Path, args: argparse.Namespace) -> None:
     with VmmigPair(workdir, f"vmmig {codec}") as pair:
         addr = pair.start_recv("--in-place", "--qmp", str(dst.qmp_path), str(dst.ram_path), timeout=READY_TIMEOUT)
         assert pair.recv is not None
         qemu_cpu0 = qemu_cpu_s(src, dst)
         recv_cpu0 = pair.recv.live_cpu_s() or 0.0
         win = Window()
+        cap = ["--max-bandwidth", args.cap] if args.cap else []
         pair.start_send(
-            "--live", str(src.ram_path), addr, "--qmp", str(src.qmp_path), "--qemu-handoff", "--compress", codec
-        )
+            "--live", str(src.ram_path), addr, "--qmp", str(src.qmp_path), "--qemu-handoff", "--compress", codec,
+            "--downtime-limit", f"{args.limit_ms}ms", *cap,
+        )  # fmt: skip
         try:
             pair.wait(MIGRATE_TIMEOUT)
         finally:
@@ -287,6 +301,8 @@ def migrate_vmmig(run: Run, src: Any, dst: Any, codec: str, workdir: Path) -> No
                 "converged": report.get("converged"),
                 "compression-ratio": report.get("compression-ratio"),
                 "pass-pages": [p.get("pages") for p in report.get("passes") or []],
+                "dirty-rate": max((p.get("dirty-rate") or 0 for p in report.get("passes") or []), default=None),
+                "expected-downtime": report.get("expected-downtime"),
                 "send-cpu-s": send.cpu_s,
                 "recv-cpu-s": recv.cpu_s,
             }
@@ -346,9 +362,9 @@ def run_case(case: str, rnd: int, args: argparse.Namespace, workdir: Path, ramdi
         run.boot_s = time.monotonic() - src.started
         dst = start_dest(casedir, dst_ram, args.write_mb)
         if case.startswith("qemu "):
-            migrate_qemu(run, src, dst, multifd=case == "qemu multifd-zstd")
+            migrate_qemu(run, src, dst, case == "qemu multifd-zstd", args)
         else:
-            migrate_vmmig(run, src, dst, case.split()[1], casedir)
+            migrate_vmmig(run, src, dst, case.split()[1], casedir, args)
         check_continued(run, src, dst)
     except (BenchError, TimeoutError, RuntimeError, OSError, rg.QmpError, KeyError, ValueError) as exc:
         run.error = f"{type(exc).__name__}: {exc}"
@@ -464,7 +480,8 @@ def print_details(cases: Sequence[str], runs: Sequence[Run]) -> None:
                 f"  {case}: setup-time {fmt(med('setup-time'), '.0f')}ms, ram.total {fmt(mb(med('ram-total')))}MB, "
                 f"normal pages {fmt(med('ram-normal-pages'), '.0f')}, "
                 f"zero pages {fmt(med('ram-duplicate-pages'), '.0f')}, "
-                f"multifd-bytes {fmt(mb(med('multifd-bytes')))}MB, ram.mbps {fmt(med('ram-mbps'), '.0f')}"
+                f"multifd-bytes {fmt(mb(med('multifd-bytes')))}MB, ram.mbps {fmt(med('ram-mbps'), '.0f')}, "
+                f"ram.dirty-pages-rate x 4 KiB {fmt(mb(med('dirty-rate')))}MB/s"
             )
         else:
             sw = {k: fmt(med("switchover", k), ".0f") for k in ("pause", "scan", "send", "verify")}
@@ -473,7 +490,8 @@ def print_details(cases: Sequence[str], runs: Sequence[Run]) -> None:
                 f", device state {fmt(med('qemu-stream-bytes'), '.0f')} B, qemu-migrate "
                 f"{fmt(med('qemu-migrate'), '.0f')}ms, switchover ms {sw} (verify = the rest of the downtime: "
                 f"digest check, device state, cont), compression-ratio {fmt(med('compression-ratio'), '.2f')}, "
-                f"send CPU {fmt(med('send-cpu-s'))}s, recv CPU {fmt(med('recv-cpu-s'))}s"
+                f"send CPU {fmt(med('send-cpu-s'))}s, recv CPU {fmt(med('recv-cpu-s'))}s, "
+                f"dirty {fmt(mb(med('dirty-rate')))}MB/s, expected-downtime {fmt(med('expected-downtime'), '.0f')}ms"
             )
 
 
@@ -485,6 +503,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     ap.add_argument("--quick", action="store_true", help="one round (--repeat 1)")
     ap.add_argument("--write-mb", type=int, default=4, help="MiB of RAM the guest rewrites every second (default 4)")
+    ap.add_argument("--cap", help="max-bandwidth of both tools, bytes/s (e.g. 50M; default: QEMU 1 TiB/s, vmmig none)")
+    ap.add_argument("--downtime-limit", default=DOWNTIME_LIMIT, help=f"of both tools (default {DOWNTIME_LIMIT})")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
     ap.add_argument("--json", type=Path, help="also write every run as JSON here")
     add_tree_option(ap)
@@ -493,6 +513,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.repeat = 1
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    try:
+        args.cap_bytes = parse_rate(args.cap) if args.cap else None
+        args.limit_ms = round(parse_duration(args.downtime_limit) * 1000)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.cap and not args.cap_bytes:
+        ap.error("--cap must be a positive rate")
     args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.case_list if c not in CASES]
     if unknown:
@@ -504,6 +531,8 @@ def benchmark(args: argparse.Namespace, workdir: Path, ramdir: Path) -> int:
     version = subprocess.run([rg.QEMU, "--version"], capture_output=True, text=True, timeout=30).stdout
     print(f"QEMU: {version.splitlines()[0] if version else 'unknown'} (TCG)")
     print(f"guest: {rg.DEFAULT_MEM_MB} MiB RAM on /dev/shm, write_mb {args.write_mb}; kernel {rg.kernel_paths()[0]}")
+    cap = f"{args.cap} ({args.cap_bytes} bytes/s)" if args.cap else "none (QEMU 1 TiB/s)"
+    print(f"max-bandwidth: {cap}; downtime-limit {args.limit_ms} ms (both tools)")
     print(f"cases: {', '.join(args.case_list)}; {args.repeat} interleaved round(s); {os.cpu_count()} CPUs")
     print(f"load average at start: {loadavg()}", flush=True)
     runs: list[Run] = []
