@@ -83,15 +83,21 @@ def test_garbage_on_a_second_channel_fails_the_migration_cleanly(procs: Processe
 
 
 def test_a_channel_from_another_session_is_refused(procs: Processes, tmp_path: Path) -> None:
-    """A channel of another session is turned away alone; the session it tried to join goes on waiting."""
+    """A channel of another session is turned away alone; the session it tried to join goes on waiting.
+
+    Each connection's HELLO is read by a handshake thread of its own, so either may reach the receiver first: the
+    one that does starts a session, the other is "another session"; the first then waits for its missing channel
+    until --handshake-timeout."""
     dest = tmp_path / "dest.img"
     recv = procs.recv(dest, "--handshake-timeout", "2s")
     first, second = FakePeer.connect(recv.address), FakePeer.connect(recv.address)
     first.send(hello(0))
     second.send(hello(1, session=b"x" * 16))
-    abort = second.read_until(Abort)
-    assert isinstance(abort, Abort) and "another session" in abort.message
-    assert isinstance(first.read_until(Abort), Abort)  # its channel 1 never came: turned away at the timeout
+    aborts = [first.read_until(Abort), second.read_until(Abort)]
+    assert all(isinstance(abort, Abort) for abort in aborts)
+    messages = sorted(abort.message for abort in aborts if isinstance(abort, Abort))
+    assert sum("another session" in message for message in messages) == 1, messages
+    assert sum("did not connect within --handshake-timeout" in message for message in messages) == 1, messages
     assert not Path(f"{dest}.partial").exists()
     err = still_serves(procs, recv, tmp_path)
     assert "another session" in err and "did not connect within --handshake-timeout" in err
