@@ -123,6 +123,7 @@ class Copy:
         return DowntimeEstimator(
             source.array.reshape(source.pages, source.page_size), self.pipeline.codec, self.pipeline.level,
             self.bucket, SwitchoverCost.for_guest(kind, opts.qemu_handoff), self.auto,
+            batch_pages=self.pipeline.batch_pages, threads=self.threads,
         )  # fmt: skip
 
     def _throttle_maker(self) -> Callable[[], GuestThrottle] | None:
