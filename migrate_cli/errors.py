@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     AUTH = 15  # TLS: the peer failed authentication, or does not speak TLS when we do (or the reverse)
     RESUME_REFUSED = 16  # --resume: nothing to resume, or the session belongs to another image or other options
     STALLED = 17  # --progress-timeout: no progress for that long; resumable, never retried by --retries
+    NO_SENDER = 18  # recv --accept-timeout: no sender completed a handshake within that time
     SIGINT = 130  # interrupted (Ctrl-C), after cleanup
     SIGTERM = 143  # terminated, after cleanup
 
@@ -158,6 +159,12 @@ class Stalled(MigrateError):
 
     exit_code = ExitCode.STALLED
     resumable = True
+
+
+class NoSender(MigrateError):
+    """recv --accept-timeout: no sender completed a handshake (a HELLO this session can take) within that time."""
+
+    exit_code = ExitCode.NO_SENDER
 
 
 def is_stall(error: BaseException) -> bool:

@@ -35,33 +35,38 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def write_whole(fd: int, data: bytes, mode: int) -> None:
-    """Give a file we just created its mode and all of ``data``, synced to disk; the fd is closed either way."""
+def write_whole(fd: int, data: bytes, mode: int, sync: bool = True) -> None:
+    """Give a file we just created its mode and all of ``data``, synced to disk (unless not ``sync``); the fd is
+    closed either way."""
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
     """Write ``path`` whole: a new file under an unpredictable name beside it (written, fsynced, given ``mode``),
     renamed over ``path``. A reader sees the old content or the new, never a torn file; whatever was at ``path``
-    (a file, a symlink, a hard link to something else) is replaced, never written through."""
+    (a file, a symlink, a hard link to something else) is replaced, never written through. Without ``sync``
+    neither the file nor the rename is fsynced (a file rewritten every second, whose loss in a crash costs
+    nothing)."""
     directory = os.path.dirname(os.path.abspath(path))
     prefix = f".{os.path.basename(path)[:100]}."  # the temporary name stays within NAME_MAX
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
-        write_whole(fd, data, mode)
+        write_whole(fd, data, mode, sync)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_directory(path)
+    if sync:
+        fsync_directory(path)
 
 
 def create_exclusive(path: str, mode: int = 0o600, flags: int = os.O_WRONLY) -> int:

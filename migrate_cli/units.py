@@ -2,7 +2,9 @@
 
 Sizes: a number with an optional suffix. ``K M G T`` are powers of 10 (350M = 350,000,000), ``KiB MiB GiB TiB``
 (also ``Ki Mi Gi Ti``) are powers of 2, ``B`` or no suffix means bytes. Rates are sizes per second (a trailing
-``/s`` is accepted). Durations need a unit: ``ms s m h``. Reports use MB = 10^6 bytes.
+``/s`` or ``ps`` is accepted) or bits per second: ``bit Kbit Mbit Gbit Tbit`` (``Kibit`` ...), ``bps Kbps Mbps``.
+A lowercase ``b`` right after a prefix (``100Mb``, ``1Mib``) is refused: it reads as bits to some and bytes to
+others, and the two differ eightfold. Durations need a unit: ``ms s m h``. Reports use MB = 10^6 bytes.
 
 Every parser raises ValueError with a one-line message for any text it refuses, a huge number included (never
 OverflowError): the CLI turns it into a usage error, `vmmig ctl ... set` into a refused request.
@@ -15,6 +17,9 @@ import re
 from fractions import Fraction
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# A rate: a size's number and unit, then optionally "/s" or "ps" (Mbps, MBps); the unit is matched lazily so
+# that "ps" goes to the last group.
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*?)(/s|ps)?\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 
 _SIZE_UNITS: dict[str, int] = {
@@ -37,6 +42,7 @@ _SIZE_UNITS: dict[str, int] = {
     "gib": 2**30,
     "tib": 2**40,
 }
+_PREFIXES = ("k", "m", "g", "t", "ki", "mi", "gi", "ti")  # the keys of _SIZE_UNITS that a "B" or "bit" may follow
 _DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 MAX_SIZE = 2**63 - 1  # bytes, and bytes per second: what a signed 64-bit field or an off_t holds
@@ -45,22 +51,44 @@ _MAX_DIGITS = 40  # a number longer than this is refused before it is converted 
 
 
 def parse_size(text: str) -> int:
-    """Parse ``"350M"`` -> 350_000_000, ``"1GiB"`` -> 1_073_741_824, ``"4096"`` -> 4096."""
+    """Parse ``"350M"`` -> 350_000_000, ``"1GiB"`` -> 1_073_741_824, ``"4096"`` -> 4096. Bits are refused."""
     shown = _shown(text)
     match = _SIZE_RE.match(text)
     if not match:
         raise ValueError(f"invalid size {shown}: expected a number with an optional unit such as 4KiB, 350M, 1GiB")
     number, unit = match.groups()
+    if unit.lower().endswith("bit") or _lowercase_b(unit):
+        bytes_unit = _prefix_shown(unit.lower().removesuffix("bit").removesuffix("b")) + "B"
+        raise ValueError(
+            f"invalid size {shown}: a size is in bytes, and {unit!r} reads as bits: write {number}{bytes_unit} "
+            "(bits are for rates only)"
+        )
+    return _bytes(shown, number, unit, Fraction(1), "size")
+
+
+def _bytes(shown: str, number: str, unit: str, scale: Fraction, kind: str) -> int:
+    """``number`` times ``unit``'s factor times ``scale`` (1/8 for bits), checked whole and in range."""
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"invalid size {shown}: unknown unit {unit!r} (use K, M, G, T or KiB, MiB, GiB, TiB)")
-    _check_digits(shown, number, "size")
-    value = Fraction(number) * factor  # exact: 1.1G is 1,100,000,000 bytes, not a float near it
+        raise ValueError(f"invalid {kind} {shown}: unknown unit {unit!r} (use K, M, G, T or KiB, MiB, GiB, TiB)")
+    _check_digits(shown, number, kind)
+    value = Fraction(number) * factor * scale  # exact: 1.1G is 1,100,000,000 bytes, not a float near it
     if value.denominator != 1:
-        raise ValueError(f"invalid size {shown}: not a whole number of bytes")
+        bits = " (8 bits each)" if scale != 1 else ""
+        raise ValueError(f"invalid {kind} {shown}: not a whole number of bytes{bits}")
     if value > MAX_SIZE:
-        raise ValueError(f"invalid size {shown}: more than the maximum of {MAX_SIZE} bytes")
+        raise ValueError(f"invalid {kind} {shown}: more than the maximum of {MAX_SIZE} bytes")
     return int(value)
+
+
+def _lowercase_b(unit: str) -> bool:
+    """``unit`` is a prefix and a lowercase b (Mb, kb, Mib): bits to network people, bytes to others."""
+    return unit.endswith("b") and unit[:-1].lower() in _PREFIXES
+
+
+def _prefix_shown(prefix: str) -> str:
+    """A prefix as the docs write it: K M G T, Ki Mi Gi Ti."""
+    return prefix[:1].upper() + prefix[1:].lower()
 
 
 def _shown(text: str) -> str:
@@ -74,13 +102,35 @@ def _check_digits(shown: str, number: str, kind: str) -> None:
 
 
 def parse_rate(text: str) -> int | None:
-    """Parse a bandwidth in bytes per second; ``0`` or ``unlimited`` means no cap (None)."""
+    """Parse a bandwidth into bytes per second; ``0`` or ``unlimited`` means no cap (None).
+
+    Bytes as for sizes (``350M``, ``100MiB/s``, ``100MBps``) or bits (``100Mbit``, ``100Mbit/s``, ``100Mbps``,
+    ``10Gbit``): a bit rate must come to a whole number of bytes. ``100Mb`` is refused, naming both readings.
+    Errors of the byte forms say "invalid size", as they always did: scripts match on that.
+    """
     stripped = text.strip()
     if stripped.lower() in ("unlimited", "none", "inf"):
         return None
-    if stripped.lower().endswith("/s"):
-        stripped = stripped[:-2]
-    value = parse_size(stripped)  # its errors say "invalid size": scripts match on that
+    shown = _shown(text)
+    match = _RATE_RE.match(stripped)
+    if match is None:
+        return parse_size(stripped) or None  # its error names the malformed text
+    number, unit, per = match.groups()
+    lowered = unit.lower()
+    if lowered.endswith("bit") and lowered[:-3] in ("", *_PREFIXES):
+        value = _bytes(shown, number, lowered[:-3], Fraction(1, 8), "rate")
+    elif per is not None and per.lower() == "ps" and unit.endswith("b") and lowered[:-1] in ("", *_PREFIXES):
+        value = _bytes(shown, number, lowered[:-1], Fraction(1, 8), "rate")  # bps, Mbps: bits by convention
+    elif _lowercase_b(unit):
+        prefix, suffix = _prefix_shown(unit[:-1]), per or ""
+        raise ValueError(
+            f"invalid rate {shown}: {unit!r} is bits to some and bytes to others: "
+            f"write {number}{prefix}B{suffix} for bytes or {number}{prefix}bit{suffix} for bits"
+        )
+    elif per is not None and per.lower() == "ps" and not unit:
+        raise ValueError(f"invalid rate {shown}: 'ps' needs a unit before it, as in 100Mbps or 100MBps")
+    else:
+        value = parse_size(f"{number}{unit}")  # its errors say "invalid size": scripts match on that
     return value or None
 
 

@@ -129,6 +129,14 @@ def private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
 
 
+@pytest.fixture(autouse=True)
+def no_vmmig_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees only the options it gives: a VMMIG_* variable of the shell running the tests (options of
+    send and recv come from such variables) is removed, for the vmmig processes the test starts too."""
+    for name in [name for name in os.environ if name.startswith("VMMIG_")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Processes]:
     processes = Processes(tmp_path)

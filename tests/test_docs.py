@@ -23,6 +23,8 @@ COMMANDS = {
     ("ctl",): "## vmmig ctl",
     ("tls", "init"): "## vmmig tls init",
     ("analyze",): "## vmmig analyze",
+    ("save",): "## vmmig save",
+    ("restore",): "## vmmig restore",
 }
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 

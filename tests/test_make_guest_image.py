@@ -81,7 +81,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         ("1GiB", 1 << 30),
         ("1TiB", 1 << 40),
         ("1.5KiB", 1536),
-        (" 64 mib ", 64 * MiB),
+        (" 64 MiB ", 64 * MiB),
     ],
 )
 def test_parse_size_accepts_decimal_and_binary_units(mgi: ModuleType, text: str, expected: int) -> None:

@@ -83,3 +83,66 @@ def test_durations_beyond_a_year_are_value_errors(text: str) -> None:
 
 def test_a_year_is_the_longest_duration() -> None:
     assert parse_duration("8760h") == 365 * 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("100Mbit", 12_500_000),
+        ("100Mbit/s", 12_500_000),
+        ("100Mbps", 12_500_000),
+        ("10Gbit", 1_250_000_000),
+        ("8Kbit", 1000),
+        ("1Tbit", 125_000_000_000),
+        ("800bps", 100),
+        ("64bit/s", 8),
+        ("1Mibit", 1 << 17),
+        ("1.5Mbit", 187_500),
+    ],
+)
+def test_rates_also_accept_bits_per_second(text: str, expected: int) -> None:
+    assert parse_rate(text) == expected
+
+
+def test_a_capital_b_before_ps_is_bytes_per_second() -> None:
+    assert parse_rate("100MBps") == 100_000_000
+    assert parse_rate("100MiBps") == 100 << 20
+
+
+@pytest.mark.parametrize(
+    ("text", "bytes_form", "bits_form"),
+    [
+        ("100Mb", "100MB", "100Mbit"),
+        ("1Gb", "1GB", "1Gbit"),
+        ("10Kb", "10KB", "10Kbit"),
+        ("1Mib", "1MiB", "1Mibit"),
+        ("100mb", "100MB", "100Mbit"),
+        ("100Mb/s", "100MB/s", "100Mbit/s"),
+    ],
+)
+def test_a_lowercase_b_after_a_prefix_is_refused_naming_both_readings(
+    text: str, bytes_form: str, bits_form: str
+) -> None:
+    with pytest.raises(ValueError, match=f"write {bytes_form} for bytes or {bits_form} for bits"):
+        parse_rate(text)
+
+
+@pytest.mark.parametrize("text", ["4Kbit", "1Mbit", "4Kb", "1Mib", "4kb"])
+def test_sizes_refuse_bits(text: str) -> None:
+    with pytest.raises(ValueError, match="bits are for rates only"):
+        parse_size(text)
+
+
+def test_a_bit_rate_that_is_not_a_whole_number_of_bytes_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a whole number of bytes"):
+        parse_rate("1bps")
+
+
+def test_ps_alone_is_not_a_unit() -> None:
+    with pytest.raises(ValueError, match="needs a unit"):
+        parse_rate("100ps")
+
+
+def test_a_plain_b_still_means_bytes() -> None:
+    assert parse_size("10b") == 10
+    assert parse_rate("10b/s") == 10

@@ -18,5 +18,7 @@ def main() -> None:
     On the source:       vmmig send /dev/shm/vm.ram desthost:4444 --max-bandwidth 350M
 
     Both exit 0 only when the destination holds a byte-identical image, checked by a 128-bit digest on both
-    ends. Sizes take K/M/G/T (powers of 10) or KiB/MiB/GiB/TiB (powers of 2); durations need a unit (300ms, 2s).
+    ends. Sizes take K/M/G/T (powers of 10) or KiB/MiB/GiB/TiB (powers of 2); rates also bits (100Mbit, 1Gbps);
+    durations need a unit (300ms, 2s). Options of send and recv can also be set as VMMIG_SEND_<OPTION> and
+    VMMIG_RECV_<OPTION> (each --help names them), except those that authorise or destroy.
     """

@@ -55,11 +55,18 @@ def page_size_option(ctx: click.Context, param: click.Parameter, value: int) -> 
     return value
 
 
-def tls_options(cert: str | None, key: str | None, ca: str | None, peer_name: str | None) -> Any:
+def tls_options(
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+    peer_name: str | None,
+    directory: str | None = None,
+    host: str | None = None,
+) -> Any:
     from ..net.tls import TlsOptions
 
     try:
-        return TlsOptions.from_cli(cert, key, ca, peer_name)
+        return TlsOptions.from_cli(cert, key, ca, peer_name, directory, host)
     except MigrateError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -117,6 +124,20 @@ common_options = [
     click.option(
         "--verbose", "-v", is_flag=True, help="Without a terminal: also print each phase (connected, allocated, ...)."
     ),
+    click.option(
+        "--tls-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        metavar="DIR",
+        help="TLS from a `vmmig tls init` directory: DIR/ca.pem and this host's DIR/HOST.pem and DIR/HOST.key. "
+        "--tls-cert, --tls-key and --tls-ca, when given, win over its files.",
+    ),
+    click.option(
+        "--tls-host",
+        default=None,
+        metavar="HOST",
+        help="Which HOST.pem/HOST.key pair of --tls-dir is this end's [default: the only one there].",
+    ),
     click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="This end's certificate (PEM)."),
     click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="This end's private key (PEM)."),
     click.option(
@@ -149,6 +170,15 @@ common_options = [
         default=None,
         metavar="FILE",
         help="Write NDJSON statistics to FILE ('-' for stdout): one object a second and one per pass (docs/STATS.md).",
+    ),
+    click.option(
+        "--metrics",
+        "metrics_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        metavar="FILE",
+        help="Write Prometheus metrics to FILE (text format, replaced atomically once a second and at exit, for "
+        "node_exporter's textfile collector; docs/STATS.md).",
     ),
 ]
 

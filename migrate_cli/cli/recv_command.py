@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from .app import main
 from .params import DURATION, EXIT_CODES_HELP, TIMEOUT, execute, tls_options, with_common
@@ -15,8 +16,23 @@ from .params import DURATION, EXIT_CODES_HELP, TIMEOUT, execute, tls_options, wi
     "listen_address",
     default="127.0.0.1:4444",
     show_default=True,
-    metavar="HOST:PORT",
-    help="Address to listen on; port 0 picks a free one; IPv6 as [::1]:4444.",
+    metavar="HOST:PORT|unix:PATH",
+    help="Address to listen on; port 0 picks a free one; IPv6 as [::1]:4444; unix:PATH a unix socket (created "
+    "0600, removed at exit).",
+)
+@click.option(
+    "--stdio",
+    is_flag=True,
+    help="Speak the protocol on standard input and output (`vmmig send IMAGE 'exec:ssh HOST vmmig recv --stdio "
+    "DEST'`): one sender, no listening, no waiting after it; excludes --listen, --json and --stats -. A kept "
+    "DEST.partial is continued only by a sender resuming that same session.",
+)
+@click.option(
+    "--accept-timeout",
+    type=TIMEOUT,
+    default=None,
+    help="Give up when no sender completes a handshake within this long (exit 18): a CI job never hangs on a "
+    "sender that never comes. [default: wait forever]",
 )
 @click.option(
     "--insecure",
@@ -37,7 +53,7 @@ from .params import DURATION, EXIT_CODES_HELP, TIMEOUT, execute, tls_options, wi
     "--ready-file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Write the bound HOST:PORT here once accepting connections (for scripts using port 0).",
+    help="Write the bound HOST:PORT (or unix:PATH) here once accepting connections (for scripts using port 0).",
 )
 @click.option(
     "--qmp",
@@ -90,6 +106,8 @@ from .params import DURATION, EXIT_CODES_HELP, TIMEOUT, execute, tls_options, wi
 def recv(
     destination: str | None,
     listen_address: str,
+    stdio: bool,
+    accept_timeout: float | None,
     insecure: bool,
     force: bool,
     keep_partial: bool,
@@ -108,6 +126,8 @@ def recv(
     quiet: bool,
     debug: bool,
     verbose: bool,
+    tls_dir: str | None,
+    tls_host: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca: str | None,
@@ -115,6 +135,7 @@ def recv(
     handshake_timeout: float,
     control: str | None,
     stats_path: str | None,
+    metrics_path: str | None,
 ) -> None:
     """Receive one migration into DEST, then exit.
 
@@ -133,10 +154,14 @@ def recv(
       vmmig recv --listen 127.0.0.1:0 --ready-file port.txt out.img
       vmmig recv --discard --control /run/vmmig-recv.sock          # measure the link, keep nothing
       vmmig recv --resume /dev/shm/vm.ram                          # continue an interrupted migration
+      vmmig recv --listen unix:/run/vmmig.sock /dev/shm/vm.ram
+      vmmig recv --stdio /dev/shm/vm.ram            # run by `vmmig send IMAGE 'exec:ssh HOST vmmig recv ...'`
     """
     from ..receiver.options import RecvOptions
     from ..receiver.session import run
 
+    if stdio and click.get_current_context().get_parameter_source("listen_address") is ParameterSource.COMMANDLINE:
+        raise click.UsageError("--stdio speaks on standard input and output: it listens nowhere (drop --listen)")
     if (destination is None) == (not discard):  # an argument given or not: only click sees it (RecvOptions.check)
         raise click.UsageError("give DEST, or --discard to keep nothing (not both)")
     opts = RecvOptions(
@@ -158,10 +183,13 @@ def recv(
         on_failure=on_failure,
         control=control,
         stats_path=stats_path,
+        metrics_path=metrics_path,
         verbose=verbose,
-        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
+        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name, tls_dir, tls_host),
         handshake_timeout=handshake_timeout,
         resume=resume,
         resume_window=resume_window,
+        stdio=stdio,
+        accept_timeout=accept_timeout,
     )
     execute("recv", debug, lambda: run(opts))  # run checks the option combinations first (RecvOptions.check)

@@ -23,7 +23,7 @@ from .params import (
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("source", metavar="IMAGE")
-@click.argument("destination", metavar="HOST:PORT")
+@click.argument("destination", metavar="DESTINATION")
 @click.option(
     "--compress",
     "codec",
@@ -46,7 +46,7 @@ from .params import (
     type=RATE,
     default="0",
     show_default=True,
-    help="Cap on wire bytes per second, e.g. 350M or 100MiB; 0 or 'unlimited' for none.",
+    help="Cap on wire bytes per second, e.g. 350M or 100MiB, or in bits 1Gbit; 0 or 'unlimited' for none.",
 )
 @click.option(
     "--page-size",
@@ -161,7 +161,7 @@ from .params import (
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue the interrupted migration of IMAGE to HOST:PORT (after a dropped link or a killed vmmig): "
+    help="Continue the interrupted migration of IMAGE to DESTINATION (after a dropped link or a killed vmmig): "
     "only pages the receiver lacks or that changed since are sent. Same image and options required.",
 )
 @click.option(
@@ -178,6 +178,12 @@ from .params import (
     default=None,
     help="Where the session is recorded for --resume [default: $XDG_STATE_HOME/vmmig/send-<hash>.json, "
     "~/.local/state without XDG_STATE_HOME].",
+)
+@click.option(
+    "--bind",
+    default=None,
+    metavar="ADDR",
+    help="Local address to connect from (HOST or HOST:PORT; a dedicated migration network). TCP only.",
 )
 @with_common
 def send(
@@ -209,11 +215,14 @@ def send(
     retries: int,
     retry_delay: float,
     state_file: str | None,
+    bind: str | None,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
     debug: bool,
     verbose: bool,
+    tls_dir: str | None,
+    tls_host: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca: str | None,
@@ -221,8 +230,12 @@ def send(
     handshake_timeout: float,
     control: str | None,
     stats_path: str | None,
+    metrics_path: str | None,
 ) -> None:
-    """Send the memory image IMAGE to a `vmmig recv` listening at HOST:PORT.
+    """Send the memory image IMAGE to a `vmmig recv` at DESTINATION: HOST:PORT, unix:PATH, or exec:COMMAND (run
+    COMMAND, e.g. `ssh dsthost vmmig recv --stdio DEST`, and migrate through its standard input and output; its
+    stderr is relayed here, prefixed with the host; one channel; the command runs without a terminal, so ssh must
+    authenticate by key or agent).
 
     IMAGE is a regular file (e.g. /dev/shm/vm.ram behind QEMU's memory-backend-file), a hugetlbfs file, a memfd
     as /proc/PID/fd/N, or a block device. It is mapped read-only, never read whole into memory. Zero pages are
@@ -241,6 +254,8 @@ def send(
     \b
     Examples:
       vmmig send /dev/shm/vm.ram desthost:4444
+      vmmig send /dev/shm/vm.ram 'exec:ssh desthost vmmig recv --stdio /dev/shm/vm.ram'
+      vmmig send /dev/shm/vm.ram unix:/run/vmmig.sock
       vmmig send /proc/4242/fd/7 [fd00::2]:4444 --compress zstd --max-bandwidth 350M
       vmmig send vm.img 127.0.0.1:4444 --json --quiet > report.json
       vmmig send --live /dev/shm/vm.ram desthost:4444 --pause-pid 4242 --downtime-limit 300ms
@@ -288,12 +303,14 @@ def send(
         qemu_handoff=qemu_handoff,
         control=control,
         stats_path=stats_path,
+        metrics_path=metrics_path,
         verbose=verbose,
-        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name),
+        tls=tls_options(tls_cert, tls_key, tls_ca, tls_peer_name, tls_dir, tls_host),
         handshake_timeout=handshake_timeout,
         resume=resume,
         retries=retries,
         retry_delay=retry_delay,
         state_file=state_file,
+        bind=bind,
     )
     execute("send", debug, lambda: run(opts))

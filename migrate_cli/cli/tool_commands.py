@@ -36,9 +36,7 @@ def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> N
     from ..control import request
 
     if command == "set" and len(args) != 2:
-        raise click.UsageError(
-            "usage: vmmig ctl SOCKET set NAME VALUE (max-bandwidth, downtime-limit, auto-converge)"
-        )
+        raise click.UsageError("usage: vmmig ctl SOCKET set NAME VALUE (max-bandwidth, downtime-limit, auto-converge)")
     if command != "set" and args:
         raise click.UsageError(f"{command} takes no arguments")
     message: dict[str, Any] = {"command": command}
@@ -89,11 +87,10 @@ def tls_init(directory: str, hosts: tuple[str, ...], days: int, force: bool, deb
     \b
     Example (two hosts):
       vmmig tls init pki --host src.example --host dst.example
-      # copy pki/ca.pem + pki/dst.example.{pem,key} to dst, pki/ca.pem + pki/src.example.{pem,key} to src
-      dst$ vmmig recv --listen 0.0.0.0:4444 --tls-cert dst.example.pem --tls-key dst.example.key --tls-ca ca.pem \\
-              --tls-peer-name src.example /dev/shm/vm.ram
-      src$ vmmig send /dev/shm/vm.ram dst.example:4444 --tls-cert src.example.pem --tls-key src.example.key \\
-              --tls-ca ca.pem
+      # copy pki/ca.pem + pki/dst.example.{pem,key} to dst:/etc/vmmig/tls, pki/ca.pem + pki/src.example.{pem,key}
+      # to src:/etc/vmmig/tls; keep pki/ca.key off both
+      dst$ vmmig recv --listen 0.0.0.0:4444 --tls-dir /etc/vmmig/tls --tls-peer-name src.example /dev/shm/vm.ram
+      src$ vmmig send /dev/shm/vm.ram dst.example:4444 --tls-dir /etc/vmmig/tls
     """
 
     def call() -> None:

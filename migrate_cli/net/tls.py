@@ -34,21 +34,76 @@ class TlsOptions:
     key: str
     ca: str
     peer_name: str | None = None
+    directory: str | None = None  # --tls-dir, when files came from one: checked for a ca.key left in it
 
     @staticmethod
-    def from_cli(cert: str | None, key: str | None, ca: str | None, peer_name: str | None) -> TlsOptions | None:
+    def from_cli(
+        cert: str | None,
+        key: str | None,
+        ca: str | None,
+        peer_name: str | None,
+        directory: str | None = None,
+        host: str | None = None,
+    ) -> TlsOptions | None:
+        """The TLS files: --tls-cert, --tls-key and --tls-ca, each given explicitly winning over --tls-dir's."""
+        if host is not None and directory is None:
+            raise UsageError("--tls-host picks a certificate in --tls-dir (or VMMIG_TLS_DIR): give that too")
+        if directory is not None:
+            cert, key, ca = from_directory(directory, host, cert, key, ca)
         given = [x is not None for x in (cert, key, ca)]
         if not any(given):
             if peer_name is not None:
-                raise UsageError("--tls-peer-name needs --tls-cert, --tls-key and --tls-ca")
+                raise UsageError("--tls-peer-name needs --tls-dir, or --tls-cert, --tls-key and --tls-ca")
             return None
         if not all(given):
-            raise UsageError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+            raise UsageError("TLS needs all three of --tls-cert, --tls-key and --tls-ca (or --tls-dir)")
         assert cert is not None and key is not None and ca is not None
         for option, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
             if not os.path.isfile(path):
                 raise UsageError(f"{option} {path}: no such file")
-        return TlsOptions(cert, key, ca, peer_name)
+        return TlsOptions(cert, key, ca, peer_name, directory)
+
+
+def from_directory(
+    directory: str, host: str | None, cert: str | None, key: str | None, ca: str | None
+) -> tuple[str, str, str]:
+    """Certificate, key and CA from a directory as `vmmig tls init` writes it: ``ca.pem`` and a ``HOST.pem`` and
+    ``HOST.key`` pair, the one named by ``host`` or else the only one there. A file given explicitly is kept."""
+    if not os.path.isdir(directory):
+        raise UsageError(f"--tls-dir {directory}: no such directory")
+    if ca is None:
+        ca = os.path.join(directory, "ca.pem")
+        if not os.path.isfile(ca):
+            raise UsageError(f"--tls-dir {directory} has no ca.pem (the CA's certificate, from vmmig tls init)")
+    if cert is not None and key is not None:
+        return cert, key, ca
+    pairs = host_pairs(directory)
+    listed = ", ".join(pairs) or "none"
+    if host is not None:
+        if host not in pairs:
+            raise UsageError(f"--tls-host {host}: no {host}.pem and {host}.key in {directory} (its hosts: {listed})")
+    elif len(pairs) == 1:
+        host = pairs[0]
+    elif not pairs:
+        raise UsageError(
+            f"--tls-dir {directory} holds no HOST.pem and HOST.key pair (vmmig tls init DIR --host HOST writes them)"
+        )
+    else:
+        raise UsageError(f"--tls-dir {directory} holds several hosts' certificates ({listed}): choose with --tls-host")
+    return cert or os.path.join(directory, f"{host}.pem"), key or os.path.join(directory, f"{host}.key"), ca
+
+
+def host_pairs(directory: str) -> list[str]:
+    """The hosts with both NAME.pem and NAME.key in ``directory`` (the CA's own files aside), sorted."""
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        raise UsageError(f"--tls-dir {directory}: {exc.strerror}") from None
+    return sorted(
+        name[:-4]
+        for name in names
+        if name.endswith(".pem") and name != "ca.pem" and os.path.isfile(os.path.join(directory, name[:-4] + ".key"))
+    )
 
 
 def preflight(opts: TlsOptions | None, server: bool, warn: Callable[[str], None]) -> None:
@@ -63,6 +118,11 @@ def preflight(opts: TlsOptions | None, server: bool, warn: Callable[[str], None]
     mode = stat.S_IMODE(os.stat(opts.key).st_mode)
     if mode & 0o077:
         warn(f"warning: --tls-key {opts.key} is accessible to other users (mode {mode:04o}): chmod 600 it")
+    if opts.directory is not None and os.path.lexists(os.path.join(opts.directory, "ca.key")):
+        warn(
+            f"warning: --tls-dir {opts.directory} holds ca.key, which signs certificates every host of this CA "
+            "trusts: keep it off the migration hosts"
+        )
 
 
 def _context(opts: TlsOptions, purpose: ssl.Purpose) -> ssl.SSLContext:

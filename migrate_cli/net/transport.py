@@ -23,10 +23,20 @@ from ..errors import ClosedBetweenFrames, MigrateError, NetworkError, PeerError,
 from ..wire.conversation import Conversation, Role, State
 from ..wire.frames import HEADER_SIZE, Abort, Frame, FrameType, Pages, Unread
 from ..wire.protocol import Header, check_crc, decode_payload, encode_parts, pages_head_length, parse_header
+from .pipe_stream import PipeStream
 from .splice import Splicer
 from .tls import clean, refusal
 
 Buffer = bytes | bytearray | memoryview
+Stream = socket.socket | PipeStream  # a connection, or standard input and output as ssh gives them (recv --stdio)
+
+
+def shut(sock: Stream, how: int) -> None:
+    """The plain socket's shutdown, also under TLS (SSLSocket's own would speak TLS), or a pipe stream's."""
+    if isinstance(sock, socket.socket):
+        socket.socket.shutdown(sock, how)
+    else:
+        sock.shutdown(how)
 
 
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -100,8 +110,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def connect(host: str, port: int, timeout: float) -> socket.socket:
-    """Connect, retrying refused or unreachable attempts until ``timeout`` seconds have passed."""
+def connect(host: str, port: int, timeout: float, bind: tuple[str, int] | None = None) -> socket.socket:
+    """Connect (from the local address ``bind``, --bind), retrying refused or unreachable attempts until ``timeout``
+    seconds have passed; a local address that cannot be used fails at once."""
     deadline = time.monotonic() + timeout
     last = "timed out"
     while True:
@@ -112,8 +123,14 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
                 f"(gave up after {timeout:g}s, --connect-timeout)"
             )
         try:
-            sock = socket.create_connection((host, port), timeout=min(remaining, 5.0))
+            sock = socket.create_connection((host, port), timeout=min(remaining, 5.0), source_address=bind)
         except (ConnectionRefusedError, TimeoutError, OSError) as exc:
+            if bind is not None and exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAFNOSUPPORT):
+                raise NetworkError(
+                    f"cannot connect to {format_address(host, port)} from --bind "
+                    f"{format_address(*bind) if bind[1] else bind[0]}: "
+                    f"{exc.strerror}"
+                ) from None
             last = "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
             if isinstance(exc, socket.gaierror):
                 raise NetworkError(f"cannot connect to {format_address(host, port)}: {exc.strerror}") from None
@@ -126,7 +143,7 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
 class Channel:
     """One framed connection. ``read_frame`` enforces the frame order of ``Conversation``."""
 
-    def __init__(self, sock: socket.socket, role: Role, io_timeout: float) -> None:
+    def __init__(self, sock: Stream, role: Role, io_timeout: float) -> None:
         self.sock = sock
         self.io_timeout = io_timeout
         sock.settimeout(io_timeout)
@@ -290,7 +307,9 @@ class Channel:
     def land_data(self, fd: int, runs: list[tuple[int, int]], fallback: Callable[[bytes, int], None]) -> bool:
         """Move that frame's data straight into the file ``fd`` at (offset, length) ``runs`` (splice.py); False,
         nothing read, where this channel cannot (TLS) or the file refused it before."""
-        if self.tls or (self._splicer is not None and not self._splicer.file_takes_splice):
+        if self.tls or not isinstance(self.sock, socket.socket):
+            return False
+        if self._splicer is not None and not self._splicer.file_takes_splice:
             return False
         if self._splicer is None:
             self._splicer = Splicer()
@@ -300,7 +319,7 @@ class Channel:
 
     def wake_reader(self) -> None:
         """Make a thread blocked in ``read_frame`` return at once (it then sees the latched failure)."""
-        socket.socket.shutdown(self.sock, socket.SHUT_RD)  # the plain socket call, also under TLS
+        shut(self.sock, socket.SHUT_RD)  # the plain socket call, also under TLS
 
     def wake_sender(self) -> None:
         """Make a thread blocked in a send (a peer that takes no data) return at once: only --io-timeout would end
@@ -308,7 +327,7 @@ class Channel:
         left alone for that ABORT."""
         if self._send_lock.locked():
             with contextlib.suppress(OSError):
-                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+                shut(self.sock, socket.SHUT_RDWR)
 
     def abort(self, error: BaseException | None) -> None:
         """Tell the peer why we stop (ABORT with our exit code and message), then close so that it can read it.
@@ -334,7 +353,7 @@ class Channel:
         Closing with unread data would send a reset, which can destroy the ABORT before the peer reads it.
         """
         try:
-            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+            shut(self.sock, socket.SHUT_WR)
             self.sock.settimeout(0.05)
             deadline = time.monotonic() + linger
             while time.monotonic() < deadline and self.sock.recv(1 << 16):
@@ -358,7 +377,7 @@ class Deadline:
     """Bounds a whole phase (a handshake) in time, not just silence: when it expires the socket is shut down,
     which ends any blocked read; ``check`` then turns the resulting error into the right message."""
 
-    def __init__(self, sock: socket.socket, seconds: float, option: str) -> None:
+    def __init__(self, sock: Stream, seconds: float, option: str) -> None:
         self.seconds, self.option = seconds, option
         self.expired = False
         self._sock = sock
@@ -369,11 +388,11 @@ class Deadline:
     def _expire(self) -> None:
         self.expired = True
         try:
-            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            shut(self._sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
-    def follow(self, sock: socket.socket) -> None:
+    def follow(self, sock: Stream) -> None:
         """The phase moved to another socket object on the same connection (TLS wrapping detaches the old one)."""
         self._sock = sock
         if self.expired:

@@ -20,13 +20,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import MigrateError, NetworkError, ProtocolError
-from ..net.transport import Channel, ClosedBetweenFrames, format_address
+from ..errors import InternalError, MigrateError, NetworkError, ProtocolError
+from ..net.endpoints import peer_name
+from ..net.stdio import StdioListener
+from ..net.transport import Channel, ClosedBetweenFrames, Stream
 from ..wire.frames import Hello
 
 MAX_PENDING = 16  # handshakes in flight; beyond that a new connection is closed at once (and logged)
 
-Handshake = Callable[[socket.socket, float], tuple[Channel, Hello]]
+Handshake = Callable[[Stream, float], tuple[Channel, Hello]]
 
 
 class Admission:
@@ -34,13 +36,17 @@ class Admission:
 
     def __init__(
         self,
-        listener: socket.socket,
+        listener: socket.socket | StdioListener,
         handshake: Handshake,
         timeout: float,
         log: Callable[[str], None],
         verbose: Callable[[str], None],
+        single: bool = False,
     ) -> None:
         self._listener = listener
+        # --stdio: the one connection there will ever be; its failed handshake or refused HELLO ends the session
+        self._single = single
+        self._failed: MigrateError | None = None
         self._handshake = handshake
         self._timeout = timeout
         self._log, self._verbose = log, verbose
@@ -56,6 +62,8 @@ class Admission:
         """The next valid (channel, HELLO, peer address); ``poll`` is called every 0.1 s and raises to stop."""
         while True:
             poll()
+            if self._failed is not None:
+                raise self._failed
             if self._error is not None:
                 raise NetworkError(f"cannot accept connections: {self._error}")
             try:
@@ -68,6 +76,8 @@ class Admission:
         self._log(f"refused a connection from {peer}: {error}")
         channel.abort(error)
         channel.close()
+        if self._single:
+            raise error
 
     def close(self) -> None:
         """Stop accepting; valid handshakes nobody took are told a migration is in progress."""
@@ -94,10 +104,11 @@ class Admission:
                 if not self._closed.is_set() and self._listener.fileno() != -1:
                     self._error = exc
                 return
-            peer = format_address(*address[:2])
+            peer = peer_name(conn, address)
             conn.settimeout(None)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if isinstance(conn, socket.socket) and conn.family != socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._slots.acquire(blocking=False):
                 self._log(f"refused a connection from {peer}: {MAX_PENDING} handshakes are already in progress")
                 conn.close()
@@ -108,21 +119,25 @@ class Admission:
         try:
             try:
                 channel, hello = self._handshake(conn, time.monotonic() + self._timeout)
-            except ClosedBetweenFrames:
+            except ClosedBetweenFrames as exc:
                 self._verbose(f"a connection from {peer} closed before sending anything: still listening")
                 conn.close()
+                self._fail_single(exc)
                 return
             except MigrateError as exc:
                 self._log(f"refused a connection from {peer}: {exc}")
                 conn.close()
+                self._fail_single(exc)
                 return
             except OSError as exc:  # an OS error on a stranger's socket is the stranger's problem, not ours
                 self._log(f"refused a connection from {peer}: {exc}")
                 conn.close()
+                self._fail_single(NetworkError(f"handshake failed: {exc}"))
                 return
             except Exception as exc:  # a bug of ours: the receiver waits on, but the line says what it was
                 self._log(f"refused a connection from {peer}: internal error: {type(exc).__name__}: {exc}")
                 conn.close()
+                self._fail_single(InternalError(exc))
                 return
             with self._lock:
                 if not self._closed.is_set():
@@ -131,6 +146,10 @@ class Admission:
             _turn_away(channel)
         finally:
             self._slots.release()
+
+    def _fail_single(self, error: MigrateError) -> None:
+        if self._single:
+            self._failed = error
 
 
 def _turn_away(channel: Channel) -> None:

@@ -13,14 +13,16 @@ A failure is judged by failure_rules.py: the attempt raises StreamLost (park), S
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..errors import IntegrityError, MigrateError, Stalled
+from ..errors import IntegrityError, MigrateError, NoSender, Stalled
 from ..failure import Failure, spawn
+from ..net.stdio import StdioListener
 from ..net.transport import Channel
 from ..progress_watch import ProgressWatch
 from ..report import live_display
@@ -46,7 +48,7 @@ from .failure_rules import ResumeWindowExpired, StartOver, StreamLost, drop_dest
 from .handshake import admit_sender, check_hello, handshake
 from .lifecycle import Phase
 from .qemu_handoff import finish_handoff, open_handoff
-from .state_file import ReceiverState, StateNotWritable
+from .state_file import ReceiverState, StateNotWritable, hold_state
 from .transfer import Transfer
 
 if TYPE_CHECKING:
@@ -65,12 +67,12 @@ class Attempt:
         self.channels: list[Channel] = []
         self._stop_keepalive = threading.Event()
 
-    def run(self, listener: socket.socket, bound: str, window_end: float | None) -> dict[str, Any]:
+    def run(self, listener: socket.socket | StdioListener, bound: str, window_end: float | None) -> dict[str, Any]:
         """Admit a sender, receive, verify; the report of a verified migration. Raises StreamLost when the link
         fails and the session can continue, StartOver when nothing was received."""
         session, opts, reporter = self.session, self.session.opts, self.session.reporter
         admission = Admission(
-            listener, partial(handshake, opts), opts.handshake_timeout, reporter.notice, reporter.verbose
+            listener, partial(handshake, opts), opts.handshake_timeout, reporter.notice, reporter.verbose, opts.stdio
         )
         try:
             check = partial(check_hello, opts, session.state, session.dest is not None, reporter.verbose)
@@ -110,6 +112,7 @@ class Attempt:
         codec = codecs.by_wire_id(hello.codec)
         assert codec is not None  # check_hello refused an unknown one
         reporter.codec_name = codec.name
+        reporter.session_id = hello.session_id.hex()
         stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
         session.handoff = open_handoff(opts, hello)
         handoff_uri = session.handoff.prepare(channel.sock.getsockname()[0]) if session.handoff else None
@@ -199,6 +202,9 @@ class Attempt:
                 try:
                     state.save(opts.destination)  # from here on a dropped link leaves a resumable DEST.partial
                     session.state = state
+                    if session.state_lock is not None:  # a session before this one (started over)
+                        os.close(session.state_lock)
+                    session.state_lock = hold_state(opts.destination, 0)
                 except StateNotWritable as exc:
                     session.reporter.notice(
                         f"cannot keep resume state beside DEST ({exc}): this migration cannot be resumed"
@@ -233,6 +239,11 @@ class Attempt:
         self.failure.raise_if_set()
         if window_end is not None and time.monotonic() > window_end:
             raise ResumeWindowExpired("the sender did not come back")
+        accept_end = self.session.accept_end
+        if window_end is None and accept_end is not None and time.monotonic() > accept_end:
+            raise NoSender(
+                f"no sender completed a handshake within {self.session.opts.accept_timeout:g}s (--accept-timeout)"
+            )
 
     def _keepalive(self, stop: threading.Event) -> None:
         """KEEPALIVE on quiet channels; and every CHECKPOINT_INTERVAL, DEST.partial to disk, so that a crash of

@@ -72,6 +72,8 @@ def check_hello(
             if wanted
             else "recv --qmp expects a sender started with --qemu-handoff"
         )
+    if opts.stdio and hello.channels != 1:
+        raise UsageError(f"--stdio carries one channel, and the sender asks for {hello.channels} (--channels 1)")
     check_resume(state, hello, verbose)
     if not allocated and not opts.discard and not opts.sparse:
         # refused before WELCOME, before a byte is allocated: a 56-byte HELLO must not fill the disk

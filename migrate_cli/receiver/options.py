@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..net.endpoints import TCP, UNIX, parse_endpoint
 from ..net.tls import TlsOptions
-from ..net.transport import is_loopback, parse_address
+from ..net.transport import is_loopback
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,12 @@ class RecvOptions:
     handshake_timeout: float = 10.0
     control: str | None = None
     stats_path: str | None = None
+    metrics_path: str | None = None  # --metrics FILE (metrics.py)
     verbose: bool = False
     resume: bool = False  # adopt DEST.partial and its state file left by an interrupted migration
     resume_window: float = 60.0  # seconds to wait for the sender to come back after the link drops
+    stdio: bool = False  # speak on standard input and output (one sender, `ssh host vmmig recv --stdio`)
+    accept_timeout: float | None = None  # give up (exit 18) when no sender completes a handshake this long
 
     def check(self) -> None:
         """Reject option combinations once, up front; a malformed --listen is refused here too. (Whether DEST was
@@ -46,11 +50,30 @@ class RecvOptions:
             raise UsageError("--qmp (QEMU mode) writes into the destination QEMU's RAM: add --in-place")
         if self.in_place and (self.discard or self.sparse or self.keep_partial):
             raise UsageError("--in-place writes into DEST itself: it excludes --discard, --sparse and --keep-partial")
-        host, _port = parse_address(self.listen)
-        if not self.insecure and self.tls is None and not is_loopback(host):
+        if self.stdio:
+            self._check_stdio()
+            return
+        where = parse_endpoint(self.listen, exec_ok=False)
+        if where.scheme == UNIX and self.qmp:
             raise UsageError(
-                f"refusing to listen on non-loopback address {host} without TLS (--tls-cert, --tls-key, --tls-ca) "
-                "or --insecure: guest memory would cross the network unencrypted"
+                "--qmp over unix: is refused: the QEMU handoff connects the source QEMU to this host's address over "
+                "TCP (listen on HOST:PORT)"
+            )
+        if where.scheme == TCP and not self.insecure and self.tls is None and not is_loopback(where.host):
+            raise UsageError(
+                f"refusing to listen on non-loopback address {where.host} without TLS (--tls-cert, --tls-key, "
+                "--tls-ca) or --insecure: guest memory would cross the network unencrypted"
             )
         if self.resume and (self.discard or self.in_place or self.qmp):
             raise UsageError("--resume cannot be combined with --discard, --in-place or --qmp")
+
+    def _check_stdio(self) -> None:
+        """Standard output is the stream: nothing else may be written there, and there is no address to listen on."""
+        if self.json or self.stats_path == "-":
+            raise UsageError("--stdio speaks the protocol on standard output: drop --json and --stats - (--stats FILE)")
+        if self.tls is not None:
+            raise UsageError("--stdio runs under the command that started it (ssh encrypts and authenticates): no TLS")
+        if self.qmp:
+            raise UsageError("--qmp over --stdio is refused: the QEMU handoff needs a TCP address on this host")
+        if self.resume and (self.discard or self.in_place):
+            raise UsageError("--resume cannot be combined with --discard or --in-place")

@@ -40,6 +40,7 @@ class Reporter:
         self.display = display_wanted(opts.quiet)
         self.view: DisplayView | None = None  # set while an attempt shows the live display
         self.codec_name = ""
+        self.session_id = ""  # hex, once a sender is admitted
         self.stats_log = StatsLog(stats, opts.stats_path, {"role": "recv", "threads": threads})
         self.control: ControlServer | None = None
 
@@ -76,6 +77,10 @@ class Reporter:
         if self.control is not None:
             self.control.close()
         self.stats_log.close(final)
+
+    def metric_labels(self) -> dict[str, str]:
+        """--metrics labels besides the role (metrics.py)."""
+        return {"session": self.session_id, "codec": self.codec_name}
 
     def status(self) -> dict[str, Any]:
         """`vmmig ctl status`."""

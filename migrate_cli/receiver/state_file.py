@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from ..state_files import (
 )
 from ..wire import codec as codecs
 from .dest_checks import check_destination_name
+from .options import RecvOptions
 
 
 def receiver_state_path(dest: str) -> str:
@@ -95,6 +97,36 @@ class ReceiverState:
             if ours != theirs:
                 return f"{name} {theirs} differs from the interrupted session's {ours}"
         return None
+
+
+def kept_for_stdio(opts: RecvOptions) -> bool:
+    """--stdio finds an interrupted session of DEST (DEST.partial and its state): it adopts it, and takes only a
+    sender that resumes that very session (handshake.check_resume); --force starts over instead."""
+    if not opts.stdio or opts.force or opts.discard or opts.in_place or not opts.destination:
+        return False
+    return os.path.lexists(opts.destination + ".partial") and os.path.lexists(receiver_state_path(opts.destination))
+
+
+def hold_state(dest: str, wait: float) -> int:
+    """Lock DEST.partial.state for as long as this process lives: two receivers never hold one session (a `recv
+    --stdio` a sender's retry started while the one before it still exits waits up to ``wait`` seconds for it)."""
+    path = receiver_state_path(dest)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DestinationError(f"cannot open {path}: {exc.strerror}") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise DestinationError(
+                    f"{path} is held by another vmmig recv (still running after {wait:g}s): one receiver per session"
+                ) from None
+            time.sleep(0.05)
 
 
 # --- sender ----------------------------------------------------------------------------------------------------

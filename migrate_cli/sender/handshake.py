@@ -13,6 +13,8 @@ from dataclasses import replace
 
 from ..errors import NetworkError, ProtocolError, peer_abort
 from ..failure import Failure
+from ..net.endpoints import EXEC, UNIX, connect_unix
+from ..net.exec_peer import ExecChannel, ExecPeer
 from ..net.tls import wrap_client
 from ..net.transport import Channel, connect
 from ..stats import Stats
@@ -81,16 +83,13 @@ class Handshake:
         self.failure = failure
         self.stats = stats
 
-    def connect(self, host: str, port: int, hello: Callable[[int], Hello]) -> list[Channel]:
+    def connect(self, hello: Callable[[int], Hello]) -> list[Channel]:
         """Open every channel and send its HELLO (``hello(index)``); on failure none stays open."""
         opts = self.opts
         channels: list[Channel] = []
         try:
             for index in range(opts.channels):
-                sock = connect(host, port, opts.connect_timeout)
-                if opts.tls is not None:
-                    sock = wrap_client(sock, opts.tls, host, opts.handshake_timeout)
-                channels.append(Channel(sock, Role.SENDER, opts.io_timeout))
+                channels.append(self._open())
                 self.failure.add_waker(channels[-1].wake_reader)  # a cancel must not wait for the peer's next frame
                 # HELLO right away: the receiver takes the next channel (and its TLS handshake) only after this one's.
                 self.stats.add_wire(channels[-1].send_frame(hello(index)))
@@ -99,6 +98,19 @@ class Handshake:
                 channel.close()
             raise
         return channels
+
+    def _open(self) -> Channel:
+        """One channel to the destination: TCP (TLS if configured), a unix socket, or a run of exec:'s command."""
+        opts, where = self.opts, self.opts.endpoint()
+        if where.scheme == EXEC:
+            return ExecChannel(ExecPeer(where.target), Role.SENDER, opts.io_timeout)
+        if where.scheme == UNIX:
+            sock = connect_unix(where.target, opts.connect_timeout)
+        else:
+            sock = connect(where.host, where.port, opts.connect_timeout, opts.bind_address())
+        if opts.tls is not None:  # over unix: the name checked is --tls-peer-name, by default localhost
+            sock = wrap_client(sock, opts.tls, where.host or "localhost", opts.handshake_timeout)
+        return Channel(sock, Role.SENDER, opts.io_timeout)
 
     @staticmethod
     def offered(handoff: bool, resuming: bool) -> int:
@@ -109,7 +121,7 @@ class Handshake:
             try:
                 frame, _ = channel.read_frame()
             except NetworkError as exc:
-                if self.opts.tls is None and not self.failure.is_set():
+                if self.opts.tls is None and self.opts.endpoint().scheme != EXEC and not self.failure.is_set():
                     raise NetworkError(
                         f"{exc} during the handshake: if the receiver requires TLS, give --tls-cert, --tls-key "
                         "and --tls-ca here too"

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..net.endpoints import EXEC, TCP, Endpoint, parse_endpoint
 from ..net.tls import TlsOptions
+from ..net.transport import parse_address
 from ..wire import codec as codecs
 from ..wire.frames import DEFAULT_PAGE_SIZE, MAX_BATCH_BYTES
 from .state_file import default_sender_state_path
@@ -33,7 +35,7 @@ def default_batch_size(threads: int, ring: int) -> int:
 @dataclass(frozen=True)
 class SendOptions:
     source: str
-    destination: str  # HOST:PORT
+    destination: str  # HOST:PORT, unix:PATH or exec:COMMAND (net/endpoints.py)
     codec: str = codecs.DEFAULT_CODEC
     level: int | None = None
     threads: int = 0  # 0 = number of usable CPUs
@@ -66,12 +68,14 @@ class SendOptions:
     # statistics and control
     control: str | None = None
     stats_path: str | None = None
+    metrics_path: str | None = None  # --metrics FILE (metrics.py)
     verbose: bool = False
     # resume (resume.py)
     resume: bool = False  # continue the interrupted session recorded in the state file
     retries: int = 0  # reconnect and resume this many times after a link fault
     retry_delay: float = 2.0
     state_file: str | None = None  # default: $XDG_STATE_HOME/vmmig/send-<key>.json
+    bind: str | None = None  # the local address to connect from (HOST or HOST:PORT; TCP only)
 
     def check(self) -> None:
         """Reject option combinations once, up front (QEMU's migrate_caps_check)."""
@@ -100,6 +104,30 @@ class SendOptions:
             raise UsageError("--retries must be 0 or more")
         if self.qemu_handoff and (self.resume or self.retries):
             raise UsageError("--qemu-handoff cannot be resumed: drop --resume and --retries")
+        self._check_destination()
+
+    def _check_destination(self) -> None:
+        """What each scheme of the destination allows."""
+        where = parse_endpoint(self.destination)
+        if where.scheme != TCP and self.qemu_handoff:
+            raise UsageError(
+                f"--qemu-handoff over {where.scheme}: is refused: QEMU's own migration of the device state connects "
+                "the source QEMU to the receiver's host over TCP (send to HOST:PORT)"
+            )
+        if where.scheme != TCP and self.bind is not None:
+            raise UsageError(f"--bind is the local address of a TCP connection: not for {where.scheme}:")
+        if self.bind is not None:
+            parse_address(self.bind, default_port=0)
+        if where.scheme == EXEC and self.channels > 1:
+            raise UsageError("exec: carries one channel (the command's standard input and output): drop --channels")
+        if where.scheme == EXEC and self.tls is not None:
+            raise UsageError("exec: runs COMMAND and speaks through it (ssh encrypts and authenticates): no TLS")
+
+    def endpoint(self) -> Endpoint:
+        return parse_endpoint(self.destination)
+
+    def bind_address(self) -> tuple[str, int] | None:
+        return None if self.bind is None else parse_address(self.bind, default_port=0)
 
     def state_path(self) -> str:
         return self.state_file or default_sender_state_path(self.source)

@@ -38,6 +38,13 @@ def mode_of(opts: SendOptions) -> str:
     return "stop-and-copy" if any(x is not None for x in (opts.pause_pid, opts.qmp, opts.pause_cmd)) else "plain"
 
 
+def announce_stop_and_copy(opts: SendOptions) -> None:
+    """A pause option without --live pauses the guest for the whole transfer: say so once, as the run starts, so
+    that someone who meant a live migration learns it before the downtime does (--quiet silences it)."""
+    if mode_of(opts) == "stop-and-copy" and not opts.quiet:
+        notice("stop-and-copy: the guest stays paused for the whole transfer (--live migrates it while it runs)")
+
+
 class SenderReport:
     """Everything the sender writes for people and programs, from the run's shared objects."""
 

@@ -23,10 +23,11 @@ from typing import Any
 from ..cpus import usable_cpus
 from ..errors import CancelledError, MigrateError, NetworkError, OutcomeUnknown, Stalled, is_stall
 from ..failure import Failure, spawn
-from ..guest.pause import QmpPauser
+from ..guest.pause import QmpPauser, check_pause_pid
 from ..guest.qemu import SourceHandoff, check_backend
+from ..metrics import MetricsFile
 from ..net.tls import preflight
-from ..net.transport import Channel, parse_address
+from ..net.transport import Channel
 from ..progress_watch import ProgressWatch
 from ..ratelimit import BandwidthCap, TokenBucket
 from ..report import live_display, print_json
@@ -45,7 +46,7 @@ from .options import SendOptions, default_batch_size
 from .pipeline import RING, SendPipeline
 from .precopy import ConvergencePolicy
 from .receiver_copy import ReceiverCopy
-from .reporting import SenderControl, SenderReport, notice
+from .reporting import SenderControl, SenderReport, announce_stop_and_copy, notice
 from .source import SourceImage
 from .verdict import Verdict
 
@@ -77,15 +78,19 @@ class Sender:
         self.handoff: SourceHandoff | None = None
         self.verdict = Verdict(self.failure, self.lifecycle, self.guest, None, self.reporter.verbose)
         self._control_thread: threading.Thread | None = None  # channel 0's reader: it may bring the peer's reason
+        self.session_id = ""  # hex, once the session is recorded (new or resumed)
         self.watch = ProgressWatch(opts.progress_timeout, self.stats, "sent", self._stalled)  # WELCOME to END
 
     @property
     def resuming(self) -> bool:
         return self.record.resuming
 
+    def metric_labels(self) -> dict[str, str]:
+        """--metrics labels besides the role (metrics.py)."""
+        return {"session": self.session_id, "codec": str(self.reporter.identity["codec"])}
+
     def run(self) -> dict[str, Any]:
         opts, stats = self.opts, self.stats
-        host, port = parse_address(opts.destination)
         source = SourceImage(opts.source, opts.page_size)
         self._prepare_guest(source)
         batch_size = opts.batch_size or default_batch_size(self.threads, RING)
@@ -96,7 +101,7 @@ class Sender:
         handshake = Handshake(opts, self.failure, stats)
         self.reporter.connecting()
         try:
-            channels, batch_pages = self._connect(handshake, source, host, port, batch_pages)
+            channels, batch_pages = self._connect(handshake, source, batch_pages)
         except BaseException:
             self.record.restore_replaced()
             self.control.close(None)
@@ -178,13 +183,12 @@ class Sender:
             + (f"  live, downtime limit {opts.downtime_limit * 1000:.0f}ms" if opts.live else "")
         )
 
-    def _connect(
-        self, handshake: Handshake, source: SourceImage, host: str, port: int, batch_pages: int
-    ) -> tuple[list[Channel], int]:
+    def _connect(self, handshake: Handshake, source: SourceImage, batch_pages: int) -> tuple[list[Channel], int]:
         """The session recorded (before HELLO: a kill -9 at any later moment can be resumed), channels open; and
         the session's batch size in pages (resuming without --batch-size: the interrupted session's)."""
         opts = self.opts
         state = self.record.open(source, self.level, batch_pages, record=self.handoff is None)
+        self.session_id = state.session
         session = bytes.fromhex(state.session)
 
         def hello(index: int) -> Hello:
@@ -194,7 +198,7 @@ class Sender:
                 features=self._offered(),
             )  # fmt: skip
 
-        return handshake.connect(host, port, hello), state.batch_pages
+        return handshake.connect(hello), state.batch_pages
 
     def _offered(self) -> int:
         return Handshake.offered(self.handoff is not None, self.resuming)
@@ -245,13 +249,23 @@ class Sender:
 
 
 def run(opts: SendOptions) -> dict[str, Any]:
-    """One migration; with --retries, a link fault is followed by a reconnect that resumes the session."""
+    """One migration; with --retries, a link fault is followed by a reconnect that resumes the session. --metrics
+    FILE spans them all, to the exit code (metrics.py)."""
     gc.freeze()  # everything imported so far lives as long as the process: out of the collector's sight
     opts.check()  # every option combination, before the TLS files are even read
+    metrics = MetricsFile(opts.metrics_path, "send")
+    return metrics.around(partial(_sessions, opts, metrics))
+
+
+def _sessions(opts: SendOptions, metrics: MetricsFile) -> dict[str, Any]:
     resume, resumes = opts.resume, 0
     preflight(opts.tls, server=False, warn=notice)  # bad TLS files fail before connecting; warned once, not per retry
+    if opts.pause_pid is not None:
+        check_pause_pid(opts.pause_pid)  # a pid that is no guest is the one line, not after the stop-and-copy notice
+    announce_stop_and_copy(opts)
     for attempt in range(opts.retries + 1):
         sender = Sender(opts, resume=resume, resumes=resumes)
+        metrics.follow(sender.stats, sender.metric_labels)
         try:
             return sender.run()
         except MigrateError as exc:

@@ -1,0 +1,188 @@
+"""`vmmig restore FILE DEST` and `vmmig restore --check FILE`: a snapshot's frames through the receiver's pipeline.
+
+The reader (reader.py) stands in for a channel; the receiver's pipeline (receiver/pipeline.py) decompresses on N
+workers into the receiver's destination (receiver/destination.py: DEST.partial created exclusively and allocated
+once, every page checked against its fingerprint as it lands, published by a rename), or into the discarding sink
+for --check. After END: the counts, the trailer's index and fingerprints against what was read, the digest
+against DEST's own, END's commitment. Any failure leaves nothing published.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DestinationModified, IntegrityError, MigrateError, ProtocolError
+from ..failure import Failure, Stopped
+from ..receiver.dest_checks import check_destination, check_fits
+from ..receiver.destination import DestinationImage, InPlaceDestination
+from ..receiver.discard import DiscardSink
+from ..receiver.pipeline import RecvPipeline
+from ..stats import Stats
+from ..wire import codec as codecs
+from ..wire.digest import end_commitment, image_digest
+from ..wire.frames import End, Pages, PassEnd
+from ..wire.protocol import validate_pages
+from .format import SnapshotCorrupt, unpack_pages
+from .reader import SnapshotReader
+
+PAGE_NAMED = re.compile(r"\bpages? (\d+)")
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    file: str
+    dest: str | None  # None: --check, nothing written
+    threads: int = 1
+    in_place: bool = False
+    force: bool = False
+    sparse: bool = False
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    file: str
+    dest: str | None
+    image_bytes: int
+    pages: int
+    frames: int
+    passes: int
+    seconds: float
+    codec: str
+
+
+def restore(opts: RestoreOptions) -> RestoreReport:
+    began = time.monotonic()
+    if opts.dest is not None:
+        check_destination(opts.dest, opts.force, opts.in_place)
+    with SnapshotReader(opts.file) as reader:
+        header = reader.header
+        codec = codecs.by_wire_id(header.codec)
+        if codec is None:
+            raise SnapshotCorrupt(f"{reader.where}: header at offset 0: unknown codec id {header.codec}")
+        if opts.dest is None:
+            dest: DestinationImage | InPlaceDestination | DiscardSink = DiscardSink(header.image_size, header.page_size)
+        elif opts.in_place:
+            dest = InPlaceDestination(opts.dest, header.image_size, header.page_size)
+        else:
+            if not opts.sparse:
+                check_fits(opts.dest, header.image_size)
+            dest = DestinationImage(opts.dest, header.image_size, header.page_size, sparse=opts.sparse)
+        try:
+            frames, passes = _apply(reader, dest, codec, opts.threads)
+            dest.flush()
+            dest.publish(opts.force)
+        except BaseException as exc:
+            dest.discard()
+            if isinstance(dest, InPlaceDestination) and dest.modified and isinstance(exc, MigrateError):
+                raise DestinationModified(dest.dest, exc) from None
+            raise
+    return RestoreReport(
+        opts.file, opts.dest, header.image_size, header.pages, frames, passes, time.monotonic() - began, codec.name
+    )
+
+
+def _apply(
+    reader: SnapshotReader, dest: DestinationImage | InPlaceDestination | DiscardSink, codec: codecs.Codec, threads: int
+) -> tuple[int, int]:
+    """Every frame into ``dest``, then every check of the trailer; returns (frames, passes)."""
+    header = reader.header
+    failure = Failure()
+    stats = Stats(image_bytes=header.image_size, page_size=header.page_size)
+    pipeline = RecvPipeline(dest, codec, threads, header.batch_pages, stats, failure)  # type: ignore[arg-type]
+    index = np.zeros(header.pages, dtype=np.uint64)  # where each page's latest copy was read
+    passes = carried = 0
+    pipeline.start()
+    try:
+        while True:
+            failure.raise_if_set()
+            at = reader.offset
+            frame, size = reader.read_frame(pipeline.alloc, head_only=True)
+            if isinstance(frame, Pages):
+                try:
+                    validate_pages(frame, header.page_size, header.pages, header.batch_pages)
+                    index[frame.index_array()] = at  # before a worker can fail on it and be named by it
+                    pipeline.receive(frame, reader, size)  # type: ignore[arg-type]
+                except ProtocolError as exc:
+                    pipeline.release_current()
+                    raise reader.corrupt(str(exc), at) from None
+                carried += 1
+            elif isinstance(frame, PassEnd):
+                if frame.number != passes + 1 or frame.batches != carried:
+                    raise reader.corrupt(
+                        f"PASS_END {frame.number} of {frame.batches} batches, after pass {passes} and {carried}", at
+                    )
+                pipeline.drain()
+                pipeline.new_pass()
+                passes, carried = passes + 1, 0
+            elif isinstance(frame, End):
+                end, end_at = frame, at
+                break
+        pipeline.finish()
+    except Stopped:  # a worker failed while this thread waited on the pipeline: its error is the one
+        pipeline.abandon()
+        assert failure.error is not None
+        raise _named(reader, index, failure.error) from None
+    except IntegrityError as exc:
+        failure.set(exc)
+        pipeline.abandon()
+        raise _named(reader, index, failure.error or exc) from None
+    except BaseException as exc:
+        failure.set(exc)
+        pipeline.abandon()
+        if isinstance(failure.error, IntegrityError) and not isinstance(failure.error, SnapshotCorrupt):
+            raise _named(reader, index, failure.error) from None  # a worker's error came first
+        raise
+    _check_end(reader, dest, index, end, end_at, passes, carried, pipeline.batches)
+    return pipeline.batches, passes
+
+
+def _check_end(
+    reader: SnapshotReader,
+    dest: DestinationImage | InPlaceDestination | DiscardSink,
+    index: np.ndarray,
+    end: End,
+    end_at: int,
+    passes: int,
+    carried: int,
+    batches: int,
+) -> None:
+    header = reader.header
+    if carried or not passes:
+        raise reader.corrupt(f"END after {carried} frames of an unfinished pass ({passes} passes ended)", end_at)
+    if end.total_pages != header.pages or end.batches != batches:
+        raise reader.corrupt(
+            f"END reports {end.total_pages} pages in {end.batches} frames; the header says {header.pages} pages, "
+            f"{batches} frames were read",
+            end_at,
+        )
+    missing = np.flatnonzero(index == 0)
+    if missing.size:
+        raise reader.corrupt(f"page {int(missing[0])} (and {missing.size - 1} more) is in no frame", end_at)
+    trailer = reader.read_trailer()
+    at = f"{reader.where}: trailer at offset {reader.offset}"
+    if trailer.frames != batches or trailer.passes != passes:
+        raise SnapshotCorrupt(f"{at}: counts {trailer.frames} frames in {trailer.passes} passes, read {batches}")
+    if not np.array_equal(unpack_pages(trailer.index, header.pages, "index", at), index):
+        raise SnapshotCorrupt(f"{at}: the index does not point at each page's latest copy")
+    fingerprints = dest.fingerprints
+    if not np.array_equal(unpack_pages(trailer.fingerprints, header.pages, "fingerprint list", at), fingerprints):
+        raise SnapshotCorrupt(f"{at}: the fingerprints do not match the pages")
+    digest = image_digest(fingerprints)
+    if trailer.digest != digest or end_commitment(digest) != end.commitment:
+        raise SnapshotCorrupt(f"{at}: the digest does not match the pages restored")
+
+
+def _named(reader: SnapshotReader, index: np.ndarray, error: MigrateError) -> MigrateError:
+    """A worker's integrity error (a page that does not match its fingerprint, a batch that does not decompress)
+    names a page; name the frame holding it and its offset instead, as every other snapshot error does."""
+    if not isinstance(error, IntegrityError) or isinstance(error, SnapshotCorrupt):
+        return error
+    found = PAGE_NAMED.search(str(error))
+    page = int(found.group(1)) if found else -1
+    if 0 <= page < index.size and index[page]:
+        return reader.corrupt(str(error), int(index[page]))
+    return SnapshotCorrupt(f"{reader.where}: {error}")
