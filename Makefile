@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test test-full soak lint bench bench-quick fuzz clean
+.PHONY: demo test test-full soak lint docs bench bench-quick fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-full: $(STAMP)  ## every test, the slow ones too, then the full soak
 soak: $(STAMP)  ## 200 migrations of small images, a random fault each; prints the seed that replays a failure
 	$(BIN)/python tests/soak.py --runs 200
 
+docs: $(STAMP)  ## regenerate docs/CLI.md's usage and option tables and docs/man/*.1 from the click definitions
+	$(BIN)/python -m migrate_cli.cli.docgen
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check . || true
@@ -41,6 +44,8 @@ bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat 
 	$(BIN)/python benchmarks/bench_resume.py
 	$(BIN)/python benchmarks/bench_auto.py
 	$(BIN)/python benchmarks/bench_gil.py
+	$(BIN)/python benchmarks/bench_ssh.py
+	$(BIN)/python benchmarks/bench_snapshot.py --with-qemu
 
 bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy  # bench_gil.py samples with it
@@ -52,6 +57,8 @@ bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python benchmarks/bench_resume.py --quick
 	$(BIN)/python benchmarks/bench_auto.py --quick
 	$(BIN)/python benchmarks/bench_gil.py --quick
+	$(BIN)/python benchmarks/bench_ssh.py --quick
+	$(BIN)/python benchmarks/bench_snapshot.py --quick
 
 fuzz: $(STAMP)  ## fuzz the sans-IO decoder for 10 minutes (atheris if it installs, else hypothesis)
 	-$(BIN)/python -m pip install --quiet --disable-pip-version-check atheris

@@ -28,7 +28,7 @@ class ExitCode(IntEnum):
     DEST_MODIFIED = 13  # --in-place destination modified but unverified
     PAUSE = 14  # pausing, resuming or throttling the source guest failed
     AUTH = 15  # TLS: the peer failed authentication, or does not speak TLS when we do (or the reverse)
-    RESUME_REFUSED = 16  # --resume: nothing to resume, or the session belongs to another image or other options
+    RESUME_REFUSED = 16  # --resume: nothing to resume, or another image or options; restore: a missing/altered base
     STALLED = 17  # --progress-timeout: no progress for that long; resumable, never retried by --retries
     NO_SENDER = 18  # recv --accept-timeout: no sender completed a handshake within that time
     SIGINT = 130  # interrupted (Ctrl-C), after cleanup
@@ -143,6 +143,12 @@ def peer_abort(code: int, message: str, resumable: bool = False) -> PeerError:
 
 class ResumeRefused(MigrateError):
     """``--resume`` cannot continue: no interrupted session, or one for another image or other options."""
+
+    exit_code = ExitCode.RESUME_REFUSED
+
+
+class BaseRefused(MigrateError):
+    """An incremental snapshot's base is missing, is not the snapshot it was saved against, or the chain loops."""
 
     exit_code = ExitCode.RESUME_REFUSED
 

@@ -179,3 +179,67 @@ def write(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "forged.snap"
     path.write_bytes(data)
     return path
+
+
+def as_incremental(snap: bytes, base: str, base_digest: bytes, sections: bytes | None = None) -> bytes:
+    """``snap`` forged into an incremental snapshot naming ``base`` (every CRC right)."""
+    from dataclasses import replace
+
+    header = replace(
+        fmt.decode_header(snap[: fmt.HEADER_SIZE], "t"), flags=fmt.FLAG_INCREMENTAL, base_digest=base_digest
+    )
+    body, trailer, _ = split(snap)
+    if sections is None:
+        sections = fmt.encode_sections({fmt.SECTION_BASE: base.encode()})
+    forged = fmt.encode_trailer(replace(trailer, sections=sections))
+    return rebuilt(fmt.encode_header(header) + body[fmt.HEADER_SIZE :], forged)
+
+
+def chain_outcome(tmp_path: Path, top: Path) -> int:
+    with pytest.raises(MigrateError) as refused:
+        restore(RestoreOptions(str(top), str(tmp_path / "dest.ram"), threads=2))
+    assert not (tmp_path / "dest.ram").exists() and not (tmp_path / "dest.ram.partial").exists()
+    return int(refused.value.exit_code)
+
+
+def test_a_snapshot_that_is_its_own_base_is_refused(saved: dict[str, tuple[bytes, bytes]], tmp_path: Path) -> None:
+    snap = saved["zstd"][1]
+    digest = split(snap)[1].digest
+    (tmp_path / "self.snap").write_bytes(as_incremental(snap, "self.snap", digest))
+    assert chain_outcome(tmp_path, tmp_path / "self.snap") == ExitCode.RESUME_REFUSED
+
+
+def test_two_snapshots_based_on_each_other_are_refused(saved: dict[str, tuple[bytes, bytes]], tmp_path: Path) -> None:
+    snap = saved["zlib"][1]
+    digest = split(snap)[1].digest
+    (tmp_path / "a.snap").write_bytes(as_incremental(snap, "b.snap", digest))
+    (tmp_path / "b.snap").write_bytes(as_incremental(snap, "a.snap", digest))
+    assert chain_outcome(tmp_path, tmp_path / "a.snap") == ExitCode.RESUME_REFUSED
+
+
+def test_lying_base_sections_are_refused(saved: dict[str, tuple[bytes, bytes]], tmp_path: Path) -> None:
+    snap = saved["none"][1]
+    digest = split(snap)[1].digest
+    lies = {
+        "no base path": b"",
+        "a length past the trailer": struct.pack("!4sI", b"BASE", 1000) + b"x",
+        "a repeated base": fmt.encode_sections({fmt.SECTION_BASE: b"x"}) * 2,
+        "a NUL in the path": fmt.encode_sections({fmt.SECTION_BASE: b"a\0b"}),
+    }
+    for lie, sections in lies.items():
+        path = tmp_path / "lie.snap"
+        path.write_bytes(as_incremental(snap, "", digest, sections))
+        assert chain_outcome(tmp_path, path) == ExitCode.INTEGRITY, lie
+    path.write_bytes(as_incremental(snap, "", digest, struct.pack("!4sI", b"DEVS", 0)))
+    assert chain_outcome(tmp_path, path) == ExitCode.SOURCE  # a section of a later vmmig: foreign
+
+
+def test_a_chain_is_only_followed_through_a_base_of_the_same_geometry(tmp_path: Path) -> None:
+    small = make_image(tmp_path / "small.ram", SIZE // 2, seed=2)
+    save(SaveOptions(str(small), str(tmp_path / "small.snap"), "zstd", threads=2))
+    big = make_image(tmp_path / "big.ram", SIZE, seed=2)
+    save(SaveOptions(str(big), str(tmp_path / "big.snap"), "zstd", threads=2))
+    big_snap = (tmp_path / "big.snap").read_bytes()
+    small_digest = split((tmp_path / "small.snap").read_bytes())[1].digest
+    (tmp_path / "top.snap").write_bytes(as_incremental(big_snap, "small.snap", small_digest))
+    assert chain_outcome(tmp_path, tmp_path / "top.snap") == ExitCode.RESUME_REFUSED

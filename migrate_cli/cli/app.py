@@ -6,9 +6,11 @@ import click
 
 from .. import __version__
 from ..wire.frames import PROTOCOL_VERSION
+from .params import EXIT_CODES_HELP
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+# The exit-code table is here and in docs/CLI.md only: one place to look, not repeated under every command.
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="vmmig", message=f"%(prog)s %(version)s (protocol {PROTOCOL_VERSION})")
 def main() -> None:
     """Move a virtual machine's memory image to another host: compressed, capped and verified end to end.

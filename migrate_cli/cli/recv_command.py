@@ -6,10 +6,11 @@ import click
 from click.core import ParameterSource
 
 from .app import main
-from .params import DURATION, EXIT_CODES_HELP, TIMEOUT, execute, tls_options, with_common
+from .command import Command
+from .params import DURATION, TIMEOUT, execute, tls_options, with_common
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command(cls=Command, usage_args="(DEST | --discard)")
 @click.argument("destination", metavar="DEST", required=False)
 @click.option(
     "--listen",

@@ -10,7 +10,6 @@ from ..wire.frames import DEFAULT_PAGE_SIZE
 from .app import main
 from .params import (
     DURATION,
-    EXIT_CODES_HELP,
     RATE,
     SIZE,
     TIMEOUT,
@@ -21,7 +20,7 @@ from .params import (
 )
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command()
 @click.argument("source", metavar="IMAGE")
 @click.argument("destination", metavar="DESTINATION")
 @click.option(

@@ -10,10 +10,11 @@ import click
 from ..wire import codec as codecs
 from ..wire.frames import DEFAULT_PAGE_SIZE
 from .app import main
-from .params import EXIT_CODES_HELP, SIZE, execute, page_size_option
+from .command import Command
+from .params import DURATION, SIZE, TIMEOUT, execute, page_size_option
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command()
 @click.argument("image", metavar="IMAGE")
 @click.argument("file", metavar="FILE")
 @click.option(
@@ -41,6 +42,48 @@ from .params import EXIT_CODES_HELP, SIZE, execute, page_size_option
     help="Page size: a power of two; the image must be a whole number of pages.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing FILE and remove a leftover FILE.partial.")
+@click.option(
+    "--base",
+    default=None,
+    metavar="OLD",
+    help="Incremental: store only the pages whose fingerprints differ from the snapshot OLD's; FILE records OLD's "
+    "digest and its path relative to FILE, and restore needs OLD.",
+)
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Save while the guest runs: pre-copy passes as `send --live`, each appending the pages that changed, then "
+    "pause for the last ones. Needs --pause-pid, --qmp or --pause-cmd.",
+)
+@click.option("--pause-pid", type=int, default=None, metavar="PID", help="Pause the guest process with SIGSTOP.")
+@click.option("--qmp", type=click.Path(), default=None, metavar="SOCKET", help="Pause a QEMU guest with QMP stop.")
+@click.option("--pause-cmd", default=None, metavar="CMD", help="Shell command that pauses the guest.")
+@click.option("--unpause-cmd", default=None, metavar="CMD", help="Shell command that resumes the guest.")
+@click.option(
+    "--hook-timeout", type=TIMEOUT, default="30s", show_default=True, help="Bound on the hooks and QMP replies."
+)
+@click.option(
+    "--leave-running", is_flag=True, help="Resume the guest once FILE is published (default: it stays paused)."
+)
+@click.option(
+    "--downtime-limit",
+    type=DURATION,
+    default="300ms",
+    show_default=True,
+    help="--live: pause once the expected time to write the last pages fits this.",
+)
+@click.option(
+    "--max-passes", type=click.IntRange(min=1), default=30, show_default=True, help="--live: passes before "
+    "--on-no-converge applies.",
+)  # fmt: skip
+@click.option("--max-time", type=DURATION, default=None, help="--live: time before --on-no-converge applies.")
+@click.option(
+    "--on-no-converge",
+    type=click.Choice(["abort", "switchover"]),
+    default="abort",
+    show_default=True,
+    help="--live: abort (exit 10, the guest keeps running, no FILE) or pause anyway.",
+)
 @click.option("--json", "json_output", is_flag=True, help="Print one final JSON report on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary line (errors still print).")
 @click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
@@ -52,6 +95,18 @@ def save(
     threads: int | None,
     page_size: int,
     force: bool,
+    base: str | None,
+    live: bool,
+    pause_pid: int | None,
+    qmp: str | None,
+    pause_cmd: str | None,
+    unpause_cmd: str | None,
+    hook_timeout: float,
+    leave_running: bool,
+    downtime_limit: float,
+    max_passes: int,
+    max_time: float | None,
+    on_no_converge: str,
     json_output: bool,
     quiet: bool,
     debug: bool,
@@ -59,12 +114,16 @@ def save(
     """Save the memory image IMAGE to the snapshot FILE: compressed frames, each page's fingerprint, an index and
     the image digest (docs/SNAPSHOT.md). Zero pages take no room.
 
-    IMAGE must not change while it is saved (a stopped guest, or a copy). FILE is written as FILE.partial (created
-    new) and renamed to FILE only once complete, synced and read back; an existing FILE is kept unless --force.
+    Without a pause option IMAGE must not change while it is saved (a stopped guest, or a copy). With --pause-pid,
+    --qmp or pause hooks the guest is paused for the copy (stop-and-copy) or, with --live, only for the last pages;
+    it stays paused afterwards unless --leave-running. FILE is written as FILE.partial (created new) and renamed to
+    FILE only once complete, synced and read back; an existing FILE is kept unless --force.
 
     \b
-    Example:
+    Examples:
       vmmig save /dev/shm/vm.ram vm.snap --compress zstd
+      vmmig save --live /dev/shm/vm.ram vm.snap --pause-pid 4242 --leave-running
+      vmmig save /dev/shm/vm.ram vm-2.snap --base vm.snap
       vmmig restore vm.snap /dev/shm/vm.ram
     """
     if level is not None:
@@ -74,14 +133,37 @@ def save(
             raise click.UsageError(str(exc)) from None
         if level not in allowed:
             raise click.UsageError(f"--level {level} is outside {allowed.start}..{allowed.stop - 1} for {codec}")
+    if (pause_cmd is None) != (unpause_cmd is None):
+        raise click.UsageError("--pause-cmd and --unpause-cmd go together")
+    pausers = sum(x is not None for x in (pause_pid, qmp, pause_cmd))
+    if pausers > 1:
+        raise click.UsageError("give one of --pause-pid, --qmp, --pause-cmd")
+    if (live or leave_running) and not pausers:
+        raise click.UsageError("--live and --leave-running need --pause-pid, --qmp or --pause-cmd/--unpause-cmd")
 
     def call() -> None:
         from ..cpus import usable_cpus
+        from ..guest.pause import CommandPauser, Pauser, PidPauser, QmpPauser
+        from ..sender.precopy import ConvergencePolicy
+        from ..snapshot.passes import LivePlan
         from ..snapshot.writer import SaveOptions
         from ..snapshot.writer import save as run
         from ..units import format_bytes
 
-        report = run(SaveOptions(image, file, codec, level, threads or usable_cpus(), page_size, force))
+        pauser: Pauser | None = None
+        if pause_pid is not None:
+            pauser = PidPauser(pause_pid)
+        elif qmp is not None:
+            pauser = QmpPauser(qmp, timeout=hook_timeout)
+        elif pause_cmd is not None and unpause_cmd is not None:
+            pauser = CommandPauser(pause_cmd, unpause_cmd, hook_timeout)
+        kind = "pid" if pause_pid is not None else "qmp" if qmp is not None else "command"
+        plan = LivePlan(live, ConvergencePolicy(downtime_limit, max_passes, max_time), on_no_converge == "abort", kind)
+        report = run(
+            SaveOptions(
+                image, file, codec, level, threads or usable_cpus(), page_size, force, pauser, plan, leave_running, base
+            )
+        )
         if json_output:
             print(json.dumps({"outcome": "saved", **report.__dict__}, indent=2))
         elif not quiet:
@@ -89,6 +171,8 @@ def save(
             print(
                 f"vmmig save: {image} → {file}: {format_bytes(report.image_bytes)} in {format_bytes(report.file_bytes)}"
                 f" ({report.zero_pages} of {report.pages} pages zero), codec {report.codec}:{report.level}, "
+                f"{report.passes} pass{'es' if report.passes != 1 else ''}, {report.pages_stored} pages stored, "
+                f"guest {'paused' if report.paused else 'running'}, "
                 f"{report.seconds:.2f} s, {format_bytes(rate)}/s",
                 file=sys.stderr,
             )
@@ -96,7 +180,7 @@ def save(
     execute("save", debug, call)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command(cls=Command, usage_args="FILE (DEST | --check)")
 @click.argument("file", metavar="FILE")
 @click.argument("dest", metavar="DEST", required=False)
 @click.option("--check", is_flag=True, help="Verify FILE completely without writing anything (no DEST).")
@@ -108,6 +192,13 @@ def save(
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing DEST and remove a leftover DEST.partial.")
 @click.option("--sparse", is_flag=True, help="Do not preallocate: zero pages stay holes on disk file systems.")
+@click.option(
+    "--base-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Look for an incremental FILE's bases in DIR (where they moved) instead of where FILE records them.",
+)
 @click.option(
     "--decompress-threads",
     "threads",
@@ -125,6 +216,7 @@ def restore(
     in_place: bool,
     force: bool,
     sparse: bool,
+    base_dir: str | None,
     threads: int | None,
     json_output: bool,
     quiet: bool,
@@ -154,7 +246,7 @@ def restore(
         from ..snapshot.restore import restore as run
         from ..units import format_bytes
 
-        report = run(RestoreOptions(file, dest, threads or usable_cpus(), in_place, force, sparse))
+        report = run(RestoreOptions(file, dest, threads or usable_cpus(), in_place, force, sparse, base_dir))
         outcome = "verified" if dest is None else "restored"
         if json_output:
             print(json.dumps({"outcome": outcome, **report.__dict__}, indent=2))

@@ -8,13 +8,25 @@ import click
 
 from ..wire.frames import DEFAULT_PAGE_SIZE
 from .app import main
-from .params import DURATION, EXIT_CODES_HELP, RATE, SIZE, execute, page_size_option
+from .command import Command
+from .params import DURATION, RATE, SIZE, execute, page_size_option
+
+SETTABLE = ("max-bandwidth", "downtime-limit", "auto-converge")  # what `ctl SOCKET set NAME VALUE` can change
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+def complete_ctl_words(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Tab completion after `vmmig ctl SOCKET set`: the settable names, then on/off for auto-converge."""
+    if ctx.params.get("command") != "set":
+        return []
+    words = ctx.params.get("args") or ()
+    choices = SETTABLE if not words else ("on", "off") if len(words) == 1 and words[0] == "auto-converge" else ()
+    return [word for word in choices if word.startswith(incomplete)]
+
+
+@main.command(cls=Command, usage_args="SOCKET (status | set NAME VALUE | switchover | cancel)")
 @click.argument("socket_path", metavar="SOCKET")
 @click.argument("command", type=click.Choice(["status", "set", "switchover", "cancel"]))
-@click.argument("args", nargs=-1)
+@click.argument("args", nargs=-1, shell_complete=complete_ctl_words)
 @click.option("--debug", is_flag=True, help="Show tracebacks with errors.")
 def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> None:
     """Control a running `vmmig send` or `vmmig recv` started with --control SOCKET.
@@ -36,7 +48,7 @@ def ctl(socket_path: str, command: str, args: tuple[str, ...], debug: bool) -> N
     from ..control import request
 
     if command == "set" and len(args) != 2:
-        raise click.UsageError("usage: vmmig ctl SOCKET set NAME VALUE (max-bandwidth, downtime-limit, auto-converge)")
+        raise click.UsageError(f"usage: vmmig ctl SOCKET set NAME VALUE ({', '.join(SETTABLE)})")
     if command != "set" and args:
         raise click.UsageError(f"{command} takes no arguments")
     message: dict[str, Any] = {"command": command}
@@ -102,7 +114,7 @@ def tls_init(directory: str, hosts: tuple[str, ...], days: int, force: bool, deb
     execute("tls init", debug, call)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command()
 @click.argument("image", metavar="IMAGE")
 @click.option("--full", is_flag=True, help="Read the whole image instead of a sample.")
 @click.option("--sample", "sample_bytes", type=SIZE, default="64MiB", show_default=True, help="How much to sample.")

@@ -40,7 +40,11 @@ FOOTER = struct.Struct("!8sQQII")
 HEADER_SIZE = HEADER.size  # 64
 TRAILER_HEAD_SIZE = TRAILER.size  # 64
 FOOTER_SIZE = FOOTER.size  # 32
-NO_BASE = bytes(16)  # base digest of a full snapshot (incremental snapshots, a later version, name their base's)
+NO_BASE = bytes(16)  # base digest of a full snapshot (an incremental one names its base's)
+FLAG_INCREMENTAL = 1  # header flag: pages at index 0 are in the base the header's base digest names
+SECTION = struct.Struct("!4sI")  # a trailer section: tag, length, then that many bytes
+SECTION_BASE = b"BASE"  # an incremental snapshot's base: its path relative to this file's directory, UTF-8
+MAX_BASE_PATH = 4096
 
 
 class SnapshotTruncated(SourceError):
@@ -78,7 +82,7 @@ class Trailer:
     index: bytes  # zlib of one little-endian u64 per page: the offset of the frame holding its latest copy
     fingerprints: bytes  # zlib of one little-endian u64 per page: its fingerprint (wire/digest.py)
     digest: bytes  # image_digest of the fingerprints
-    sections: bytes = b""  # reserved for later versions (device state, base path): empty in version 1
+    sections: bytes = b""  # tagged sections (``encode_sections``): an incremental snapshot's base path
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +115,7 @@ def decode_header(data: bytes, where: str) -> Header:
         raise SnapshotForeign(
             f"{where}: snapshot format version {version}; this vmmig reads version {SNAPSHOT_VERSION}"
         )
-    if flags or reserved or reserved2 != bytes(12) or base != NO_BASE:
+    if flags not in (0, FLAG_INCREMENTAL) or reserved or reserved2 != bytes(12) or (base != NO_BASE) != bool(flags):
         raise SnapshotForeign(f"{where}: header at offset 0 uses features this vmmig does not know (flags {flags:#x})")
     if not is_valid_page_size(page_size):
         raise SnapshotCorrupt(f"{where}: header at offset 0: page size {page_size} is not a valid page size")
@@ -138,13 +142,53 @@ def decode_trailer(data: bytes, offset: int, where: str) -> Trailer:
     _, frames, passes, reserved, index_len, fps_len, sections_len, digest = TRAILER.unpack_from(data)
     if reserved:
         raise SnapshotCorrupt(f"{at}: non-zero reserved field")
-    if sections_len:
-        raise SnapshotForeign(f"{at}: carries sections this vmmig does not know ({sections_len} bytes)")
-    if TRAILER_HEAD_SIZE + index_len + fps_len != len(data):
-        raise SnapshotCorrupt(f"{at}: its lengths ({index_len} + {fps_len}) do not add up to its {len(data)} bytes")
+    if TRAILER_HEAD_SIZE + index_len + fps_len + sections_len != len(data):
+        raise SnapshotCorrupt(
+            f"{at}: its lengths ({index_len} + {fps_len} + {sections_len}) do not add up to its {len(data)} bytes"
+        )
     index = data[TRAILER_HEAD_SIZE : TRAILER_HEAD_SIZE + index_len]
-    fingerprints = data[TRAILER_HEAD_SIZE + index_len :]
-    return Trailer(frames, passes, index, fingerprints, digest)
+    fingerprints = data[TRAILER_HEAD_SIZE + index_len : TRAILER_HEAD_SIZE + index_len + fps_len]
+    sections = data[TRAILER_HEAD_SIZE + index_len + fps_len :]
+    decode_sections(sections, at)  # refuse what this vmmig does not know before anything is applied
+    return Trailer(frames, passes, index, fingerprints, digest, sections)
+
+
+def encode_sections(sections: dict[bytes, bytes]) -> bytes:
+    return b"".join(SECTION.pack(tag, len(value)) + value for tag, value in sections.items())
+
+
+def decode_sections(data: bytes, at: str) -> dict[bytes, bytes]:
+    """The trailer's sections by tag: each known, once, with a length inside the trailer."""
+    found: dict[bytes, bytes] = {}
+    offset = 0
+    while offset < len(data):
+        if offset + SECTION.size > len(data):
+            raise SnapshotCorrupt(f"{at}: a section head runs past the trailer's end")
+        tag, length = SECTION.unpack_from(data, offset)
+        offset += SECTION.size
+        if tag != SECTION_BASE:
+            raise SnapshotForeign(f"{at}: carries a section this vmmig does not know ({tag!r})")
+        if tag in found or length > MAX_BASE_PATH or offset + length > len(data):
+            raise SnapshotCorrupt(f"{at}: a {tag.decode()} section of {length} bytes does not fit or repeats")
+        found[tag] = data[offset : offset + length]
+        offset += length
+    return found
+
+
+def base_path(header: Header, trailer: Trailer, at: str) -> str | None:
+    """An incremental snapshot's base path as recorded (relative to its directory); None for a full snapshot."""
+    value = decode_sections(trailer.sections, at).get(SECTION_BASE)
+    if (value is None) != (header.flags & FLAG_INCREMENTAL == 0):
+        raise SnapshotCorrupt(f"{at}: the base path section and the header's incremental flag disagree")
+    if value is None:
+        return None
+    try:
+        path = value.decode()
+    except UnicodeDecodeError:
+        raise SnapshotCorrupt(f"{at}: the base path is not UTF-8") from None
+    if not path or "\0" in path:
+        raise SnapshotCorrupt(f"{at}: the base path is empty or holds a NUL")
+    return path
 
 
 def encode_footer(footer: Footer) -> bytes:

@@ -161,6 +161,19 @@ class SnapshotReader:
             raise self.corrupt("CRC mismatch", at, "trailer")
         return decode_trailer(data, at, self.where)
 
+    def footer_trailer(self) -> Trailer:
+        """The trailer the footer names, without walking the frames (an incremental save's base, a chain's link);
+        a restore still walks them and checks the trailer against what they hold."""
+        if self.footer is None:
+            raise SnapshotTruncated(f"{self.where}: truncated or damaged: no valid footer at the end of the file")
+        at, length = self.footer.trailer_offset, self.footer.trailer_length
+        if length > MAX_TRAILER:
+            raise self.corrupt(f"the footer announces a trailer of {length} bytes", at, "trailer")
+        data = self._pread(length, at)
+        if zlib_ng.crc32(data) != self.footer.trailer_crc:
+            raise self.corrupt("CRC mismatch", at, "trailer")
+        return decode_trailer(data, at, self.where)
+
     # -- errors ---------------------------------------------------------------------------------------------------
 
     def corrupt(self, message: str, offset: int, what: str | None = None) -> SnapshotCorrupt:

@@ -9,13 +9,14 @@ against DEST's own, END's commitment. Any failure leaves nothing published.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DestinationModified, IntegrityError, MigrateError, ProtocolError
+from ..errors import BaseRefused, DestinationModified, IntegrityError, MigrateError, ProtocolError, SourceError
 from ..failure import Failure, Stopped
 from ..receiver.dest_checks import check_destination, check_fits
 from ..receiver.destination import DestinationImage, InPlaceDestination
@@ -26,7 +27,7 @@ from ..wire import codec as codecs
 from ..wire.digest import end_commitment, image_digest
 from ..wire.frames import End, Pages, PassEnd
 from ..wire.protocol import validate_pages
-from .format import SnapshotCorrupt, unpack_pages
+from .format import FLAG_INCREMENTAL, SnapshotCorrupt, base_path, unpack_pages
 from .reader import SnapshotReader
 
 PAGE_NAMED = re.compile(r"\bpages? (\d+)")
@@ -40,6 +41,7 @@ class RestoreOptions:
     in_place: bool = False
     force: bool = False
     sparse: bool = False
+    base_dir: str | None = None  # where an incremental snapshot's bases are, when they moved
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,12 @@ def restore(opts: RestoreOptions) -> RestoreReport:
     began = time.monotonic()
     if opts.dest is not None:
         check_destination(opts.dest, opts.force, opts.in_place)
-    with SnapshotReader(opts.file) as reader:
+    chain = open_chain(opts.file, opts.base_dir)
+    try:
+        reader = chain[-1]
         header = reader.header
-        codec = codecs.by_wire_id(header.codec)
-        if codec is None:
-            raise SnapshotCorrupt(f"{reader.where}: header at offset 0: unknown codec id {header.codec}")
+        codecs_used = [_codec(each) for each in chain]
+        codec = codecs_used[-1]
         if opts.dest is None:
             dest: DestinationImage | InPlaceDestination | DiscardSink = DiscardSink(header.image_size, header.page_size)
         elif opts.in_place:
@@ -72,7 +75,8 @@ def restore(opts: RestoreOptions) -> RestoreReport:
                 check_fits(opts.dest, header.image_size)
             dest = DestinationImage(opts.dest, header.image_size, header.page_size, sparse=opts.sparse)
         try:
-            frames, passes = _apply(reader, dest, codec, opts.threads)
+            for each, each_codec in zip(chain, codecs_used, strict=True):  # the base first, each file over it
+                frames, passes = _apply(each, dest, each_codec, opts.threads)
             dest.flush()
             dest.publish(opts.force)
         except BaseException as exc:
@@ -80,9 +84,73 @@ def restore(opts: RestoreOptions) -> RestoreReport:
             if isinstance(dest, InPlaceDestination) and dest.modified and isinstance(exc, MigrateError):
                 raise DestinationModified(dest.dest, exc) from None
             raise
+    finally:
+        for each in chain:
+            each.close()
     return RestoreReport(
         opts.file, opts.dest, header.image_size, header.pages, frames, passes, time.monotonic() - began, codec.name
     )
+
+
+MAX_CHAIN = 64  # snapshots in one chain: deeper is refused as a loop would be
+
+
+def _codec(reader: SnapshotReader) -> codecs.Codec:
+    codec = codecs.by_wire_id(reader.header.codec)
+    if codec is None:
+        raise SnapshotCorrupt(f"{reader.where}: header at offset 0: unknown codec id {reader.header.codec}")
+    return codec
+
+
+def open_chain(file: str, base_dir: str | None) -> list[SnapshotReader]:
+    """FILE and the bases it rests on, opened, the oldest first. Each base must be the very snapshot its child was
+    saved against (its digest), of the same geometry; a missing or altered base, or a chain that comes back to a
+    file, is refused (exit 16) before anything is written."""
+    chain = [SnapshotReader(file)]
+    seen: set[tuple[int, int]] = set()
+    try:
+        while True:
+            child = chain[-1]
+            st = os.fstat(child.fd)
+            if (st.st_dev, st.st_ino) in seen or len(chain) > MAX_CHAIN:
+                raise BaseRefused(f"{child.where}: the chain of bases loops (or is deeper than {MAX_CHAIN})")
+            seen.add((st.st_dev, st.st_ino))
+            if not child.header.flags & FLAG_INCREMENTAL:
+                break
+            trailer = child.footer_trailer()
+            relative = base_path(child.header, trailer, f"{child.where}: trailer at offset {child.end}")
+            assert relative is not None
+            path = _find_base(child.path, relative, base_dir)
+            try:
+                base = SnapshotReader(path)
+            except SourceError as exc:
+                raise BaseRefused(f"{child.where}: its base {relative} cannot be read ({exc})") from None
+            chain.append(base)
+            if (base.header.page_size, base.header.image_size) != (child.header.page_size, child.header.image_size):
+                raise BaseRefused(f"{child.where}: its base {path} is a snapshot of another image size or page size")
+            if base.footer is None or base.footer_trailer().digest != child.header.base_digest:
+                raise BaseRefused(
+                    f"{child.where}: its base {path} is not the snapshot it was saved against (digest differs)"
+                )
+    except BaseException:
+        for each in chain:
+            each.close()
+        raise
+    chain.reverse()
+    return chain
+
+
+def _find_base(child: str, relative: str, base_dir: str | None) -> str:
+    """The base where the child records it (relative to the child's directory), or in --base-dir."""
+    if base_dir is not None:
+        candidates = [os.path.join(base_dir, relative), os.path.join(base_dir, os.path.basename(relative))]
+    else:
+        candidates = [os.path.join(os.path.dirname(os.path.abspath(child)), relative)]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    hint = "" if base_dir is not None else " (use --base-dir DIR where the bases moved)"
+    raise BaseRefused(f"snapshot {child}: its base {relative} is missing: not at {' nor '.join(candidates)}{hint}")
 
 
 def _apply(
@@ -160,7 +228,7 @@ def _check_end(
             end_at,
         )
     missing = np.flatnonzero(index == 0)
-    if missing.size:
+    if missing.size and not header.flags & FLAG_INCREMENTAL:  # an incremental snapshot's other pages: in its base
         raise reader.corrupt(f"page {int(missing[0])} (and {missing.size - 1} more) is in no frame", end_at)
     trailer = reader.read_trailer()
     at = f"{reader.where}: trailer at offset {reader.offset}"

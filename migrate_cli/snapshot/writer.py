@@ -11,36 +11,48 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from zlib_ng import zlib_ng
 
-from ..errors import DestinationError, MigrateError
-from ..failure import Failure, Stopped, get
+from ..errors import DestinationError, MigrateError, UsageError
+from ..failure import Failure, Stopped
+from ..guest.pause import Pauser
 from ..receiver.dest_checks import check_destination, partial_path
 from ..safefile import create_exclusive, fsync_directory
+from ..sender.guest_hold import GuestHold
 from ..sender.options import default_batch_size
-from ..sender.pipeline import RING, SendPipeline, all_ranges
+from ..sender.pipeline import RING, SendPipeline
+from ..sender.reporting import notice
 from ..sender.source import SourceImage
+from ..stats import Stats
 from ..wire import codec as codecs
 from ..wire.digest import end_commitment, image_digest
-from ..wire.frames import End, PassEnd
-from ..wire.protocol import encode_parts, pages_wire_size
+from ..wire.frames import End
+from ..wire.protocol import encode_parts
 from .format import (
+    FLAG_INCREMENTAL,
     FOOTER_SIZE,
     HEADER_SIZE,
+    NO_BASE,
+    SECTION_BASE,
     Footer,
     Header,
+    SnapshotCorrupt,
     Trailer,
     decode_footer,
     decode_header,
     decode_trailer,
     encode_footer,
     encode_header,
+    encode_sections,
     encode_trailer,
     pack_pages,
+    unpack_pages,
 )
+from .passes import FilePasses, LivePlan, run_passes
+from .reader import SnapshotReader
 
 IOV_MAX = 1024  # buffers one writev takes
 
@@ -54,6 +66,10 @@ class SaveOptions:
     threads: int = 1
     page_size: int = 4096
     force: bool = False
+    pauser: Pauser | None = None  # --pause-pid, --qmp, pause hooks: stop-and-copy, or live with plan.live
+    plan: LivePlan = field(default_factory=LivePlan)
+    leave_running: bool = False  # resume the guest once FILE is published
+    base: str | None = None  # incremental: the base snapshot's path
 
 
 @dataclass(frozen=True)
@@ -67,9 +83,12 @@ class SaveReport:
     seconds: float
     codec: str
     level: int
+    passes: int = 1
+    pages_stored: int = 0  # pages this file carries (an incremental one: those that differ from its base)
+    paused: bool = False  # the guest was left paused
 
 
-class _Output:
+class Output:
     """FILE.partial, written sequentially; its offset is where the next frame goes."""
 
     def __init__(self, path: str) -> None:
@@ -111,61 +130,84 @@ class _Output:
 
 
 def save(opts: SaveOptions) -> SaveReport:
-    """Write IMAGE's snapshot to FILE; FILE appears only complete (an existing FILE is kept unless ``force``)."""
+    """Write IMAGE's snapshot to FILE; FILE appears only complete (an existing FILE is kept unless ``force``).
+    With a pauser the guest is left paused (resumed once FILE is published with ``leave_running``); a failed save
+    resumes a guest it paused."""
     began = time.monotonic()
     codec = codecs.by_name(opts.codec)
     level = opts.level if opts.level is not None else codec.default_level
     check_destination(opts.file, opts.force)  # FILE: a file name, not there (unless force); no leftover .partial
-    with SourceImage(opts.image, opts.page_size) as source:
-        batch_pages = max(1, min(default_batch_size(opts.threads, RING) // opts.page_size, source.pages))
-        header = Header(opts.page_size, source.size, batch_pages, int(codec.wire_id), level)
-        out = _Output(partial_path(opts.file))
-        try:
-            zero_pages, frames = _write(out, source, header, codec, level, opts.threads)
-            out.sync()
-            out.close()
-            _read_back(out.path, header)
-            _publish(out.path, opts.file, opts.force)
-        except BaseException:
-            out.close()
-            with contextlib.suppress(OSError):
-                os.unlink(out.path)
-            raise
-        file_bytes = out.offset
+    guest = GuestHold(opts.pauser, notice)
+    try:
+        with SourceImage(opts.image, opts.page_size) as source:
+            base = _Base.open(opts.base, opts.file, source) if opts.base is not None else None
+            batch_pages = max(1, min(default_batch_size(opts.threads, RING) // opts.page_size, source.pages))
+            header = Header(
+                opts.page_size, source.size, batch_pages, int(codec.wire_id), level,
+                FLAG_INCREMENTAL if base else 0, base.digest if base else NO_BASE,
+            )  # fmt: skip
+            out = Output(partial_path(opts.file))
+            try:
+                passes = _write(out, source, header, codec, level, opts, guest, base)
+                out.sync()
+                out.close()
+                _read_back(out.path, header)
+                _publish(out.path, opts.file, opts.force)
+            except BaseException:
+                out.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(out.path)
+                raise
+            file_bytes = out.offset
+    except BaseException:
+        guest.settle_after_failure(keep_stopped=False)
+        raise
+    if opts.leave_running and guest.paused:
+        guest.resume()
     return SaveReport(
-        opts.file, source.size, file_bytes, source.pages, zero_pages, frames, time.monotonic() - began,
-        codec.name, level,
+        opts.file, source.size, file_bytes, source.pages, passes.zero_pages, passes.frames, time.monotonic() - began,
+        codec.name, level, passes.passes, int(np.count_nonzero(passes.index)), guest.paused,
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _Base:
+    """The base of an incremental save: its fingerprints and digest (from its trailer) and its path from FILE."""
+
+    fingerprints: np.ndarray
+    digest: bytes
+    relative: str
+
+    @staticmethod
+    def open(path: str, file: str, source: SourceImage) -> _Base:
+        with SnapshotReader(path) as reader:
+            header = reader.header
+            if (header.page_size, header.image_size) != (source.page_size, source.size):
+                raise UsageError(
+                    f"--base {path}: a snapshot of {header.image_size} bytes in {header.page_size}-byte pages; "
+                    f"the image has {source.size} bytes in {source.page_size}-byte pages"
+                )
+            trailer = reader.footer_trailer()
+            fingerprints = unpack_pages(trailer.fingerprints, header.pages, "fingerprint list", reader.where)
+        if image_digest(fingerprints) != trailer.digest:
+            raise SnapshotCorrupt(f"snapshot {path}: its trailer's fingerprints do not match its digest")
+        relative = os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(file)))
+        return _Base(fingerprints, trailer.digest, relative)
+
+
 def _write(
-    out: _Output, source: SourceImage, header: Header, codec: codecs.Codec, level: int, threads: int
-) -> tuple[int, int]:
-    """Header, one pass of frames, PASS_END, END, trailer, footer; returns (zero pages, frames)."""
+    out: Output, source: SourceImage, header: Header, codec: codecs.Codec, level: int, opts: SaveOptions,
+    guest: GuestHold, base: _Base | None,
+) -> FilePasses:  # fmt: skip
+    """Header, the passes of frames, END, trailer, footer."""
     out.write([encode_header(header)])
     failure = Failure()
-    pipeline = SendPipeline(source, codec, level, threads, header.batch_pages, failure)
-    index = np.zeros(source.pages, dtype=np.uint64)
-    ranges = all_ranges(source.pages, header.batch_pages)
-    frames = zero_pages = 0
+    stats = Stats(image_bytes=source.size, page_size=source.page_size)
+    pipeline = SendPipeline(source, codec, level, opts.threads, header.batch_pages, failure)
+    passes = FilePasses(out, source, pipeline, failure, stats)
     pipeline.start()
     try:
-        # Not frozen: each worker copies its pages before fingerprinting and compressing them, so every frame is
-        # consistent with its fingerprints even if the image changes under us (it should not: save a quiescent image).
-        pipeline.feed(ranges, frozen=False)
-        for _ in ranges:
-            batch = get(pipeline.out, failure)
-            offset = out.offset
-            for frame in batch.frames:
-                index[frame.index_array()] = offset
-                offset += pages_wire_size(frame)
-                zero_pages += frame.zero_count
-            frames += len(batch.frames)
-            try:
-                out.write(batch.parts)
-            finally:
-                if batch.release is not None:
-                    batch.release()
+        run_passes(passes, guest, opts.plan, base.fingerprints if base else None, opts.threads)
     except Stopped:
         failure.raise_if_set()
         raise
@@ -177,12 +219,14 @@ def _write(
     failure.raise_if_set()
     fingerprints = pipeline.fingerprints
     digest = image_digest(fingerprints)
-    out.write(encode_parts(PassEnd(1, frames)))
-    out.write(encode_parts(End(source.pages, frames, end_commitment(digest))))
+    out.write(encode_parts(End(source.pages, passes.frames, end_commitment(digest))))
     trailer_offset = out.offset
-    trailer = encode_trailer(Trailer(frames, 1, pack_pages(index), pack_pages(fingerprints), digest))
+    sections = encode_sections({SECTION_BASE: base.relative.encode()}) if base else b""
+    trailer = encode_trailer(
+        Trailer(passes.frames, passes.passes, pack_pages(passes.index), pack_pages(fingerprints), digest, sections)
+    )
     out.write([trailer, encode_footer(Footer(trailer_offset, len(trailer), zlib_ng.crc32(trailer)))])
-    return zero_pages, frames
+    return passes
 
 
 def _read_back(path: str, header: Header) -> None:
