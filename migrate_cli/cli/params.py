@@ -14,7 +14,7 @@ import click
 
 from ..errors import ExitCode, Interrupted, MigrateError
 from ..units import parse_duration, parse_rate, parse_size
-from ..wire.frames import check_page_size
+from ..wire.frames import DEFAULT_PAGE_SIZE, check_page_size
 
 
 class UnitType(click.ParamType):
@@ -187,3 +187,35 @@ def with_common(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(common_options):
         func = option(func)
     return func
+
+
+# Options that mean the same on several commands (send and save; recv and restore): one definition each, so that
+# their help, defaults and checks cannot drift apart. A click decorator makes a new Option each time it is applied.
+level_option = click.option(
+    "--level", type=int, default=None, help="Compression level (zlib 1-9, zstd 1-19; default 1)."
+)
+compress_threads_option = click.option(
+    "--compress-threads",
+    "threads",
+    type=click.IntRange(min=1, max=256),
+    default=None,
+    help="Worker threads for zero-page scanning and compression [default: CPUs available].",
+)
+decompress_threads_option = click.option(
+    "--decompress-threads",
+    "threads",
+    type=click.IntRange(min=1, max=256),
+    default=None,
+    help="Worker threads for decompression [default: CPUs available].",
+)
+page_size_opt = click.option(
+    "--page-size",
+    type=SIZE,
+    default=str(DEFAULT_PAGE_SIZE),
+    show_default=True,
+    callback=page_size_option,
+    help="Page size: a power of two; the image must be a whole number of pages.",
+)
+sparse_option = click.option(
+    "--sparse", is_flag=True, help="Do not preallocate: zero pages stay holes on disk file systems."
+)

@@ -7,7 +7,15 @@ from click.core import ParameterSource
 
 from .app import main
 from .command import Command
-from .params import DURATION, TIMEOUT, execute, tls_options, with_common
+from .params import (
+    DURATION,
+    TIMEOUT,
+    decompress_threads_option,
+    execute,
+    sparse_option,
+    tls_options,
+    with_common,
+)
 
 
 @main.command(cls=Command, usage_args="(DEST | --discard)")
@@ -42,14 +50,8 @@ from .params import DURATION, TIMEOUT, execute, tls_options, with_common
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing DEST and remove a leftover DEST.partial.")
 @click.option("--keep-partial", is_flag=True, help="On failure keep DEST.partial for inspection.")
-@click.option("--sparse", is_flag=True, help="Do not preallocate: zero pages stay holes on disk file systems.")
-@click.option(
-    "--decompress-threads",
-    "threads",
-    type=click.IntRange(min=1, max=256),
-    default=None,
-    help="Worker threads for decompression [default: CPUs available].",
-)
+@sparse_option
+@decompress_threads_option
 @click.option(
     "--ready-file",
     type=click.Path(dir_okay=False),

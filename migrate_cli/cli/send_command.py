@@ -6,15 +6,16 @@ import click
 
 from ..sender.options import DEFAULT_BATCH_SIZE
 from ..wire import codec as codecs
-from ..wire.frames import DEFAULT_PAGE_SIZE
 from .app import main
 from .params import (
     DURATION,
     RATE,
     SIZE,
     TIMEOUT,
+    compress_threads_option,
     execute,
-    page_size_option,
+    level_option,
+    page_size_opt,
     tls_options,
     with_common,
 )
@@ -32,14 +33,8 @@ from .params import (
     help="Codec for page batches; a batch that does not shrink is sent raw whatever the codec. 'auto': zlib, "
     "but each batch goes raw when measurement says compressing it costs more than it saves.",
 )
-@click.option("--level", type=int, default=None, help="Compression level (zlib 1-9, zstd 1-19; default 1).")
-@click.option(
-    "--compress-threads",
-    "threads",
-    type=click.IntRange(min=1, max=256),
-    default=None,
-    help="Worker threads for zero-page scanning and compression [default: CPUs available].",
-)
+@level_option
+@compress_threads_option
 @click.option(
     "--max-bandwidth",
     type=RATE,
@@ -47,14 +42,7 @@ from .params import (
     show_default=True,
     help="Cap on wire bytes per second, e.g. 350M or 100MiB, or in bits 1Gbit; 0 or 'unlimited' for none.",
 )
-@click.option(
-    "--page-size",
-    type=SIZE,
-    default=str(DEFAULT_PAGE_SIZE),
-    show_default=True,
-    callback=page_size_option,
-    help="Page size: a power of two; the image must be a whole number of pages.",
-)
+@page_size_opt
 @click.option(
     "--batch-size",
     type=SIZE,

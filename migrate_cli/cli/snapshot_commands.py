@@ -8,10 +8,18 @@ import sys
 import click
 
 from ..wire import codec as codecs
-from ..wire.frames import DEFAULT_PAGE_SIZE
 from .app import main
 from .command import Command
-from .params import DURATION, SIZE, TIMEOUT, execute, page_size_option
+from .params import (
+    DURATION,
+    TIMEOUT,
+    compress_threads_option,
+    decompress_threads_option,
+    execute,
+    level_option,
+    page_size_opt,
+    sparse_option,
+)
 
 
 @main.command()
@@ -25,22 +33,9 @@ from .params import DURATION, SIZE, TIMEOUT, execute, page_size_option
     show_default=True,
     help="Codec for page batches; a batch that does not shrink is stored raw whatever the codec.",
 )
-@click.option("--level", type=int, default=None, help="Compression level (zlib 1-9, zstd 1-19; default 1).")
-@click.option(
-    "--compress-threads",
-    "threads",
-    type=click.IntRange(min=1, max=256),
-    default=None,
-    help="Worker threads for zero-page scanning and compression [default: CPUs available].",
-)
-@click.option(
-    "--page-size",
-    type=SIZE,
-    default=str(DEFAULT_PAGE_SIZE),
-    show_default=True,
-    callback=page_size_option,
-    help="Page size: a power of two; the image must be a whole number of pages.",
-)
+@level_option
+@compress_threads_option
+@page_size_opt
 @click.option("--force", is_flag=True, help="Replace an existing FILE and remove a leftover FILE.partial.")
 @click.option(
     "--base",
@@ -143,21 +138,15 @@ def save(
 
     def call() -> None:
         from ..cpus import usable_cpus
-        from ..guest.pause import CommandPauser, Pauser, PidPauser, QmpPauser
+        from ..guest.pause import make_pauser
         from ..sender.precopy import ConvergencePolicy
         from ..snapshot.passes import LivePlan
         from ..snapshot.writer import SaveOptions
         from ..snapshot.writer import save as run
         from ..units import format_bytes
 
-        pauser: Pauser | None = None
-        if pause_pid is not None:
-            pauser = PidPauser(pause_pid)
-        elif qmp is not None:
-            pauser = QmpPauser(qmp, timeout=hook_timeout)
-        elif pause_cmd is not None and unpause_cmd is not None:
-            pauser = CommandPauser(pause_cmd, unpause_cmd, hook_timeout)
-        kind = "pid" if pause_pid is not None else "qmp" if qmp is not None else "command"
+        pauser = make_pauser(pause_pid, qmp, pause_cmd, unpause_cmd, hook_timeout)
+        kind = pauser.kind if pauser is not None else "pid"
         plan = LivePlan(live, ConvergencePolicy(downtime_limit, max_passes, max_time), on_no_converge == "abort", kind)
         report = run(
             SaveOptions(
@@ -191,7 +180,7 @@ def save(
     "DEST.partial, no rename; on failure DEST is left modified (exit 13).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing DEST and remove a leftover DEST.partial.")
-@click.option("--sparse", is_flag=True, help="Do not preallocate: zero pages stay holes on disk file systems.")
+@sparse_option
 @click.option(
     "--base-dir",
     type=click.Path(file_okay=False),
@@ -199,13 +188,7 @@ def save(
     metavar="DIR",
     help="Look for an incremental FILE's bases in DIR (where they moved) instead of where FILE records them.",
 )
-@click.option(
-    "--decompress-threads",
-    "threads",
-    type=click.IntRange(min=1, max=256),
-    default=None,
-    help="Worker threads for decompression [default: CPUs available].",
-)
+@decompress_threads_option
 @click.option("--json", "json_output", is_flag=True, help="Print one final JSON report on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary line (errors still print).")
 @click.option("--debug", is_flag=True, help="Show tracebacks with errors.")

@@ -42,6 +42,7 @@ class GuestThrottle(Protocol):
 
 class Pauser(Protocol):
     description: str
+    kind: str  # "pid", "qmp" or "command": what a pause costs (sender/downtime.py)
 
     def pause(self) -> None: ...
 
@@ -123,6 +124,8 @@ class GuestProcess:
 
 
 class PidPauser:
+    kind = "pid"
+
     def __init__(self, pid: int, timeout: float = 5.0) -> None:
         self.process = GuestProcess(pid)
         self.pid = pid
@@ -150,6 +153,8 @@ class PidPauser:
 class QmpPauser:
     """QEMU's ``stop``/``cont`` over QMP, each confirmed with ``query-status``."""
 
+    kind = "qmp"
+
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
         self.description = f"QMP {path}"
@@ -176,6 +181,8 @@ class QmpPauser:
 
 
 class CommandPauser:
+    kind = "command"
+
     def __init__(self, pause_cmd: str, unpause_cmd: str, timeout: float) -> None:
         self.pause_cmd = pause_cmd
         self.unpause_cmd = unpause_cmd
@@ -215,6 +222,19 @@ class CommandPauser:
 
     def resume(self) -> None:
         self._run(self.unpause_cmd, "--unpause-cmd")
+
+
+def make_pauser(
+    pause_pid: int | None, qmp: str | None, pause_cmd: str | None, unpause_cmd: str | None, hook_timeout: float
+) -> Pauser | None:
+    """The pauser the pause options name (send and save check first that at most one is given)."""
+    if pause_pid is not None:
+        return PidPauser(pause_pid)
+    if qmp is not None:
+        return QmpPauser(qmp, timeout=hook_timeout)
+    if pause_cmd is not None and unpause_cmd is not None:
+        return CommandPauser(pause_cmd, unpause_cmd, hook_timeout)
+    return None
 
 
 class Throttle:

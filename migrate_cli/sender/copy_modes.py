@@ -119,7 +119,7 @@ class Copy:
 
     def _estimator(self) -> DowntimeEstimator:
         opts, source = self.opts, self.source
-        kind = "pid" if opts.pause_pid is not None else "qmp" if opts.qmp is not None else "command"
+        kind = self.guest.pauser.kind if self.guest.pauser is not None else "pid"
         return DowntimeEstimator(
             source.array.reshape(source.pages, source.page_size), self.pipeline.codec, self.pipeline.level,
             self.bucket, SwitchoverCost.for_guest(kind, opts.qemu_handoff), self.auto,

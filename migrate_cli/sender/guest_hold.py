@@ -10,19 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import PauseError
-from ..guest.pause import CommandPauser, GuestThrottle, Pauser, PidPauser, QmpPauser, Throttle
+from ..guest.pause import GuestThrottle, Pauser, PidPauser, QmpPauser, Throttle
+from ..guest.pause import make_pauser as pauser_for
 from ..guest.vcpu_cgroup import VcpuCgroupThrottle
 from .options import SendOptions
 
 
 def make_pauser(opts: SendOptions) -> Pauser | None:
-    if opts.pause_pid is not None:
-        return PidPauser(opts.pause_pid)
-    if opts.qmp is not None:
-        return QmpPauser(opts.qmp, timeout=opts.hook_timeout)
-    if opts.pause_cmd is not None and opts.unpause_cmd is not None:
-        return CommandPauser(opts.pause_cmd, opts.unpause_cmd, opts.hook_timeout)
-    return None
+    return pauser_for(opts.pause_pid, opts.qmp, opts.pause_cmd, opts.unpause_cmd, opts.hook_timeout)
 
 
 class GuestHold:
