@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from ..sender.options import DEFAULT_BATCH_SIZE
 from ..wire import codec as codecs
@@ -228,6 +229,11 @@ def send(
     as /proc/PID/fd/N, or a block device. It is mapped read-only, never read whole into memory. Zero pages are
     skipped; other pages are copied out, compressed in worker threads and streamed in self-contained batches.
 
+    IMAGE may also be snapshot:FILE, a file `vmmig save` wrote (with its bases, if incremental): its frames go as
+    stored, each checked first (a damaged one: exit 7, never retried), without recompressing, unless --compress
+    names another codec (then FILE is decompressed once into memory and sent as an image). The pause, live and
+    tracking options do not apply to it.
+
     Without --live the image must not change while it is sent: a final re-scan fails the run otherwise. With a
     pause option and no --live, the guest is paused first (stop-and-copy). With --live it keeps running until the
     rest fits --downtime-limit. After success a paused guest stays paused (the destination holds its memory);
@@ -250,6 +256,7 @@ def send(
       vmmig send --live vm.ram desthost:4444 --pause-cmd 'virsh suspend vm1' --unpause-cmd 'virsh resume vm1'
       vmmig send /dev/shm/vm.ram desthost:4444 --retries 5 --retry-delay 2s
       vmmig send /dev/shm/vm.ram desthost:4444 --resume        # after a kill or a lost link
+      vmmig send snapshot:vm.snap desthost:4444                 # a saved snapshot, frames as stored
     """
     selected = codecs.by_name(codecs.DEFAULT_CODEC if codec == "auto" else codec)
     if level is not None and level not in selected.levels:
@@ -259,6 +266,7 @@ def send(
         )
     from ..sender.options import SendOptions
     from ..sender.session import run
+    from ..sender.sources import resolve_source
 
     opts = SendOptions(
         source=source,
@@ -300,4 +308,9 @@ def send(
         state_file=state_file,
         bind=bind,
     )
-    execute("send", debug, lambda: run(opts))
+    ctx = click.get_current_context()  # what the operator set: a snapshot source sets the rest itself
+    given = {name for name in ("codec", "page_size", "batch_size") if ctx.get_parameter_source(name) != DEFAULT}
+    execute("send", debug, lambda: run(resolve_source(opts, given)))
+
+
+DEFAULT = ParameterSource.DEFAULT  # an option the operator did not set

@@ -52,6 +52,12 @@ from .params import (
 )
 @click.option("--pause-pid", type=int, default=None, metavar="PID", help="Pause the guest process with SIGSTOP.")
 @click.option("--qmp", type=click.Path(), default=None, metavar="SOCKET", help="Pause a QEMU guest with QMP stop.")
+@click.option(
+    "--qemu-handoff",
+    is_flag=True,
+    help="With --qmp: IMAGE is the QEMU's shared RAM; also store its device state (QEMU's migrate with "
+    "x-ignore-shared, taken after the last pages), so that `restore --qmp` runs the guest on.",
+)
 @click.option("--pause-cmd", default=None, metavar="CMD", help="Shell command that pauses the guest.")
 @click.option("--unpause-cmd", default=None, metavar="CMD", help="Shell command that resumes the guest.")
 @click.option(
@@ -94,6 +100,7 @@ def save(
     live: bool,
     pause_pid: int | None,
     qmp: str | None,
+    qemu_handoff: bool,
     pause_cmd: str | None,
     unpause_cmd: str | None,
     hook_timeout: float,
@@ -119,6 +126,7 @@ def save(
       vmmig save /dev/shm/vm.ram vm.snap --compress zstd
       vmmig save --live /dev/shm/vm.ram vm.snap --pause-pid 4242 --leave-running
       vmmig save /dev/shm/vm.ram vm-2.snap --base vm.snap
+      vmmig save --live /dev/shm/vm.ram vm.snap --qmp /run/vm.qmp --qemu-handoff
       vmmig restore vm.snap /dev/shm/vm.ram
     """
     if level is not None:
@@ -135,6 +143,8 @@ def save(
         raise click.UsageError("give one of --pause-pid, --qmp, --pause-cmd")
     if (live or leave_running) and not pausers:
         raise click.UsageError("--live and --leave-running need --pause-pid, --qmp or --pause-cmd/--unpause-cmd")
+    if qemu_handoff and qmp is None:
+        raise click.UsageError("--qemu-handoff needs --qmp")
 
     def call() -> None:
         from ..cpus import usable_cpus
@@ -148,20 +158,21 @@ def save(
         pauser = make_pauser(pause_pid, qmp, pause_cmd, unpause_cmd, hook_timeout)
         kind = pauser.kind if pauser is not None else "pid"
         plan = LivePlan(live, ConvergencePolicy(downtime_limit, max_passes, max_time), on_no_converge == "abort", kind)
-        report = run(
-            SaveOptions(
-                image, file, codec, level, threads or usable_cpus(), page_size, force, pauser, plan, leave_running, base
-            )
-        )
+        options = SaveOptions(
+            image, file, codec, level, threads or usable_cpus(), page_size, force, pauser, plan, leave_running, base,
+            qemu_handoff,
+        )  # fmt: skip
+        report = run(options)
         if json_output:
             print(json.dumps({"outcome": "saved", **report.__dict__}, indent=2))
         elif not quiet:
             rate = report.image_bytes / max(report.seconds, 1e-9)
+            qemu_state = f"device state {format_bytes(report.device_state_bytes)}, " if qemu_handoff else ""
             print(
                 f"vmmig save: {image} → {file}: {format_bytes(report.image_bytes)} in {format_bytes(report.file_bytes)}"
                 f" ({report.zero_pages} of {report.pages} pages zero), codec {report.codec}:{report.level}, "
                 f"{report.passes} pass{'es' if report.passes != 1 else ''}, {report.pages_stored} pages stored, "
-                f"guest {'paused' if report.paused else 'running'}, "
+                f"guest {'paused' if report.paused else 'running'}, {qemu_state}"
                 f"{report.seconds:.2f} s, {format_bytes(rate)}/s",
                 file=sys.stderr,
             )
@@ -188,6 +199,14 @@ def save(
     metavar="DIR",
     help="Look for an incremental FILE's bases in DIR (where they moved) instead of where FILE records them.",
 )
+@click.option(
+    "--qmp",
+    type=click.Path(),
+    default=None,
+    metavar="SOCKET",
+    help="DEST is the RAM of a QEMU started with -incoming defer (needs --in-place): check it, restore the RAM, "
+    "feed it the device state FILE holds (save --qemu-handoff) and run the guest.",
+)
 @decompress_threads_option
 @click.option("--json", "json_output", is_flag=True, help="Print one final JSON report on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary line (errors still print).")
@@ -200,6 +219,7 @@ def restore(
     force: bool,
     sparse: bool,
     base_dir: str | None,
+    qmp: str | None,
     threads: int | None,
     json_output: bool,
     quiet: bool,
@@ -211,10 +231,14 @@ def restore(
     at the end; DEST is written as DEST.partial and renamed only then. A truncated or foreign FILE is exit 3, a
     corrupt one exit 7, each naming the frame and its file offset; nothing is published.
 
+    With --qmp, DEST is the RAM of a QEMU started with -incoming defer: it is checked before any page is written,
+    and once the RAM is verified QEMU gets the device state FILE holds (save --qemu-handoff) and the guest runs on.
+
     \b
     Examples:
       vmmig restore vm.snap /dev/shm/vm.ram
       vmmig restore --check vm.snap
+      vmmig restore vm.snap /dev/shm/new.ram --in-place --qmp /run/new.qmp
     """
     if check == (dest is not None):
         raise click.UsageError("give DEST, or --check without DEST")
@@ -222,6 +246,8 @@ def restore(
         raise click.UsageError("--check writes nothing: --in-place, --force and --sparse do not apply")
     if in_place and sparse:
         raise click.UsageError("--sparse allocates a new DEST: it does not apply with --in-place")
+    if qmp is not None and not in_place:
+        raise click.UsageError("--qmp restores into a QEMU's RAM: it needs DEST and --in-place")
 
     def call() -> None:
         from ..cpus import usable_cpus
@@ -229,8 +255,8 @@ def restore(
         from ..snapshot.restore import restore as run
         from ..units import format_bytes
 
-        report = run(RestoreOptions(file, dest, threads or usable_cpus(), in_place, force, sparse, base_dir))
-        outcome = "verified" if dest is None else "restored"
+        report = run(RestoreOptions(file, dest, threads or usable_cpus(), in_place, force, sparse, base_dir, qmp))
+        outcome = "verified" if dest is None else "running" if qmp is not None else "restored"
         if json_output:
             print(json.dumps({"outcome": outcome, **report.__dict__}, indent=2))
         elif not quiet:

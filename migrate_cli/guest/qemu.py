@@ -75,8 +75,8 @@ def check_backend(qmp: Qmp, image: str, image_size: int, role: str) -> Backend:
     return backend
 
 
-def _set_ignore_shared(qmp: Qmp) -> None:
-    qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+def set_ignore_shared(qmp: Qmp, state: bool = True) -> None:
+    qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": state}])
 
 
 class SourceHandoff:
@@ -85,7 +85,7 @@ class SourceHandoff:
         self.steps: dict[str, float] = {}
 
     def prepare(self) -> None:
-        _set_ignore_shared(self.qmp)
+        set_ignore_shared(self.qmp)
 
     def migrate(self, uri: str, timeout: float = 60.0) -> dict[str, Any]:
         """Send the device state; returns QEMU's final query-migrate. The guest must be stopped already."""
@@ -116,7 +116,7 @@ class DestHandoff:
         status = self.qmp.status()
         if status != "inmigrate":
             raise QemuError(f"destination QEMU is {status!r}: start it with -incoming defer (and -S)")
-        _set_ignore_shared(self.qmp)
+        set_ignore_shared(self.qmp)
         probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         probe.bind((host, 0))
         port = probe.getsockname()[1]

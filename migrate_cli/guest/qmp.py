@@ -53,6 +53,9 @@ class Qmp:
             self._file.flush()
         except OSError as exc:
             raise QemuError(f"QMP {self.path}: {command}: {exc}") from None
+        return self._reply(command)
+
+    def _reply(self, command: str) -> Any:
         while True:
             reply = self._read()
             if "event" in reply:
@@ -61,6 +64,18 @@ class Qmp:
                 desc = reply["error"].get("desc", reply["error"])
                 raise QemuError(f"QMP {command} failed: {desc}")
             return reply.get("return")
+
+    def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a file descriptor under ``name`` (``getfd``, the fd in SCM_RIGHTS): a migration URI
+        ``fd:NAME`` then uses it, with no path anyone else could open."""
+        message = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
+        with self._lock:
+            try:
+                self._file.flush()
+                socket.send_fds(self._sock, [message], [fd])
+            except OSError as exc:
+                raise QemuError(f"QMP {self.path}: getfd: {exc}") from None
+            self._reply("getfd")
 
     def status(self) -> str:
         return str(self.execute("query-status").get("status"))

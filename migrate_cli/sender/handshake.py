@@ -24,6 +24,7 @@ from ..wire.resume import ResumeCollector
 from .options import SendOptions
 from .receiver_copy import ReceiverCopy
 from .source import SourceImage
+from .sources import source_path
 from .state_file import SenderState
 
 
@@ -47,7 +48,7 @@ class SessionRecord:
     def _session_state(self, source: SourceImage, level: int, batch_pages: int) -> SenderState:
         """A new session, or (resuming) the interrupted one, refused if anything differs."""
         opts = self.opts
-        st = os.stat(opts.source)
+        st = os.stat(source_path(opts.source))  # snapshot:FILE: the file
         current = SenderState(
             session=secrets.token_bytes(16).hex(), source=opts.source, device=st.st_dev, inode=st.st_ino,
             image_size=source.size, page_size=opts.page_size, codec=opts.codec, level=level,

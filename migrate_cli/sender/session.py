@@ -31,6 +31,7 @@ from ..net.transport import Channel
 from ..progress_watch import ProgressWatch
 from ..ratelimit import BandwidthCap, TokenBucket
 from ..report import live_display, print_json
+from ..snapshot.send import SnapshotSource, StoredCopy
 from ..stats import Stats
 from ..units import format_rate
 from ..wire import codec as codecs
@@ -48,6 +49,7 @@ from .precopy import ConvergencePolicy
 from .receiver_copy import ReceiverCopy
 from .reporting import SenderControl, SenderReport, announce_stop_and_copy, notice
 from .source import SourceImage
+from .sources import open_source
 from .verdict import Verdict
 
 __all__ = ["ResumableFailure", "Sender", "notice", "run"]
@@ -91,10 +93,12 @@ class Sender:
 
     def run(self) -> dict[str, Any]:
         opts, stats = self.opts, self.stats
-        source = SourceImage(opts.source, opts.page_size)
-        self._prepare_guest(source)
+        source = open_source(opts, self.threads)
+        self._prepare_guest(source)  # type: ignore[arg-type]
         batch_size = opts.batch_size or default_batch_size(self.threads, RING)
         batch_pages = max(1, min(batch_size // opts.page_size, 65536))
+        if isinstance(source, SnapshotSource):
+            batch_pages = source.batch_pages  # the frames' own: they go as stored
         stats.image_bytes = source.size
         self.control.open()
         self.reporter.stats_log.start()
@@ -112,13 +116,20 @@ class Sender:
             f"connected to {opts.destination}" + (f" ({len(channels)} channels)" if len(channels) > 1 else "")
         )
         sent = ReceiverCopy(source.pages)
-        pipeline = SendPipeline(
-            source, self.codec, self.level, self.threads, batch_pages, self.failure, self.auto, sent
-        )
-        copy = Copy(
-            opts, source, pipeline, channels, self.bucket, stats, self.failure, self.auto, self.guest,
-            self.reporter, self.threads,
-        )  # fmt: skip
+        pipeline: SendPipeline | StoredCopy
+        copy: Copy | StoredCopy
+        if isinstance(source, SnapshotSource):  # stored frames, checked and sent as they are (snapshot/send.py)
+            pipeline = copy = StoredCopy(
+                source, channels, self.bucket, stats, self.failure, self.threads, sent, self.reporter
+            )
+        else:
+            pipeline = SendPipeline(
+                source, self.codec, self.level, self.threads, batch_pages, self.failure, self.auto, sent
+            )
+            copy = Copy(
+                opts, source, pipeline, channels, self.bucket, stats, self.failure, self.auto, self.guest,
+                self.reporter, self.threads,
+            )  # fmt: skip
         self.control.precopy = lambda: copy.precopy
         try:
             with live_display(stats, "send", self._info(), self.reporter.display) as view:
@@ -183,11 +194,13 @@ class Sender:
             + (f"  live, downtime limit {opts.downtime_limit * 1000:.0f}ms" if opts.live else "")
         )
 
-    def _connect(self, handshake: Handshake, source: SourceImage, batch_pages: int) -> tuple[list[Channel], int]:
+    def _connect(
+        self, handshake: Handshake, source: SourceImage | SnapshotSource, batch_pages: int
+    ) -> tuple[list[Channel], int]:
         """The session recorded (before HELLO: a kill -9 at any later moment can be resumed), channels open; and
         the session's batch size in pages (resuming without --batch-size: the interrupted session's)."""
         opts = self.opts
-        state = self.record.open(source, self.level, batch_pages, record=self.handoff is None)
+        state = self.record.open(source, self.level, batch_pages, record=self.handoff is None)  # type: ignore[arg-type]
         self.session_id = state.session
         session = bytes.fromhex(state.session)
 
@@ -228,7 +241,9 @@ class Sender:
             for each in self.verdict.channels:
                 each.wake_sender()
 
-    def _fail(self, exc: BaseException, channels: list[Channel], pipeline: SendPipeline, copy: Copy) -> BaseException:
+    def _fail(
+        self, exc: BaseException, channels: list[Channel], pipeline: SendPipeline | StoredCopy, copy: Copy | StoredCopy
+    ) -> BaseException:
         """Stop everything, settle the guest and the state file by the phase the failure struck in."""
         self.watch.stop()
         exc = as_outcome(exc, self.lifecycle)

@@ -82,7 +82,15 @@ class PassSender:
         started = time.monotonic()
         pipeline.sent.begin_pass()
         pipeline.feed(ranges, frozen)
-        share = PassShare(len(ranges))
+        return self.carry(number, len(ranges), page_count, started, paused, throttle)
+
+    def carry(
+        self, number: int, batches: int, page_count: int, started: float, paused: bool = False, throttle: int = 0
+    ) -> PassRecord:
+        """Put the ``batches`` encoded batches of pass ``number`` already fed to the pipeline on the channels, then
+        PASS_END on each (a snapshot source feeds its stored frames: snapshot/send.py)."""
+        source = self.source
+        share = PassShare(batches)
         totals = [ChannelTotals() for _ in self.channels]
         threads = [
             spawn(f"send-{i}", partial(self._send_share, each, share, totals[i]), self.failure)

@@ -42,9 +42,14 @@ TRAILER_HEAD_SIZE = TRAILER.size  # 64
 FOOTER_SIZE = FOOTER.size  # 32
 NO_BASE = bytes(16)  # base digest of a full snapshot (an incremental one names its base's)
 FLAG_INCREMENTAL = 1  # header flag: pages at index 0 are in the base the header's base digest names
+FLAG_DEVICE_STATE = 2  # header flag: the trailer holds QEMU's device state (SECTION_QDEV)
+KNOWN_FLAGS = FLAG_INCREMENTAL | FLAG_DEVICE_STATE
 SECTION = struct.Struct("!4sI")  # a trailer section: tag, length, then that many bytes
 SECTION_BASE = b"BASE"  # an incremental snapshot's base: its path relative to this file's directory, UTF-8
 MAX_BASE_PATH = 4096
+SECTION_QDEV = b"QDEV"  # QEMU's device-state stream (migrate with x-ignore-shared), as QEMU wrote it
+MAX_DEVICE_STATE = 1 << 30  # bytes; QEMU's device state without shared RAM is a few hundred KB (VGA RAM: 16 MiB)
+SECTION_LIMITS = {SECTION_BASE: MAX_BASE_PATH, SECTION_QDEV: MAX_DEVICE_STATE}
 
 
 class SnapshotTruncated(SourceError):
@@ -115,7 +120,8 @@ def decode_header(data: bytes, where: str) -> Header:
         raise SnapshotForeign(
             f"{where}: snapshot format version {version}; this vmmig reads version {SNAPSHOT_VERSION}"
         )
-    if flags not in (0, FLAG_INCREMENTAL) or reserved or reserved2 != bytes(12) or (base != NO_BASE) != bool(flags):
+    incremental = bool(flags & FLAG_INCREMENTAL)
+    if flags & ~KNOWN_FLAGS or reserved or reserved2 != bytes(12) or (base != NO_BASE) != incremental:
         raise SnapshotForeign(f"{where}: header at offset 0 uses features this vmmig does not know (flags {flags:#x})")
     if not is_valid_page_size(page_size):
         raise SnapshotCorrupt(f"{where}: header at offset 0: page size {page_size} is not a valid page size")
@@ -166,9 +172,9 @@ def decode_sections(data: bytes, at: str) -> dict[bytes, bytes]:
             raise SnapshotCorrupt(f"{at}: a section head runs past the trailer's end")
         tag, length = SECTION.unpack_from(data, offset)
         offset += SECTION.size
-        if tag != SECTION_BASE:
+        if tag not in SECTION_LIMITS:
             raise SnapshotForeign(f"{at}: carries a section this vmmig does not know ({tag!r})")
-        if tag in found or length > MAX_BASE_PATH or offset + length > len(data):
+        if tag in found or length > SECTION_LIMITS[tag] or offset + length > len(data):
             raise SnapshotCorrupt(f"{at}: a {tag.decode()} section of {length} bytes does not fit or repeats")
         found[tag] = data[offset : offset + length]
         offset += length
@@ -189,6 +195,16 @@ def base_path(header: Header, trailer: Trailer, at: str) -> str | None:
     if not path or "\0" in path:
         raise SnapshotCorrupt(f"{at}: the base path is empty or holds a NUL")
     return path
+
+
+def device_state(header: Header, trailer: Trailer, at: str) -> bytes | None:
+    """QEMU's device state as saved (``save --qemu-handoff``); None when the snapshot holds RAM only."""
+    value = decode_sections(trailer.sections, at).get(SECTION_QDEV)
+    if (value is None) != (header.flags & FLAG_DEVICE_STATE == 0):
+        raise SnapshotCorrupt(f"{at}: the device state section and the header's device-state flag disagree")
+    if value is not None and not value:
+        raise SnapshotCorrupt(f"{at}: the device state section is empty")
+    return value
 
 
 def encode_footer(footer: Footer) -> bytes:

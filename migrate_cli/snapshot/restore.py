@@ -16,8 +16,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BaseRefused, DestinationModified, IntegrityError, MigrateError, ProtocolError, SourceError
+from ..errors import (
+    BaseRefused,
+    DestinationModified,
+    IntegrityError,
+    MigrateError,
+    ProtocolError,
+    QemuError,
+    SourceError,
+    UsageError,
+)
 from ..failure import Failure, Stopped
+from ..guest.device_state import check_incoming, load_device_state
+from ..guest.qmp import Qmp
 from ..receiver.dest_checks import check_destination, check_fits
 from ..receiver.destination import DestinationImage, InPlaceDestination
 from ..receiver.discard import DiscardSink
@@ -27,7 +38,7 @@ from ..wire import codec as codecs
 from ..wire.digest import end_commitment, image_digest
 from ..wire.frames import End, Pages, PassEnd
 from ..wire.protocol import validate_pages
-from .format import FLAG_INCREMENTAL, SnapshotCorrupt, base_path, unpack_pages
+from .format import FLAG_INCREMENTAL, SnapshotCorrupt, base_path, device_state, unpack_pages
 from .reader import SnapshotReader
 
 PAGE_NAMED = re.compile(r"\bpages? (\d+)")
@@ -42,6 +53,7 @@ class RestoreOptions:
     force: bool = False
     sparse: bool = False
     base_dir: str | None = None  # where an incremental snapshot's bases are, when they moved
+    qmp: str | None = None  # DEST is this QEMU's RAM (-incoming defer, in place): feed it the device state and run it
 
 
 @dataclass(frozen=True)
@@ -54,18 +66,26 @@ class RestoreReport:
     passes: int
     seconds: float
     codec: str
+    device_state_bytes: int = 0  # QEMU's device state fed to --qmp's QEMU
+    qemu_steps: dict[str, float] | None = None  # --qmp: the durations (ms) of loading the device state and cont
 
 
 def restore(opts: RestoreOptions) -> RestoreReport:
     began = time.monotonic()
+    if opts.qmp is not None and (opts.dest is None or not opts.in_place):
+        raise UsageError("--qmp restores into a QEMU's RAM: it needs DEST and --in-place")
     if opts.dest is not None:
         check_destination(opts.dest, opts.force, opts.in_place)
     chain = open_chain(opts.file, opts.base_dir)
+    qemu: tuple[Qmp, bytes] | None = None
     try:
         reader = chain[-1]
         header = reader.header
         codecs_used = [_codec(each) for each in chain]
         codec = codecs_used[-1]
+        if opts.qmp is not None:
+            assert opts.dest is not None
+            qemu = _open_qemu(reader, opts.qmp, opts.dest)
         if opts.dest is None:
             dest: DestinationImage | InPlaceDestination | DiscardSink = DiscardSink(header.image_size, header.page_size)
         elif opts.in_place:
@@ -84,12 +104,34 @@ def restore(opts: RestoreOptions) -> RestoreReport:
             if isinstance(dest, InPlaceDestination) and dest.modified and isinstance(exc, MigrateError):
                 raise DestinationModified(dest.dest, exc) from None
             raise
+        steps = None
+        if qemu is not None:  # the RAM is in place and verified: the device state goes after it
+            steps = load_device_state(*qemu)
     finally:
         for each in chain:
             each.close()
+        if qemu is not None:
+            qemu[0].close()
     return RestoreReport(
-        opts.file, opts.dest, header.image_size, header.pages, frames, passes, time.monotonic() - began, codec.name
-    )
+        opts.file, opts.dest, header.image_size, header.pages, frames, passes, time.monotonic() - began, codec.name,
+        len(qemu[1]) if qemu else 0, steps,
+    )  # fmt: skip
+
+
+def _open_qemu(reader: SnapshotReader, path: str, dest: str) -> tuple[Qmp, bytes]:
+    """--qmp: the snapshot's device state, and the destination QEMU checked (it waits for an incoming migration,
+    DEST is its shared RAM) before any page is written."""
+    at = f"{reader.where}: trailer at offset {reader.end}"
+    state = device_state(reader.header, reader.footer_trailer(), at)
+    if state is None:
+        raise QemuError(f"{reader.where} holds no QEMU device state (it was saved without --qemu-handoff)")
+    qmp = Qmp(path)
+    try:
+        check_incoming(qmp, dest, reader.header.image_size)
+    except BaseException:
+        qmp.close()
+        raise
+    return qmp, state
 
 
 MAX_CHAIN = 64  # snapshots in one chain: deeper is refused as a loop would be
@@ -232,6 +274,7 @@ def _check_end(
         raise reader.corrupt(f"page {int(missing[0])} (and {missing.size - 1} more) is in no frame", end_at)
     trailer = reader.read_trailer()
     at = f"{reader.where}: trailer at offset {reader.offset}"
+    device_state(header, trailer, at)  # its section and the header's flag agree (restored by --qmp only)
     if trailer.frames != batches or trailer.passes != passes:
         raise SnapshotCorrupt(f"{at}: counts {trailer.frames} frames in {trailer.passes} passes, read {batches}")
     if not np.array_equal(unpack_pages(trailer.index, header.pages, "index", at), index):

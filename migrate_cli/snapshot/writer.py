@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from zlib_ng import zlib_ng
 
-from ..errors import DestinationError, MigrateError, UsageError
+from ..errors import DestinationError, MigrateError, QemuError, UsageError
 from ..failure import Failure, Stopped
-from ..guest.pause import Pauser
+from ..guest.device_state import take_device_state
+from ..guest.pause import Pauser, QmpPauser
+from ..guest.qemu import SourceHandoff, check_backend, set_ignore_shared
 from ..receiver.dest_checks import check_destination, partial_path
 from ..safefile import create_exclusive, fsync_directory
 from ..sender.guest_hold import GuestHold
@@ -32,11 +34,14 @@ from ..wire.digest import end_commitment, image_digest
 from ..wire.frames import End
 from ..wire.protocol import encode_parts
 from .format import (
+    FLAG_DEVICE_STATE,
     FLAG_INCREMENTAL,
     FOOTER_SIZE,
     HEADER_SIZE,
+    MAX_DEVICE_STATE,
     NO_BASE,
     SECTION_BASE,
+    SECTION_QDEV,
     Footer,
     Header,
     SnapshotCorrupt,
@@ -70,6 +75,7 @@ class SaveOptions:
     plan: LivePlan = field(default_factory=LivePlan)
     leave_running: bool = False  # resume the guest once FILE is published
     base: str | None = None  # incremental: the base snapshot's path
+    qemu_handoff: bool = False  # also store QEMU's device state (the pauser is a QmpPauser)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class SaveReport:
     passes: int = 1
     pages_stored: int = 0  # pages this file carries (an incremental one: those that differ from its base)
     paused: bool = False  # the guest was left paused
+    device_state_bytes: int = 0  # QEMU's device state stored (--qemu-handoff)
 
 
 class Output:
@@ -138,17 +145,20 @@ def save(opts: SaveOptions) -> SaveReport:
     level = opts.level if opts.level is not None else codec.default_level
     check_destination(opts.file, opts.force)  # FILE: a file name, not there (unless force); no leftover .partial
     guest = GuestHold(opts.pauser, notice)
+    qemu: QmpPauser | None = None
     try:
         with SourceImage(opts.image, opts.page_size) as source:
             base = _Base.open(opts.base, opts.file, source) if opts.base is not None else None
+            qemu = _prepare_qemu(opts.pauser, opts.image, source.size) if opts.qemu_handoff else None
             batch_pages = max(1, min(default_batch_size(opts.threads, RING) // opts.page_size, source.pages))
+            flags = (FLAG_INCREMENTAL if base else 0) | (FLAG_DEVICE_STATE if qemu else 0)
             header = Header(
-                opts.page_size, source.size, batch_pages, int(codec.wire_id), level,
-                FLAG_INCREMENTAL if base else 0, base.digest if base else NO_BASE,
+                opts.page_size, source.size, batch_pages, int(codec.wire_id), level, flags,
+                base.digest if base else NO_BASE,
             )  # fmt: skip
             out = Output(partial_path(opts.file))
             try:
-                passes = _write(out, source, header, codec, level, opts, guest, base)
+                passes, device_state = _write(out, source, header, codec, level, opts, guest, base, qemu)
                 out.sync()
                 out.close()
                 _read_back(out.path, header)
@@ -160,14 +170,36 @@ def save(opts: SaveOptions) -> SaveReport:
                 raise
             file_bytes = out.offset
     except BaseException:
+        _release_qemu(qemu)
         guest.settle_after_failure(keep_stopped=False)
         raise
+    _release_qemu(qemu)
     if opts.leave_running and guest.paused:
         guest.resume()
     return SaveReport(
         opts.file, source.size, file_bytes, source.pages, passes.zero_pages, passes.frames, time.monotonic() - began,
-        codec.name, level, passes.passes, int(np.count_nonzero(passes.index)), guest.paused,
+        codec.name, level, passes.passes, int(np.count_nonzero(passes.index)), guest.paused, device_state,
     )  # fmt: skip
+
+
+def _prepare_qemu(pauser: Pauser | None, image: str, size: int) -> QmpPauser:
+    """--qemu-handoff: IMAGE must be the QEMU's one shared RAM backend; x-ignore-shared is set before the copy, so
+    that QEMU's stream after it holds the devices only."""
+    if not isinstance(pauser, QmpPauser):
+        raise UsageError("--qemu-handoff needs --qmp")
+    check_backend(pauser.qmp, image, size, "source")
+    SourceHandoff(pauser.qmp).prepare()
+    return pauser
+
+
+def _release_qemu(qemu: QmpPauser | None) -> None:
+    """Clear x-ignore-shared again: the guest lives on at the source, and a later QEMU migration of it by other
+    tools must carry its RAM."""
+    if qemu is not None:
+        try:
+            set_ignore_shared(qemu.qmp, False)
+        except QemuError as exc:
+            notice(f"could not clear QEMU's x-ignore-shared capability: {exc}")
 
 
 @dataclass(frozen=True)
@@ -197,9 +229,10 @@ class _Base:
 
 def _write(
     out: Output, source: SourceImage, header: Header, codec: codecs.Codec, level: int, opts: SaveOptions,
-    guest: GuestHold, base: _Base | None,
-) -> FilePasses:  # fmt: skip
-    """Header, the passes of frames, END, trailer, footer."""
+    guest: GuestHold, base: _Base | None, qemu: QmpPauser | None,
+) -> tuple[FilePasses, int]:  # fmt: skip
+    """Header, the passes of frames, END, trailer, footer; with ``qemu``, its device state taken once the last
+    pass is written (the guest paused) goes in the trailer. Returns the passes and the device state's length."""
     out.write([encode_header(header)])
     failure = Failure()
     stats = Stats(image_bytes=source.size, page_size=source.page_size)
@@ -219,14 +252,18 @@ def _write(
     failure.raise_if_set()
     fingerprints = pipeline.fingerprints
     digest = image_digest(fingerprints)
+    sections: dict[bytes, bytes] = {SECTION_BASE: base.relative.encode()} if base else {}
+    if qemu is not None:
+        sections[SECTION_QDEV] = take_device_state(qemu.qmp, MAX_DEVICE_STATE)
     out.write(encode_parts(End(source.pages, passes.frames, end_commitment(digest))))
     trailer_offset = out.offset
-    sections = encode_sections({SECTION_BASE: base.relative.encode()}) if base else b""
-    trailer = encode_trailer(
-        Trailer(passes.frames, passes.passes, pack_pages(passes.index), pack_pages(fingerprints), digest, sections)
-    )
+    packed = Trailer(
+        passes.frames, passes.passes, pack_pages(passes.index), pack_pages(fingerprints), digest,
+        encode_sections(sections),
+    )  # fmt: skip
+    trailer = encode_trailer(packed)
     out.write([trailer, encode_footer(Footer(trailer_offset, len(trailer), zlib_ng.crc32(trailer)))])
-    return passes
+    return passes, len(sections.get(SECTION_QDEV, b""))
 
 
 def _read_back(path: str, header: Header) -> None:
