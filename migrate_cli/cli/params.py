@@ -219,3 +219,11 @@ page_size_opt = click.option(
 sparse_option = click.option(
     "--sparse", is_flag=True, help="Do not preallocate: zero pages stay holes on disk file systems."
 )
+libvirt_uri_option = click.option(
+    "--libvirt-uri",
+    default=None,
+    metavar="URI",
+    help="The libvirt connection of a libvirt:DOMAIN guest: a local one (qemu:///system, qemu:///session; a remote "
+    "URI is refused, since vmmig maps the guest's RAM on this host). [default: libvirt's own, LIBVIRT_DEFAULT_URI "
+    "included]",
+)

@@ -12,6 +12,7 @@ from .params import (
     TIMEOUT,
     decompress_threads_option,
     execute,
+    libvirt_uri_option,
     sparse_option,
     tls_options,
     with_common,
@@ -105,6 +106,7 @@ from .params import (
     "sends nothing): exit 17 at once, without waiting --resume-window; DEST.partial and its state file are kept "
     "for `recv --resume` once they hold pages. [default: off]",
 )
+@libvirt_uri_option
 @with_common
 def recv(
     destination: str | None,
@@ -124,6 +126,7 @@ def recv(
     resume: bool,
     resume_window: float,
     progress_timeout: float | None,
+    libvirt_uri: str | None,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
@@ -150,6 +153,10 @@ def recv(
     later (after a crash too). Any other failure removes DEST.partial (unless --keep-partial). A ready line with
     the bound address goes to stderr.
 
+    DEST may be libvirt:DOMAIN, a destination QEMU guest libvirt runs on this host, started paused with
+    -incoming defer (docs/LIBVIRT.md): its RAM is written in place (--in-place implied) and, once the sender's
+    --qemu-handoff has brought the device state, the domain runs through libvirt (`virsh resume`).
+
     \b
     Examples:
       vmmig recv /dev/shm/vm.ram                                   # 127.0.0.1:4444
@@ -158,6 +165,7 @@ def recv(
       vmmig recv --discard --control /run/vmmig-recv.sock          # measure the link, keep nothing
       vmmig recv --resume /dev/shm/vm.ram                          # continue an interrupted migration
       vmmig recv --listen unix:/run/vmmig.sock /dev/shm/vm.ram
+      vmmig recv --listen 10.0.0.2:4444 --insecure libvirt:vm1      # a libvirt guest's RAM, then its devices
       vmmig recv --stdio /dev/shm/vm.ram            # run by `vmmig send IMAGE 'exec:ssh HOST vmmig recv ...'`
     """
     from ..receiver.options import RecvOptions
@@ -183,6 +191,7 @@ def recv(
         discard=discard,
         in_place=in_place,
         qmp=qmp,
+        libvirt_uri=libvirt_uri,
         on_failure=on_failure,
         control=control,
         stats_path=stats_path,

@@ -16,6 +16,7 @@ from .params import (
     compress_threads_option,
     execute,
     level_option,
+    libvirt_uri_option,
     page_size_opt,
     tls_options,
     with_common,
@@ -173,6 +174,7 @@ from .params import (
     metavar="ADDR",
     help="Local address to connect from (HOST or HOST:PORT; a dedicated migration network). TCP only.",
 )
+@libvirt_uri_option
 @with_common
 def send(
     source: str,
@@ -204,6 +206,7 @@ def send(
     retry_delay: float,
     state_file: str | None,
     bind: str | None,
+    libvirt_uri: str | None,
     io_timeout: float,
     json_output: bool,
     quiet: bool,
@@ -234,6 +237,11 @@ def send(
     names another codec (then FILE is decompressed once into memory and sent as an image). The pause, live and
     tracking options do not apply to it.
 
+    IMAGE may also be libvirt:DOMAIN, a QEMU guest libvirt runs on this host (--libvirt-uri): vmmig finds its RAM
+    (a shared memfd or file backend, said on stderr) and pauses it through libvirt; with --qemu-handoff libvirt's
+    QEMU hands the device state over, and once the destination runs the source domain is destroyed through
+    libvirt, so that it can never be resumed beside the new copy (docs/LIBVIRT.md).
+
     Without --live the image must not change while it is sent: a final re-scan fails the run otherwise. With a
     pause option and no --live, the guest is paused first (stop-and-copy). With --live it keeps running until the
     rest fits --downtime-limit. After success a paused guest stays paused (the destination holds its memory);
@@ -257,6 +265,7 @@ def send(
       vmmig send /dev/shm/vm.ram desthost:4444 --retries 5 --retry-delay 2s
       vmmig send /dev/shm/vm.ram desthost:4444 --resume        # after a kill or a lost link
       vmmig send snapshot:vm.snap desthost:4444                 # a saved snapshot, frames as stored
+      vmmig send --live libvirt:vm1 desthost:4444 --qemu-handoff  # a libvirt guest, whole
     """
     selected = codecs.by_name(codecs.DEFAULT_CODEC if codec == "auto" else codec)
     if level is not None and level not in selected.levels:
@@ -296,6 +305,7 @@ def send(
         on_no_converge=on_no_converge,
         auto_converge=auto_converge,
         qemu_handoff=qemu_handoff,
+        libvirt_uri=libvirt_uri,
         control=control,
         stats_path=stats_path,
         metrics_path=metrics_path,

@@ -87,6 +87,10 @@ class SourceHandoff:
     def prepare(self) -> None:
         set_ignore_shared(self.qmp)
 
+    def retire_source(self) -> None:
+        """After the destination runs: nothing here (QEMU stays in postmigrate, never resumed); libvirt.py's
+        handoff destroys the domain so that libvirt cannot resume the old copy."""
+
     def migrate(self, uri: str, timeout: float = 60.0) -> dict[str, Any]:
         """Send the device state; returns QEMU's final query-migrate. The guest must be stopped already."""
         started = time.monotonic()
@@ -136,7 +140,14 @@ class DestHandoff:
         if status not in ("paused", "postmigrate", "prelaunch"):
             raise QemuError(f"destination QEMU is {status!r} after the incoming migration (did it fail to load?)")
         cont = time.monotonic()
-        self.qmp.execute("cont")
+        self.run_guest()
         if (status := self.qmp.status()) != "running":
             raise QemuError(f"destination QEMU is {status!r} after cont")
         self.steps["cont"] = round((time.monotonic() - cont) * 1000, 3)
+
+    def run_guest(self) -> None:
+        self.qmp.execute("cont")
+
+    def quit(self) -> None:
+        """--on-failure quit-dest: end the destination QEMU."""
+        self.qmp.execute("quit")

@@ -114,7 +114,7 @@ class Attempt:
         reporter.codec_name = codec.name
         reporter.session_id = hello.session_id.hex()
         stats.image_bytes, stats.page_size = hello.image_size, hello.page_size
-        session.handoff = open_handoff(opts, hello)
+        session.handoff = open_handoff(opts, hello, session.libvirt)
         handoff_uri = session.handoff.prepare(channel.sock.getsockname()[0]) if session.handoff else None
         spawn("keepalive", partial(self._keepalive, self._stop_keepalive), self.failure)
         where = "(discard)" if opts.discard else opts.destination

@@ -66,7 +66,7 @@ def check_hello(
         known = ", ".join(f"{n}={int(codecs.by_name(n).wire_id)}" for n in codecs.names())
         raise ProtocolError(f"sender asked for unknown codec id {hello.codec} (this receiver knows {known})")
     wanted = bool(hello.features & FEATURE_QEMU_HANDOFF)
-    if wanted != (opts.qmp is not None):
+    if wanted != opts.qemu_mode:
         raise UsageError(
             "the sender asks for a QEMU handoff: start vmmig recv with --qmp and --in-place"
             if wanted

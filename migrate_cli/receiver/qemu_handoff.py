@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Callable
 
 from ..errors import MigrateError, QemuError
+from ..guest.libvirt import LibvirtDestHandoff, LibvirtDomain
 from ..guest.qemu import DestHandoff, check_backend
 from ..guest.qmp import Qmp
 from ..net.transport import Channel
@@ -16,10 +17,13 @@ from ..wire.frames import HANDOFF_FAILED, HANDOFF_RUNNING, HandoffDone, Hello
 from .options import RecvOptions
 
 
-def open_handoff(opts: RecvOptions, hello: Hello) -> DestHandoff | None:
+def open_handoff(opts: RecvOptions, hello: Hello, libvirt: LibvirtDomain | None = None) -> DestHandoff | None:
     """The destination QEMU, its RAM backend checked against DEST, or None outside QEMU mode. The caller keeps it
     before ``prepare`` (starting the incoming migration on the channel's address) so that a failure there already
     counts as QEMU mode."""
+    if libvirt is not None:  # DEST libvirt:DOMAIN, resolved to its RAM (session.py)
+        check_backend(libvirt.qmp, opts.destination, hello.image_size, "destination")  # type: ignore[arg-type]
+        return LibvirtDestHandoff(libvirt)
     if opts.qmp is None:
         return None
     qmp = Qmp(opts.qmp)
@@ -37,7 +41,7 @@ def finish_handoff(handoff: DestHandoff, channel: Channel, on_failure: str, verb
             channel.send_frame(HandoffDone(HANDOFF_FAILED, str(exc)))
         if on_failure == "quit-dest":
             with contextlib.suppress(QemuError):
-                handoff.qmp.execute("quit")
+                handoff.quit()
         raise
     channel.send_frame(HandoffDone(HANDOFF_RUNNING))
     verbose("destination VM running")

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import gc
 import socket
+import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from ..cpus import usable_cpus
 from ..errors import CancelledError, MigrateError, Stalled
 from ..failure import Failure
+from ..guest.libvirt import LibvirtDomain, domain_name
 from ..guest.qemu import DestHandoff
 from ..metrics import MetricsFile
 from ..net.endpoints import bound_name, listen_at, parse_endpoint
@@ -43,8 +46,9 @@ class Receiver:
     """One receiving session: what it owns across attempts (DEST, its state file, the QEMU handoff, the statistics,
     the lifecycle); each Attempt reads and moves them."""
 
-    def __init__(self, opts: RecvOptions) -> None:
+    def __init__(self, opts: RecvOptions, libvirt: LibvirtDomain | None = None) -> None:
         self.opts = opts
+        self.libvirt = libvirt  # DEST libvirt:DOMAIN: the domain, over one virsh session (guest/libvirt.py)
         self.threads = opts.threads or usable_cpus()
         self.failure = Failure()  # the current attempt's latch (`vmmig ctl cancel` sets it)
         self.stats = Stats()
@@ -146,8 +150,23 @@ class Receiver:
 
 def run(opts: RecvOptions) -> dict[str, Any]:
     opts.check()
-    gc.freeze()  # everything imported so far lives as long as the process: out of the collector's sight
-    receiver = Receiver(opts)
-    metrics = MetricsFile(opts.metrics_path, "recv")  # from listening to the exit code (metrics.py)
-    metrics.follow(receiver.stats, receiver.reporter.metric_labels)
-    return metrics.around(receiver.run)
+    libvirt = None
+    if (name := domain_name(opts.destination)) is not None:
+        libvirt = LibvirtDomain(name, opts.libvirt_uri)
+        try:
+            ram, _ = libvirt.find_ram()
+        except BaseException:
+            libvirt.close()
+            raise
+        if not opts.quiet:
+            print(f"vmmig recv: libvirt:{name} ({libvirt.virsh.uri}): RAM is the {ram.how}", file=sys.stderr)
+        opts = replace(opts, destination=ram.path, in_place=True, libvirt_domain=name)
+    try:
+        gc.freeze()  # everything imported so far lives as long as the process: out of the collector's sight
+        receiver = Receiver(opts, libvirt)
+        metrics = MetricsFile(opts.metrics_path, "recv")  # from listening to the exit code (metrics.py)
+        metrics.follow(receiver.stats, receiver.reporter.metric_labels)
+        return metrics.around(receiver.run)
+    finally:
+        if libvirt is not None:
+            libvirt.close()

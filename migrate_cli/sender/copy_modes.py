@@ -128,7 +128,11 @@ class Copy:
 
     def _throttle_maker(self) -> Callable[[], GuestThrottle] | None:
         """How `vmmig ctl set auto-converge on` starts a throttle mid-run (None: no pause option that can)."""
-        return None if self.opts.pause_pid is None and self.opts.qmp is None else self.guest.start_throttle
+        return (
+            None
+            if self.opts.pause_pid is None and self.opts.qmp is None and self.opts.libvirt_domain is None
+            else self.guest.start_throttle
+        )
 
     def _stop_and_copy(self, tracker: DirtyTracker, first: Callable[[], np.ndarray | None]) -> bytes:
         self.guest.pause()  # every copy is taken while the guest is paused

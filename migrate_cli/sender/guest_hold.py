@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import PauseError
+from ..guest.libvirt import LibvirtPauser, LibvirtQuotaThrottle
 from ..guest.pause import GuestThrottle, Pauser, PidPauser, QmpPauser, Throttle
 from ..guest.pause import make_pauser as pauser_for
 from ..guest.vcpu_cgroup import VcpuCgroupThrottle
@@ -46,6 +47,8 @@ class GuestHold:
         threads, found over the pauser's QMP connection (its monitor, I/O and migration threads never stop)."""
         if isinstance(self.pauser, PidPauser):
             self.throttle = Throttle(self.pauser.pid)
+        elif isinstance(self.pauser, LibvirtPauser):  # libvirt's own cgroups, via schedinfo
+            self.throttle = LibvirtQuotaThrottle(self.pauser.domain)
         elif isinstance(self.pauser, QmpPauser):
             self.throttle = VcpuCgroupThrottle.for_qemu(self.pauser.qmp)
         else:  # options.check refuses this combination

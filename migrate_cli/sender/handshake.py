@@ -48,7 +48,8 @@ class SessionRecord:
     def _session_state(self, source: SourceImage, level: int, batch_pages: int) -> SenderState:
         """A new session, or (resuming) the interrupted one, refused if anything differs."""
         opts = self.opts
-        st = os.stat(source_path(opts.source))  # snapshot:FILE: the file
+        # snapshot:FILE: the file; libvirt:DOMAIN: the RAM found (not resumable, but recorded the same way)
+        st = os.stat(source.path if opts.libvirt_domain is not None else source_path(opts.source))
         current = SenderState(
             session=secrets.token_bytes(16).hex(), source=opts.source, device=st.st_dev, inode=st.st_ino,
             image_size=source.size, page_size=opts.page_size, codec=opts.codec, level=level,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..guest.libvirt import domain_name
 from ..net.endpoints import EXEC, TCP, Endpoint, parse_endpoint
 from ..net.tls import TlsOptions
 from ..net.transport import parse_address
@@ -62,6 +63,7 @@ class SendOptions:
     on_no_converge: str = "abort"
     auto_converge: bool = False
     qemu_handoff: bool = False
+    libvirt_uri: str | None = None  # libvirt:DOMAIN sources: the local libvirt connection (None: libvirt's default)
     # security
     tls: TlsOptions | None = None
     handshake_timeout: float = 10.0
@@ -79,14 +81,18 @@ class SendOptions:
 
     def check(self) -> None:
         """Reject option combinations once, up front (QEMU's migrate_caps_check)."""
-        pausers = [x for x in (self.pause_pid, self.qmp, self.pause_cmd) if x is not None]
+        pausers = [x for x in (self.pause_pid, self.qmp, self.pause_cmd, self.libvirt_domain) if x is not None]
         if len(pausers) > 1:
-            raise UsageError("choose one of --pause-pid, --qmp and --pause-cmd")
+            raise UsageError(
+                "choose one of --pause-pid, --qmp and --pause-cmd (a libvirt: source is paused through libvirt)"
+            )
+        if self.libvirt_uri is not None and self.libvirt_domain is None:
+            raise UsageError("--libvirt-uri is the connection of a libvirt:DOMAIN source")
         if (self.pause_cmd is None) != (self.unpause_cmd is None):
             raise UsageError("--pause-cmd and --unpause-cmd go together")
         if self.live and not pausers:
             raise UsageError("--live needs a way to pause the guest: --pause-pid, --qmp or --pause-cmd")
-        if self.auto_converge and self.pause_pid is None and self.qmp is None:
+        if self.auto_converge and self.pause_pid is None and self.qmp is None and self.libvirt_domain is None:
             raise UsageError(
                 "--auto-converge needs --pause-pid (a SIGSTOP duty cycle) or --qmp (a CPU quota on QEMU's vCPU threads)"
             )
@@ -96,12 +102,14 @@ class SendOptions:
             raise UsageError("--batch-size must be between the page size and 16MiB")
         if self.max_passes < 1:
             raise UsageError("--max-passes must be at least 1")
-        if self.qemu_handoff and self.qmp is None:
-            raise UsageError("--qemu-handoff needs --qmp (the source QEMU's monitor)")
+        if self.qemu_handoff and self.qmp is None and self.libvirt_domain is None:
+            raise UsageError("--qemu-handoff needs --qmp (the source QEMU's monitor) or a libvirt:DOMAIN source")
         if not 1 <= self.channels <= 16:
             raise UsageError("--channels must be between 1 and 16")
         if self.retries < 0:
             raise UsageError("--retries must be 0 or more")
+        if self.libvirt_domain is not None and (self.resume or self.retries):
+            raise UsageError("a libvirt: source cannot be resumed: drop --resume and --retries")
         if self.qemu_handoff and (self.resume or self.retries):
             raise UsageError("--qemu-handoff cannot be resumed: drop --resume and --retries")
         self._check_destination()
@@ -122,6 +130,11 @@ class SendOptions:
             raise UsageError("exec: carries one channel (the command's standard input and output): drop --channels")
         if where.scheme == EXEC and self.tls is not None:
             raise UsageError("exec: runs COMMAND and speaks through it (ssh encrypts and authenticates): no TLS")
+
+    @property
+    def libvirt_domain(self) -> str | None:
+        """DOMAIN of a ``libvirt:DOMAIN`` source (guest/libvirt.py)."""
+        return domain_name(self.source)
 
     def endpoint(self) -> Endpoint:
         return parse_endpoint(self.destination)

@@ -23,6 +23,7 @@ from typing import Any
 from ..cpus import usable_cpus
 from ..errors import CancelledError, MigrateError, NetworkError, OutcomeUnknown, Stalled, is_stall
 from ..failure import Failure, spawn
+from ..guest.libvirt import LibvirtDomain, LibvirtPauser, LibvirtSourceHandoff
 from ..guest.pause import QmpPauser, check_pause_pid
 from ..guest.qemu import SourceHandoff, check_backend
 from ..metrics import MetricsFile
@@ -49,7 +50,7 @@ from .precopy import ConvergencePolicy
 from .receiver_copy import ReceiverCopy
 from .reporting import SenderControl, SenderReport, announce_stop_and_copy, notice
 from .source import SourceImage
-from .sources import open_source
+from .sources import open_libvirt, open_source
 from .verdict import Verdict
 
 __all__ = ["ResumableFailure", "Sender", "notice", "run"]
@@ -78,6 +79,7 @@ class Sender:
         self.control = SenderControl(self.reporter, self.cap, self.policy, self.lifecycle, self.failure)
         self.guest = GuestHold(None, notice)
         self.handoff: SourceHandoff | None = None
+        self.libvirt: LibvirtDomain | None = None  # a libvirt:DOMAIN source's domain (guest/libvirt.py)
         self.verdict = Verdict(self.failure, self.lifecycle, self.guest, None, self.reporter.verbose)
         self._control_thread: threading.Thread | None = None  # channel 0's reader: it may bring the peer's reason
         self.session_id = ""  # hex, once the session is recorded (new or resumed)
@@ -93,8 +95,15 @@ class Sender:
 
     def run(self) -> dict[str, Any]:
         opts, stats = self.opts, self.stats
-        source = open_source(opts, self.threads)
-        self._prepare_guest(source)  # type: ignore[arg-type]
+        vm = open_libvirt(opts, notice)
+        self.libvirt = vm[0] if vm is not None else None
+        source = vm[1] if vm is not None else open_source(opts, self.threads)
+        try:
+            self._prepare_guest(source)  # type: ignore[arg-type]
+        except BaseException:
+            if self.libvirt is not None:
+                self.libvirt.close()
+            raise
         batch_size = opts.batch_size or default_batch_size(self.threads, RING)
         batch_pages = max(1, min(batch_size // opts.page_size, 65536))
         if isinstance(source, SnapshotSource):
@@ -151,6 +160,8 @@ class Sender:
                     stats.downtime = now - copy.live.paused_at
                     verify_ms = (now - copy.live.paused_at) * 1000 - sum(copy.live.switchover.values())
                     copy.live.switchover["verify"] = round(verify_ms, 3)
+                if self.handoff is not None:
+                    self._retire_source()  # after the downtime is taken: the destination runs already
                 stats.finish()
                 self.reporter.set_phase("verified")
         except BaseException as exc:
@@ -159,6 +170,8 @@ class Sender:
             for each in channels:
                 each.close()
             source.close()
+            if self.libvirt is not None:
+                self.libvirt.close()
         self.lifecycle.move(Phase.COMPLETED)
         pipeline.stop()
         self.record.remove()
@@ -172,19 +185,32 @@ class Sender:
         return result
 
     def _prepare_guest(self, source: SourceImage) -> None:
-        """The pauser the options name; in QEMU mode, the source QEMU checked and ready to hand over."""
-        self.guest.pauser = make_pauser(self.opts)
+        """The pauser the options name (a libvirt: source: libvirt itself); in QEMU mode, the source QEMU checked
+        and ready to hand over."""
+        self.guest.pauser = LibvirtPauser(self.libvirt) if self.libvirt is not None else make_pauser(self.opts)
         if not self.opts.qemu_handoff:
             return
-        assert isinstance(self.guest.pauser, QmpPauser)
+        assert isinstance(self.guest.pauser, QmpPauser | LibvirtPauser)
         try:
-            check_backend(self.guest.pauser.qmp, self.opts.source, source.size, "source")
-            self.handoff = SourceHandoff(self.guest.pauser.qmp)
+            check_backend(self.guest.pauser.qmp, source.path, source.size, "source")  # type: ignore[arg-type]
+            self.handoff = (
+                LibvirtSourceHandoff(self.libvirt) if self.libvirt is not None else SourceHandoff(self.guest.pauser.qmp)
+            )
             self.handoff.prepare()
         except BaseException:
             source.close()
             raise
         self.verdict.handoff = self.handoff
+
+    def _retire_source(self) -> None:
+        """The destination runs: a libvirt source is destroyed through libvirt, so that no `virsh resume` can run
+        the old copy. The migration has succeeded either way; a failure here is said, loudly."""
+        assert self.handoff is not None
+        try:
+            self.handoff.retire_source()
+        except MigrateError as exc:
+            notice(f"the destination runs, but the source could not be stopped: {exc}; do not resume it")
+            self.handoff.steps["source-state"] = "not destroyed"  # type: ignore[assignment]
 
     def _info(self) -> str:
         opts = self.opts

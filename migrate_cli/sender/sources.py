@@ -9,6 +9,7 @@ with it, ``open_source`` opens it for the sender.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from .options import SendOptions
 from .source import SourceImage
 
 if TYPE_CHECKING:
+    from ..guest.libvirt import LibvirtDomain
     from ..snapshot.send import SnapshotSource
 
 SNAPSHOT = "snapshot:"
@@ -115,3 +117,21 @@ def _unpacked(file: str, page_size: int, threads: int) -> SourceImage:
         return SourceImage(path, page_size)
     finally:
         os.close(fd)
+
+
+def open_libvirt(opts: SendOptions, say: Callable[[str], None]) -> tuple[LibvirtDomain, SourceImage] | None:
+    """A ``libvirt:DOMAIN`` source: the domain over one virsh session and its RAM, found and said (None for
+    another source)."""
+    name = opts.libvirt_domain
+    if name is None:
+        return None
+    from ..guest.libvirt import LibvirtDomain
+
+    domain = LibvirtDomain(name, opts.libvirt_uri, opts.hook_timeout)
+    try:
+        ram, _ = domain.find_ram()
+        say(f"libvirt:{name} ({domain.virsh.uri}): RAM is the {ram.how}")
+        return domain, SourceImage(ram.path, opts.page_size)
+    except BaseException:
+        domain.close()
+        raise
