@@ -115,3 +115,30 @@ def test_a_remote_libvirt_uri_is_refused_in_one_line(procs: Processes) -> None:
     )
     assert code == 2
     assert err.strip().count("\n") == 0 and "remote" in err
+
+
+def test_auto_converge_through_libvirt_lowers_the_vcpu_quota_and_puts_the_old_one_back(
+    domains: tuple[str, str, Path],
+) -> None:
+    from migrate_cli.guest.libvirt import LibvirtDomain, LibvirtQuotaThrottle
+
+    src, _dst, _workdir = domains
+
+    def quota() -> str:
+        pairs = (line.split(":", 1) for line in host.virsh("schedinfo", src).splitlines() if ":" in line)
+        return {key.strip(): value.strip() for key, value in pairs}["vcpu_quota"]
+
+    before = quota()
+    domain = LibvirtDomain(src, host.URI)
+    try:
+        throttle = LibvirtQuotaThrottle(domain)
+        assert throttle.step_up() == 20
+        assert quota() == "80000", "20% of each 100 ms vCPU period taken away"
+        assert throttle.step_up() == 30
+        assert quota() == "70000"
+        throttle.release()
+        assert quota() == before
+        throttle.release()  # idempotent
+        assert quota() == before
+    finally:
+        domain.close()
