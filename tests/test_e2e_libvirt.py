@@ -115,6 +115,9 @@ def test_a_remote_libvirt_uri_is_refused_in_one_line(procs: Processes) -> None:
     )
     assert code == 2
     assert err.strip().count("\n") == 0 and "remote" in err
+    code, _out, err = procs.run("recv", "libvirt:vm1", "--libvirt-uri", "qemu+tcp://10.0.0.2/system", timeout=30)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "remote" in err
 
 
 def test_auto_converge_through_libvirt_lowers_the_vcpu_quota_and_puts_the_old_one_back(

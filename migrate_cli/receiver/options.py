@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..guest.libvirt import domain_name
+from ..guest.virsh import check_local_uri
 from ..net.endpoints import TCP, UNIX, parse_endpoint
 from ..net.tls import TlsOptions
 from ..net.transport import is_loopback
@@ -62,6 +63,8 @@ class RecvOptions:
             )
         if self.libvirt_uri is not None and domain_name(self.destination) is None and self.libvirt_domain is None:
             raise UsageError("--libvirt-uri is the connection of a libvirt:DOMAIN destination")
+        if self.libvirt_uri is not None:
+            check_local_uri(self.libvirt_uri)  # a remote one: refused before anything is said or started
         if self.in_place and (self.discard or self.sparse or self.keep_partial):
             raise UsageError("--in-place writes into DEST itself: it excludes --discard, --sparse and --keep-partial")
         if self.stdio:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..guest.libvirt import domain_name
+from ..guest.virsh import check_local_uri
 from ..net.endpoints import EXEC, TCP, Endpoint, parse_endpoint
 from ..net.tls import TlsOptions
 from ..net.transport import parse_address
@@ -88,6 +89,8 @@ class SendOptions:
             )
         if self.libvirt_uri is not None and self.libvirt_domain is None:
             raise UsageError("--libvirt-uri is the connection of a libvirt:DOMAIN source")
+        if self.libvirt_uri is not None:
+            check_local_uri(self.libvirt_uri)  # a remote one: refused before anything is said or started
         if (self.pause_cmd is None) != (self.unpause_cmd is None):
             raise UsageError("--pause-cmd and --unpause-cmd go together")
         if self.live and not pausers:

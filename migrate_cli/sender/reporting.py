@@ -35,7 +35,8 @@ def notice(message: str) -> None:
 def mode_of(opts: SendOptions) -> str:
     if opts.live:
         return "live"
-    return "stop-and-copy" if any(x is not None for x in (opts.pause_pid, opts.qmp, opts.pause_cmd)) else "plain"
+    pausers = (opts.pause_pid, opts.qmp, opts.pause_cmd, opts.libvirt_domain)
+    return "stop-and-copy" if any(x is not None for x in pausers) else "plain"
 
 
 def announce_stop_and_copy(opts: SendOptions) -> None:
