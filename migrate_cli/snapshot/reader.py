@@ -124,7 +124,9 @@ class SnapshotReader:
         """The data of the PAGES frame ``read_frame`` just returned, read into its payload buffer."""
         data, self._data = self._data, memoryview(b"")
         if len(data):
-            data[:] = self._read_body(len(data), self._data_at, "its data")
+            if self._data_at + len(data) > self.end:
+                self._past_end(self.frame_offsets[-1], self._data_at + len(data), "reading its data")
+            self._pread_into(data, self._data_at)  # straight into the pool buffer: no bytes object, no copy
         return data
 
     def land_data(self, fd: int, runs: list[tuple[int, int]], fallback: Callable[[bytes, int], None]) -> bool:
@@ -231,6 +233,17 @@ class SnapshotReader:
         if len(data) < size:  # the file shrank since it was opened
             raise SnapshotTruncated(f"{self.where}: truncated: the file ends at {offset + len(data)}")
         return data
+
+    def _pread_into(self, buffer: memoryview, offset: int) -> None:
+        done = 0
+        try:
+            while done < len(buffer):
+                got = os.preadv(self.fd, [buffer[done:]], offset + done)
+                if not got:
+                    raise SnapshotTruncated(f"{self.where}: truncated: the file ends at {offset + done}")
+                done += got
+        except OSError as exc:
+            raise SourceError(f"{self.where}: read failed at offset {offset + done}: {exc.strerror}") from None
 
     def __enter__(self) -> SnapshotReader:
         return self

@@ -13,6 +13,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,8 +28,6 @@ from ..errors import (
     UsageError,
 )
 from ..failure import Failure, Stopped
-from ..guest.device_state import check_incoming, load_device_state
-from ..guest.qmp import Qmp
 from ..receiver.dest_checks import check_destination, check_fits
 from ..receiver.destination import DestinationImage, InPlaceDestination
 from ..receiver.discard import DiscardSink
@@ -39,7 +38,11 @@ from ..wire.digest import end_commitment, image_digest
 from ..wire.frames import End, Pages, PassEnd
 from ..wire.protocol import validate_pages
 from .format import FLAG_INCREMENTAL, SnapshotCorrupt, base_path, device_state, unpack_pages
+from .heap import reuse_large_buffers
 from .reader import SnapshotReader
+
+if TYPE_CHECKING:
+    from ..guest.qmp import Qmp
 
 PAGE_NAMED = re.compile(r"\bpages? (\d+)")
 
@@ -77,6 +80,7 @@ def restore(opts: RestoreOptions) -> RestoreReport:
     if opts.dest is not None:
         check_destination(opts.dest, opts.force, opts.in_place)
     chain = open_chain(opts.file, opts.base_dir)
+    reuse_large_buffers()  # each decompressed batch a new 4 MiB bytes object: reuse the memory, not fault it in
     qemu: tuple[Qmp, bytes] | None = None
     try:
         reader = chain[-1]
@@ -106,6 +110,8 @@ def restore(opts: RestoreOptions) -> RestoreReport:
             raise
         steps = None
         if qemu is not None:  # the RAM is in place and verified: the device state goes after it
+            from ..guest.device_state import load_device_state
+
             steps = load_device_state(*qemu)
     finally:
         for each in chain:
@@ -121,6 +127,9 @@ def restore(opts: RestoreOptions) -> RestoreReport:
 def _open_qemu(reader: SnapshotReader, path: str, dest: str) -> tuple[Qmp, bytes]:
     """--qmp: the snapshot's device state, and the destination QEMU checked (it waits for an incoming migration,
     DEST is its shared RAM) before any page is written."""
+    from ..guest.device_state import check_incoming  # only for --qmp: not in every restore's start-up
+    from ..guest.qmp import Qmp
+
     at = f"{reader.where}: trailer at offset {reader.end}"
     state = device_state(reader.header, reader.footer_trailer(), at)
     if state is None:

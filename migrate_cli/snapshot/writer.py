@@ -56,6 +56,7 @@ from .format import (
     pack_pages,
     unpack_pages,
 )
+from .heap import reuse_large_buffers
 from .passes import FilePasses, LivePlan, run_passes
 from .reader import SnapshotReader
 
@@ -144,6 +145,7 @@ def save(opts: SaveOptions) -> SaveReport:
     codec = codecs.by_name(opts.codec)
     level = opts.level if opts.level is not None else codec.default_level
     check_destination(opts.file, opts.force)  # FILE: a file name, not there (unless force); no leftover .partial
+    reuse_large_buffers()  # each compressed batch a new bytes object of up to 4 MiB: reuse the memory
     guest = GuestHold(opts.pauser, notice)
     qemu: QmpPauser | None = None
     try:
