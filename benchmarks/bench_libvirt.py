@@ -228,36 +228,13 @@ def migrate(run: Run, pair: Pair, casedir: Path, args: argparse.Namespace) -> No
 
 
 def check_continued(run: Run, pair: Pair, casedir: Path) -> None:
-    """The guest continues on the destination: consecutive heartbeats past the source's last, then DATA OK."""
-    src_beats = rg.heartbeats(pair.source_log)
-    last = src_beats[-1] if src_beats else 0
-    combined = casedir / "combined.serial.log"
-    deadline = time.monotonic() + CONTINUE_TIMEOUT
-    while True:
-        # a line the guest was printing at the pause is split between the logs: read them as one stream
-        combined.write_bytes(pair.source_log.read_bytes() + pair.dest_log.read_bytes())
-        beats = rg.heartbeats(combined)
-        checks = [(kind, n) for kind, n in rg.data_checks(pair.dest_log) if n > last]
-        ok_after = [n for kind, n in checks if kind == "OK"]
-        bad = [n for kind, n in checks if kind == "BAD"]
-        new = [n for n in beats if n > last]
-        if bad or (new and ok_after):
-            break
-        if not pair.dest_alive():
-            run.continued, run.continued_detail = False, "the destination stopped running"
-            return
-        if time.monotonic() > deadline:
-            run.continued = False
-            run.continued_detail = f"source last {last}, destination beats {new[:5]}, no DATA OK after {last}"
-            return
-        time.sleep(0.2)
-    consecutive = beats == list(range(1, len(beats) + 1))
-    first = new[0] if new else None
-    run.continued = bool(consecutive and first == last + 1 and not bad and ok_after)
-    run.continued_detail = (
-        f"source last {last}, destination first {first}, DATA OK {ok_after[0] if ok_after else None}"
-        + (f", DATA BAD {bad}" if bad else "")
-        + ("" if consecutive else f", not consecutive: {beats[-12:]}")
+    """The guest continues on the destination (run_guest.continued)."""
+
+    def gone() -> str | None:
+        return None if pair.dest_alive() else "the destination stopped running"
+
+    run.continued, run.continued_detail = rg.continued(
+        pair.source_log, pair.dest_log, casedir / "combined.serial.log", gone, CONTINUE_TIMEOUT
     )
 
 

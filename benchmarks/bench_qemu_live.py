@@ -316,36 +316,13 @@ def migrate_vmmig(run: Run, src: Any, dst: Any, codec: str, workdir: Path, args:
 
 
 def check_continued(run: Run, src: Any, dst: Any) -> None:
-    """The guest continues on the destination: consecutive heartbeats past the source's last, then DATA OK."""
-    src_beats = rg.heartbeats(src.serial_log)
-    last = src_beats[-1] if src_beats else 0
-    combined = src.serial_log.with_name("combined.serial.log")
-    deadline = time.perf_counter() + CONTINUE_TIMEOUT
-    while True:
-        # a line the guest was printing at the pause is split between the logs: read them as one stream
-        combined.write_bytes(src.serial_log.read_bytes() + dst.serial_log.read_bytes())
-        beats = rg.heartbeats(combined)
-        checks = [(kind, n) for kind, n in rg.data_checks(dst.serial_log) if n > last]
-        ok_after = [n for kind, n in checks if kind == "OK"]
-        bad = [n for kind, n in checks if kind == "BAD"]
-        new = [n for n in beats if n > last]
-        if bad or (new and ok_after):
-            break
-        if not dst.alive():
-            run.continued, run.continued_detail = False, f"destination QEMU exited {dst.popen.returncode}"
-            return
-        if time.perf_counter() > deadline:
-            run.continued = False
-            run.continued_detail = f"source last {last}, destination beats {new[:5]}, no DATA OK after {last}"
-            return
-        time.sleep(0.2)
-    consecutive = beats == list(range(1, len(beats) + 1))
-    first = new[0] if new else None
-    run.continued = bool(consecutive and first == last + 1 and not bad and ok_after)
-    run.continued_detail = (
-        f"source last {last}, destination first {first}, DATA OK {ok_after[0] if ok_after else None}"
-        + (f", DATA BAD {bad}" if bad else "")
-        + ("" if consecutive else f", not consecutive: {beats[-12:]}")
+    """The guest continues on the destination (run_guest.continued)."""
+
+    def gone() -> str | None:
+        return None if dst.alive() else f"destination QEMU exited {dst.popen.returncode}"
+
+    run.continued, run.continued_detail = rg.continued(
+        src.serial_log, dst.serial_log, src.serial_log.with_name("combined.serial.log"), gone, CONTINUE_TIMEOUT
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import InternalError, MigrateError, NetworkError, PeerError
 
@@ -83,6 +83,22 @@ def get(q: queue.Queue[T] | queue.SimpleQueue[T], failure: Failure) -> T:
             return q.get(timeout=POLL)
         except queue.Empty:
             continue
+
+
+def stop_workers(
+    work: queue.Queue[Any],
+    workers: list[threading.Thread],
+    failure: Failure,
+    reader: threading.Thread | None,
+    timeout: float = 5.0,
+) -> None:
+    """End a pipeline: one None per worker on ``work`` (unless a failure stops them already), then wait a while for
+    the workers and the thread that feeds them."""
+    if not failure.is_set():
+        for _ in workers:
+            put(work, None, failure)
+    for thread in [*workers, *([reader] if reader else [])]:
+        thread.join(timeout)
 
 
 def spawn(name: str, target: Callable[[], None], failure: Failure) -> threading.Thread:

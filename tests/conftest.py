@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,6 +143,24 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
     processes = Processes(tmp_path)
     yield processes
     processes.cleanup()
+
+
+@pytest.fixture
+def qemus() -> Iterator[list[Any]]:
+    """QEMU guests a test starts (examples/qemu/run_guest.py GuestProcess): killed at its end."""
+    started: list[Any] = []
+    yield started
+    for guest in started:
+        guest.kill()
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    """A directory of the test's own on /dev/shm (guest RAM files), removed at its end."""
+    directory = Path("/dev/shm") / f"vmmig-test-{tmp_path.name}"
+    directory.mkdir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -49,22 +48,6 @@ def guest_available() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(guest_available() is not None, reason=str(guest_available()))
-
-
-@pytest.fixture
-def qemus(tmp_path: Path) -> Iterator[list]:
-    started: list = []
-    yield started
-    for guest in started:
-        guest.kill()
-
-
-@pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    directory = Path("/dev/shm") / f"vmmig-test-{tmp_path.name}"
-    directory.mkdir()
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def boot_pair(qemus: list, tmp_path: Path, shm: Path, write_mb: int = 4) -> tuple:

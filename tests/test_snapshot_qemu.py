@@ -9,10 +9,8 @@ in test_e2e_qemu.py); the refusals and the hostile QDEV sections need neither.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,22 +25,6 @@ from .conftest import Processes, make_image
 from .test_e2e_qemu import guest_available, rg
 
 SIZE = 1 << 20
-
-
-@pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    directory = Path("/dev/shm") / f"vmmig-test-{tmp_path.name}"
-    directory.mkdir()
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def qemus() -> Iterator[list]:
-    started: list = []
-    yield started
-    for guest in started:
-        guest.kill()
 
 
 @pytest.mark.skipif(guest_available() is not None, reason=str(guest_available()))

@@ -48,6 +48,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,6 +312,40 @@ def heartbeats(log: Path | str) -> list[int]:
 def heartbeat_times(log: Path | str) -> list[tuple[int, float]]:
     """(n, guest uptime in seconds) of every complete heartbeat line, in order."""
     return [(int(m.group(1)), float(m.group(2))) for line in read_lines(log) if (m := HEARTBEAT_RE.match(line))]
+
+
+def continued(
+    source_log: Path, dest_log: Path, combined: Path, dest_gone: Callable[[], str | None], timeout: float = 60.0
+) -> tuple[bool, str]:
+    """Did the guest continue on the destination: consecutive heartbeats past the source's last, then DATA OK and
+    no DATA BAD? Waits up to ``timeout``; ``dest_gone()`` returns why the destination stopped, or None. Returns
+    the verdict and a line saying what was seen. ``combined`` is a scratch file: a line the guest was printing at
+    the pause is split between the two logs, so they are read as one stream."""
+    src_beats = heartbeats(source_log)
+    last = src_beats[-1] if src_beats else 0
+    deadline = time.monotonic() + timeout
+    while True:
+        combined.write_bytes(Path(source_log).read_bytes() + Path(dest_log).read_bytes())
+        beats = heartbeats(combined)
+        checks = [(kind, n) for kind, n in data_checks(dest_log) if n > last]
+        ok_after = [n for kind, n in checks if kind == "OK"]
+        bad = [n for kind, n in checks if kind == "BAD"]
+        new = [n for n in beats if n > last]
+        if bad or (new and ok_after):
+            break
+        if (why := dest_gone()) is not None:
+            return False, why
+        if time.monotonic() > deadline:
+            return False, f"source last {last}, destination beats {new[:5]}, no DATA OK after {last}"
+        time.sleep(0.2)
+    consecutive = beats == list(range(1, len(beats) + 1))
+    first = new[0] if new else None
+    detail = (
+        f"source last {last}, destination first {first}, DATA OK {ok_after[0] if ok_after else None}"
+        + (f", DATA BAD {bad}" if bad else "")
+        + ("" if consecutive else f", not consecutive: {beats[-12:]}")
+    )
+    return bool(consecutive and first == last + 1 and not bad and ok_after), detail
 
 
 def data_checks(log: Path | str) -> list[tuple[str, int]]:

@@ -16,6 +16,7 @@ vCPU thread's id in ``query-cpus-fast``, which does not depend on where libvirt 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -193,7 +194,7 @@ class LibvirtSourceHandoff(SourceHandoff):
     """QEMU mode's source end through libvirt; once the destination runs, the source domain is destroyed."""
 
     def __init__(self, domain: LibvirtDomain) -> None:
-        super().__init__(domain.qmp)  # type: ignore[arg-type]
+        super().__init__(domain.qmp)
         self.domain = domain
 
     def retire_source(self) -> None:
@@ -211,7 +212,7 @@ class LibvirtDestHandoff(DestHandoff):
     """QEMU mode's destination end through libvirt: the guest runs by ``virsh resume``."""
 
     def __init__(self, domain: LibvirtDomain) -> None:
-        super().__init__(domain.qmp)  # type: ignore[arg-type]
+        super().__init__(domain.qmp)
         self.domain = domain
 
     def run_guest(self) -> None:
@@ -235,8 +236,7 @@ class LibvirtQuotaThrottle:
             raise PauseError(f"--auto-converge: libvirt cannot set vcpu_quota on {domain.name} (no cpu cgroup?)")
         self.previous = info["vcpu_quota"]
         self.period = int(info.get("vcpu_period", PERIOD_US)) or PERIOD_US
-        self._touched = False
-        atexit.register(self._release_at_exit)
+        self._touched = False  # a quota of ours is in force: release() must put ``previous`` back
 
     def _schedinfo(self) -> dict[str, str]:
         try:
@@ -256,7 +256,9 @@ class LibvirtQuotaThrottle:
         with self._lock:
             step = self.initial if self.percentage == 0 else self.percentage + self.increment
             self.percentage = min(self.maximum, step)
-            self._touched = True
+            if not self._touched:
+                atexit.register(self._release_at_exit)  # an exit past the sender's own paths still restores it
+                self._touched = True
             # libvirt's vcpu_quota is per vCPU: the share of each vCPU's period it may run
             self._set(str(max(1000, self.period * (100 - self.percentage) // 100)))
             return self.percentage
@@ -272,7 +274,5 @@ class LibvirtQuotaThrottle:
             self._set(self.previous)
 
     def _release_at_exit(self) -> None:
-        try:
+        with contextlib.suppress(PauseError):  # nothing is left to report to at interpreter exit
             self.release()
-        except PauseError:
-            pass

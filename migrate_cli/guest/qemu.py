@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import QemuError
-from .qmp import Qmp
+from .qmp import QmpChannel
 
 RAM_BACKEND_TYPES = ("memory-backend-file", "memory-backend-memfd", "memory-backend-ram")
 POLL = 0.02
@@ -37,7 +37,7 @@ class Backend:
     mem_path: str | None
 
 
-def ram_backend(qmp: Qmp) -> Backend:
+def ram_backend(qmp: QmpChannel) -> Backend:
     """The VM's single RAM backend object; refuse VMs with none or several."""
     children = qmp.execute("qom-list", path="/objects") or []
     found = []
@@ -56,7 +56,7 @@ def ram_backend(qmp: Qmp) -> Backend:
     return Backend(name, kind, size, share, mem_path)
 
 
-def check_backend(qmp: Qmp, image: str, image_size: int, role: str) -> Backend:
+def check_backend(qmp: QmpChannel, image: str, image_size: int, role: str) -> Backend:
     """Check that ``image`` is the VM's shared RAM backend and has its size."""
     backend = ram_backend(qmp)
     where = f"{role} QEMU ({qmp.path})"
@@ -75,12 +75,12 @@ def check_backend(qmp: Qmp, image: str, image_size: int, role: str) -> Backend:
     return backend
 
 
-def set_ignore_shared(qmp: Qmp, state: bool = True) -> None:
+def set_ignore_shared(qmp: QmpChannel, state: bool = True) -> None:
     qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": state}])
 
 
 class SourceHandoff:
-    def __init__(self, qmp: Qmp) -> None:
+    def __init__(self, qmp: QmpChannel) -> None:
         self.qmp = qmp
         self.steps: dict[str, float] = {}
 
@@ -110,7 +110,7 @@ class SourceHandoff:
 
 
 class DestHandoff:
-    def __init__(self, qmp: Qmp) -> None:
+    def __init__(self, qmp: QmpChannel) -> None:
         self.qmp = qmp
         self.uri = ""
         self.steps: dict[str, float] = {}

@@ -8,9 +8,19 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import QemuError
+
+
+class QmpChannel(Protocol):
+    """What QEMU mode needs of a monitor: this socket client, or libvirt's passthrough (libvirt.LibvirtQmp)."""
+
+    path: str
+
+    def execute(self, command: str, **arguments: Any) -> Any: ...
+
+    def status(self) -> str: ...
 
 
 class Qmp:

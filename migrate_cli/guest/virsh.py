@@ -95,6 +95,7 @@ class Virsh:
         while marker not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self._proc.kill()  # its late answer would be read as the next command's: no next command
                 raise QemuError(f"libvirt: virsh {what} did not answer within {self.timeout:g}s")
             chunk = os.read(fd, 65536)
             if not chunk:

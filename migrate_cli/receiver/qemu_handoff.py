@@ -22,7 +22,7 @@ def open_handoff(opts: RecvOptions, hello: Hello, libvirt: LibvirtDomain | None 
     before ``prepare`` (starting the incoming migration on the channel's address) so that a failure there already
     counts as QEMU mode."""
     if libvirt is not None:  # DEST libvirt:DOMAIN, resolved to its RAM (session.py)
-        check_backend(libvirt.qmp, opts.destination, hello.image_size, "destination")  # type: ignore[arg-type]
+        check_backend(libvirt.qmp, opts.destination, hello.image_size, "destination")
         return LibvirtDestHandoff(libvirt)
     if opts.qmp is None:
         return None

@@ -33,7 +33,7 @@ from functools import partial
 
 import numpy as np
 
-from ..failure import Failure, get, put, spawn
+from ..failure import Failure, get, put, spawn, stop_workers
 from ..page_runs import run_bounds, true_runs
 from ..wire import codec as codecs
 from ..wire.codec import Compressor
@@ -111,11 +111,7 @@ class SendPipeline:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Let the workers exit (after the last pass, or on failure) and wait for them."""
-        if not self.failure.is_set():
-            for _ in self._workers:
-                put(self._work, _DONE, self.failure)
-        for thread in [*self._workers, *([self._reader] if self._reader else [])]:
-            thread.join(timeout)
+        stop_workers(self._work, self._workers, self.failure, self._reader, timeout)
 
     # -- threads -------------------------------------------------------------------------------------------------
 

@@ -192,7 +192,7 @@ class Sender:
             return
         assert isinstance(self.guest.pauser, QmpPauser | LibvirtPauser)
         try:
-            check_backend(self.guest.pauser.qmp, source.path, source.size, "source")  # type: ignore[arg-type]
+            check_backend(self.guest.pauser.qmp, source.path, source.size, "source")
             self.handoff = (
                 LibvirtSourceHandoff(self.libvirt) if self.libvirt is not None else SourceHandoff(self.guest.pauser.qmp)
             )

@@ -27,7 +27,7 @@ from itertools import groupby
 import numpy as np
 
 from ..errors import IntegrityError, MigrateError, ProtocolError, SourceError
-from ..failure import Failure, get, put, spawn
+from ..failure import Failure, get, put, spawn, stop_workers
 from ..net.transport import Channel
 from ..ratelimit import TokenBucket
 from ..sender.pipeline import EncodedBatch
@@ -195,11 +195,7 @@ class StoredCopy:
         self._reader = spawn("reader", lambda: [put(self._work, f, self.failure) for f in frames], self.failure)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if not self.failure.is_set():
-            for _ in self._workers:
-                put(self._work, _DONE, self.failure)
-        for thread in [*self._workers, *([self._reader] if self._reader else [])]:
-            thread.join(timeout)
+        stop_workers(self._work, self._workers, self.failure, self._reader, timeout)
 
     # -- the copy face --------------------------------------------------------------------------------------------
 
