@@ -35,7 +35,7 @@ def load(name: str, path: Path) -> ModuleType:
 host = load("libvirt_host", ROOT / "examples" / "libvirt" / "libvirt_host.py")
 rg = load("run_guest", ROOT / "examples" / "qemu" / "run_guest.py")
 
-pytestmark = pytest.mark.skipif(host.missing() is not None, reason=str(host.missing()))
+needs_libvirt = pytest.mark.skipif(host.missing() is not None, reason=str(host.missing()))
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,7 @@ def domains(libvirtd: None) -> Iterator[tuple[str, str, Path]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@needs_libvirt
 def test_a_libvirt_guest_moves_to_another_domain_and_libvirt_shows_the_truth(
     procs: Processes, domains: tuple[str, str, Path]
 ) -> None:
@@ -94,6 +95,7 @@ def test_a_libvirt_guest_moves_to_another_domain_and_libvirt_shows_the_truth(
     assert checks and all(kind == "OK" for kind, _n in checks), checks
 
 
+@needs_libvirt
 def test_a_destination_that_is_not_waiting_for_a_migration_is_refused_and_the_source_runs_on(
     procs: Processes, domains: tuple[str, str, Path]
 ) -> None:
@@ -120,6 +122,7 @@ def test_a_remote_libvirt_uri_is_refused_in_one_line(procs: Processes) -> None:
     assert err.strip().count("\n") == 0 and "remote" in err
 
 
+@needs_libvirt
 def test_auto_converge_through_libvirt_lowers_the_vcpu_quota_and_puts_the_old_one_back(
     domains: tuple[str, str, Path],
 ) -> None:
