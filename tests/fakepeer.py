@@ -19,6 +19,7 @@ class FakePeer:
     @classmethod
     def accept(cls, listener: socket.socket) -> FakePeer:
         """A scripted receiver on the next connection ``listener`` takes."""
+        listener.settimeout(30)  # a sender that exits before connecting fails the test, never hangs it
         conn, _ = listener.accept()
         return cls(conn, Role.RECEIVER)
 

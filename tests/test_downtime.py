@@ -135,3 +135,31 @@ def test_a_last_pass_inside_the_burst_still_costs_its_pipeline_the_first_batch_e
 def test_nothing_measured_yet_means_no_rate_and_an_infinite_estimate() -> None:
     est = estimator("none")
     assert est.estimate(np.arange(10), 0, 0.0).seconds == float("inf")
+
+
+def test_a_sample_of_the_dirty_set_spans_the_codec_window_so_repeats_a_batch_would_find_are_priced_in() -> None:
+    """The benchmark guest writes pages drawn from a pool of 64 random pages, each with its own 8-byte stamp: zstd
+    finds the repeats across a batch, so a sample too small to hold them predicted 2-3x the wire bytes."""
+    rng = np.random.default_rng(11)
+    pool = rng.integers(0, 256, (64, PS), dtype=np.uint8)
+    pages = pool[rng.integers(0, 64, 4096)]
+    pages[:, :8] = rng.integers(0, 256, (4096, 8), dtype=np.uint8)
+    zstd = codecs.by_name("zstd")
+    est = DowntimeEstimator(pages, zstd, 1, TokenBucket(50 * MB), SwitchoverCost(), batch_pages=1024)
+    dirty = np.sort(rng.choice(4096, 3000, replace=False))
+    predicted = est.wire_per_page(dirty)
+    compressor = zstd.compressor(1)
+    batches = [dirty[i : i + 1024] for i in range(0, dirty.size, 1024)]
+    actual = sum(len(compressor.compress(np.take(pages, b, axis=0).reshape(-1))) for b in batches) / dirty.size
+    assert predicted == pytest.approx(actual + PER_PAGE_OVERHEAD, rel=0.25)
+    assert est.sample_pages * PS == 4 * zstd.window(1), "four windows of zstd level 1"
+
+
+def test_the_estimate_names_its_parts_and_they_add_up() -> None:
+    est = estimator("zlib", cap=50 * MB, cost=SwitchoverCost.for_guest("qmp", qemu_handoff=True))
+    est.note_pass(PassCost(pages=PAGES, wire_bytes=PAGES * PS, duration=PAGES * PS / (50 * MB)))
+    estimate = est.estimate(np.arange(1024, PAGES), pages_until_pause=10, scan_time=0.02)
+    assert estimate.parts is not None
+    assert set(estimate.parts) == {"pause", "scan", "verdict", "handoff", "send", "pipeline"}
+    assert sum(estimate.parts.values()) == pytest.approx(estimate.seconds)
+    assert estimate.parts["handoff"] == QEMU_HANDOFF and estimate.parts["scan"] == 0.02

@@ -17,9 +17,26 @@ from pathlib import Path
 
 import pytest
 
-from migrate_cli.wire.frames import FEATURE_QEMU_HANDOFF, End, Hello, Result, Welcome
+from migrate_cli.wire.frames import (
+    FEATURE_PASS_LANDED,
+    FEATURE_QEMU_HANDOFF,
+    End,
+    Hello,
+    PassEnd,
+    PassLanded,
+    Result,
+    Welcome,
+)
 
-from .conftest import Processes, assert_no_destination, last_line, make_image, sender_met_by, still_serves
+from .conftest import (
+    Processes,
+    address_of,
+    assert_no_destination,
+    last_line,
+    make_image,
+    sender_met_by,
+    still_serves,
+)
 from .fakepeer import FakePeer
 from .guest import Guest, start_guest
 
@@ -82,6 +99,36 @@ def test_a_welcome_with_features_the_sender_did_not_offer_is_refused(
     peer.close()
     assert code == 6, err
     assert "offered only" in last_line(err)
+
+
+def test_a_pass_landed_the_sender_did_not_ask_for_is_a_protocol_error(
+    procs: Processes, tmp_path: Path, fake_receiver: socket.socket
+) -> None:
+    """A plain copy does not ask to hear of landed passes; a receiver that reports one anyway is refused (exit 6)."""
+    send, peer, hello = sender_met_by(fake_receiver, procs, make_image(tmp_path / "vm.ram", 1 << 20))
+    assert not hello.features & FEATURE_PASS_LANDED
+    peer.send(Welcome(), PassLanded(1))
+    code, _, err = send.wait(30)
+    peer.close()
+    assert code == 6, err
+    assert "PASS_LANDED" in last_line(err)
+
+
+def test_a_live_sender_asks_for_landed_passes_and_refuses_one_out_of_order(
+    procs: Processes, tmp_path: Path, fake_receiver: socket.socket
+) -> None:
+    image = make_image(tmp_path / "vm.ram", 1 << 20)
+    send = procs.send(image, address_of(fake_receiver), "--live", "--pause-cmd", "true", "--unpause-cmd", "true")
+    peer = FakePeer.accept(fake_receiver)
+    hello = peer.read_until(Hello)
+    assert isinstance(hello, Hello) and hello.features & FEATURE_PASS_LANDED
+    peer.send(Welcome(features=FEATURE_PASS_LANDED))
+    peer.read_until(PassEnd)
+    peer.send(PassLanded(2))  # pass 1 is the one that ended
+    code, _, err = send.wait(30)
+    peer.close()
+    assert code == 6, err
+    assert "PASS_LANDED 2 after PASS_LANDED 0" in last_line(err)
 
 
 # --- 5: a stranger on the port does not end a waiting receiver ----------------------------------------------------

@@ -31,6 +31,7 @@ from migrate_cli.wire.frames import (
     Keepalive,
     Pages,
     PassEnd,
+    PassLanded,
     Welcome,
 )
 from migrate_cli.wire.protocol import NEED_DATA, Decoder, VersionMismatch, encode, validate_pages
@@ -58,7 +59,9 @@ SENDER_STREAM = [
     PassEnd(2, 1),
     End(100, 3, b"d" * 16),
 ]
-RECEIVER_STREAM = [Keepalive(), Welcome(), Keepalive(), wire.Result(0, b"x" * 16)]
+RECEIVER_STREAM = [
+    Keepalive(), Welcome(features=4), Keepalive(), PassLanded(1), PassLanded(2), wire.Result(0, b"x" * 16)
+]
 
 
 def decode_all(role: Role, data: bytes, chunk: int = 0) -> list[object]:
@@ -431,3 +434,18 @@ def test_a_batch_without_one_fingerprint_per_non_zero_page_does_not_encode(delta
             encode(dataclasses.replace(frame, fingerprints=fingerprints))
     with pytest.raises(ValueError, match="2 non-zero pages with 0 bytes of fingerprints"):
         encode(Pages(0, 2, Encoding.RAW, b"\x00", b"\x07" * 2 * PS))
+
+
+def test_pass_landed_is_four_bytes_and_names_a_pass_from_one() -> None:
+    wire_bytes = encode(PassLanded(7))
+    assert len(wire_bytes) == HEADER_SIZE + 4
+    assert decode_all(Role.SENDER, encode(Welcome()) + wire_bytes) == [Welcome(), PassLanded(7)]
+    with pytest.raises(ProtocolError, match="pass 0"):
+        decode_all(Role.SENDER, encode(Welcome()) + encode(PassLanded(0)))
+
+
+def test_pass_landed_comes_only_from_the_receiver_and_only_while_streaming() -> None:
+    with pytest.raises(ProtocolError, match="unexpected PASS_LANDED"):
+        decode_all(Role.RECEIVER, encode(HELLO) + encode(PassLanded(1)))  # a sender never sends it
+    with pytest.raises(ProtocolError, match="unexpected PASS_LANDED"):
+        decode_all(Role.SENDER, encode(PassLanded(1)))  # before WELCOME

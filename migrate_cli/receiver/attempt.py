@@ -30,6 +30,7 @@ from ..units import format_bytes
 from ..wire import codec as codecs
 from ..wire.digest import end_commitment
 from ..wire.frames import (
+    FEATURE_PASS_LANDED,
     FEATURE_RESUME,
     RESULT_DIGEST_MISMATCH,
     RESULT_VERIFIED,
@@ -37,6 +38,7 @@ from ..wire.frames import (
     Handoff,
     Hello,
     Keepalive,
+    PassLanded,
     Result,
     Welcome,
 )
@@ -130,8 +132,11 @@ class Attempt:
                 assert isinstance(dest, DestinationImage)
                 fingerprints = dest.refingerprint(session.threads)
             lifecycle.move(Phase.TRANSFERRING)  # the sender is welcomed: the session is no longer parked
+            # A pass's landing is reported to a sender that asks (a live one waits for it before its next scan).
+            landed = bool(hello.features & FEATURE_PASS_LANDED)
+            accepted = (FEATURE_RESUME if resuming else 0) | (FEATURE_PASS_LANDED if landed else 0)
             for each in self.channels:
-                each.send_frame(Welcome(features=FEATURE_RESUME if resuming else 0))
+                each.send_frame(Welcome(features=accepted))
             if resuming:
                 for frame in resume_frames(fingerprints):
                     stats.add_wire(channel.send_frame(frame))
@@ -143,8 +148,13 @@ class Attempt:
                 "receiving pages"
             )
             stats.restart_clock()
+            def pass_done(number: int, batches: int) -> None:
+                reporter.pass_done(number, batches)
+                if landed:
+                    stats.add_wire(channel.send_frame(PassLanded(number)))
+
             transfer = Transfer(
-                dest, hello, codec, self.channels, session.threads, stats, self.failure, lifecycle, reporter.pass_done
+                dest, hello, codec, self.channels, session.threads, stats, self.failure, lifecycle, pass_done
             )
             watch = ProgressWatch(opts.progress_timeout, stats, "landed", self._stalled)
             watch.start()

@@ -4,11 +4,11 @@
 
 - **Wire bytes of the dirty pages.** The pages that get dirtied are rarely the pages of pass 1: a guest rewrites
   its heap and buffers with fresh, often incompressible data, while pass 1 was mostly cold, compressible memory. So
-  the cost is measured on the dirty set itself: up to SAMPLE_PAGES of its pages, spread over it, are encoded as the
-  pipeline would (zero pages cost their index; the rest compressed as one batch by this estimator's own
-  compressor, or raw where the pipeline would send them raw). Each pass then checks the prediction: the wire bytes
-  the pass really took over what the sample predicted for it is a calibration factor (frame headers, batch size,
-  auto's choices) that later estimates are multiplied by.
+  the cost is measured on the dirty set itself: a sample of its pages (1 MiB, or 4x the codec's window), spread
+  over it, is encoded as the pipeline would (zero pages cost their index; the rest compressed as one batch by this
+  estimator's own compressor, or raw where the pipeline would send them raw). Each pass then checks the
+  prediction: the wire bytes the pass really took over what the sample predicted for it is a calibration factor
+  (frame headers, batch size, auto's choices) that later estimates are multiplied by.
 - **The rate the wire achieves.** Wire bytes per second of the latest pass long enough to measure (QEMU:
   ``mig_throttle_counter``'s bandwidth, migration.c). Under ``--max-bandwidth`` the cap is the ceiling (a burst
   makes short passes look faster); the cap in force now is used, so `vmmig ctl set max-bandwidth` counts at once.
@@ -16,7 +16,8 @@
   starts: its burst (50 ms worth) is free.
 - **The pipeline.** Under the cap's burst the last pass is not wire-bound: its first batch is gathered,
   fingerprinted and compressed before a byte goes out, and the workers then share the rest. The per-page cost is
-  measured on the sample as it is encoded (the same steps, one thread).
+  measured on the sample as it is encoded (the same steps, one thread): the least of the latest four samples,
+  since a sample's thread is often descheduled on a busy host.
 - **Switchover cost.** What the pause itself costs besides sending: pausing (SIGSTOP and its confirmation, QMP
   ``stop``, or the hooks), the post-pause scan (the latest scan's time), the receiver's verdict (the last frames'
   round trip, its flush, digest and rename) and, in QEMU mode, the device-state handoff (downtime there runs from
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,17 +38,24 @@ from ..wire.digest import fingerprint_pages
 from ..wire.frames import FINGERPRINT_SIZE, Encoding
 from .adaptive import AutoPolicy
 
-SAMPLE_PAGES = 64  # pages of the dirty set encoded per estimate (~1 ms of zlib on one core)
+# A sample of the dirty set is encoded per estimate: at least SAMPLE_BYTES, and 4x the codec's window (zstd level 1
+# searches 512 KiB back) so that a repeat the pipeline's batch would find is found in the sample too (a guest that
+# writes the same content to many pages: 64 pages predicted 2-3x the wire bytes zstd took), at most one batch.
+SAMPLE_BYTES = 1 << 20  # ~1 ms of ISA-L deflate, ~2 ms of zstd level 1 on one core here
+SAMPLE_WINDOWS = 4
+MIN_SAMPLE_PAGES = 8  # large pages
 INDEX_SIZE = 8  # a scattered pass carries each page's number (PAGE_LIST / indexed PAGES)
 MIN_PASS_PAGES = 64  # a pass shorter than this or MIN_PASS_SECONDS measures latency, not rate
 MIN_PASS_SECONDS = 0.02
 CALIBRATION_WEIGHT = 0.5  # EWMA weight of the latest pass's actual / predicted wire bytes
-COST_WEIGHT = 0.5  # EWMA weight of the latest sample's encoding time per page
+# The least encoding time per page of the latest samples: on a busy host a sample's thread is often descheduled, and
+# an EWMA of such times predicted pipelines of 50-70 ms for last passes that took 20-30.
+COST_SAMPLES = 4
 
 # Priors (seconds), measured here: docs/LIVE.md "How the estimate is made".
-VERDICT = 0.03  # END -> RESULT: the receiver's flush, fingerprint-array digest and rename, one round trip
+VERDICT = 0.013  # END -> RESULT: the receiver finishing the last pass, its digest and rename, one round trip
 PAUSE_PRIOR = {"pid": 0.003, "qmp": 0.01, "command": 0.02}
-QEMU_HANDOFF = 0.15  # `migrate` of the device state (x-ignore-shared) and `cont` on the destination
+QEMU_HANDOFF = 0.05  # `migrate` of the device state (x-ignore-shared), its load and `cont` on the destination
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class SwitchoverCost:
     def total(self, scan: float) -> float:
         return self.pause + scan + self.verdict + self.handoff
 
+    def parts(self, scan: float) -> dict[str, float]:
+        return {"pause": self.pause, "scan": scan, "verdict": self.verdict, "handoff": self.handoff}
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -73,6 +85,10 @@ class Estimate:
     switchover: float  # seconds of the switchover cost
     pipeline: float  # seconds the last pass takes besides the wire: its first batch encoded, the rest if CPU-bound
     image_rate: float  # image bytes of dirty pages per second the sender achieves (for auto-converge, display)
+    parts: dict[str, float] | None = None  # seconds per term: pause, scan, verdict, handoff, send, pipeline
+
+    def parts_ms(self) -> dict[str, float]:
+        return {name: round(value * 1000, 3) for name, value in (self.parts or {}).items()}
 
 
 @dataclass(frozen=True)
@@ -103,13 +119,15 @@ class DowntimeEstimator:
         self.page_size = pages2d.shape[1]
         self.raw = codec.wire_id == Encoding.RAW
         self.compressor = None if self.raw else codec.compressor(level)
+        sample_bytes = min(batch_pages * self.page_size, max(SAMPLE_BYTES, SAMPLE_WINDOWS * codec.window(level)))
+        self.sample_pages = max(MIN_SAMPLE_PAGES, sample_bytes // self.page_size)
         self.bucket = bucket
         self.cost = cost
         self.auto = auto
         self.rng = rng if rng is not None else np.random.default_rng()
         self.calibration = 1.0
         self.batch_pages, self.threads = batch_pages, max(1, threads)
-        self.encode_per_page = 0.0  # seconds to gather, fingerprint and encode one page on one thread (EWMA)
+        self._costs: deque[float] = deque(maxlen=COST_SAMPLES)
         self._rate = 0.0
         self._predicted: float | None = None  # the latest estimate's wire bytes per page, for calibration
 
@@ -135,7 +153,8 @@ class DowntimeEstimator:
         """Predicted wire bytes per page of ``dirty`` (page numbers), from a sample of its pages, uncalibrated."""
         if dirty.size == 0:
             return 0.0
-        take = dirty if dirty.size <= SAMPLE_PAGES else np.sort(self.rng.choice(dirty, SAMPLE_PAGES, replace=False))
+        wanted = self.sample_pages
+        take = dirty if dirty.size <= wanted else np.sort(self.rng.choice(dirty, wanted, replace=False))
         started = time.perf_counter()
         sample = np.take(self.pages2d, take, axis=0)
         nonzero = sample.any(axis=1)
@@ -154,11 +173,14 @@ class DowntimeEstimator:
             else:  # the pipeline tries 4 pages, sees they do not shrink and sends the batch raw (pipeline.py)
                 spent += deflating * min(4, normal.shape[0]) / normal.shape[0]
         cost = spent / take.size
-        self.encode_per_page = (
-            cost if not self.encode_per_page else ((1 - COST_WEIGHT) * self.encode_per_page + COST_WEIGHT * cost)
-        )
+        self._costs.append(cost)
         wire = payload + int(np.count_nonzero(nonzero)) * FINGERPRINT_SIZE + take.size * INDEX_SIZE
         return wire / take.size
+
+    @property
+    def encode_per_page(self) -> float:
+        """Seconds to gather, fingerprint and encode one page on one thread (0 before the first sample)."""
+        return min(self._costs, default=0.0)
 
     def _sent_raw(self, normal: np.ndarray) -> bool:
         """Whether the pipeline sends these pages raw: always without a codec, and with auto on a link faster than
@@ -171,6 +193,10 @@ class DowntimeEstimator:
         ``pages_until_pause`` how many more the guest will dirty before the pause takes hold (dirty rate x the
         next scan's time)."""
         per_page = self.wire_per_page(dirty)
+        if len(self._costs) == 1:
+            # The first encode of a run is cold: in a live sender it took 2-6x the time of the next ones (first
+            # use of the compressor, the sample's buffers), and in a two-pass run it is the only estimate.
+            self.wire_per_page(dirty)
         self._predicted = per_page
         pages = dirty.size + pages_until_pause
         wire = pages * per_page * self.calibration
@@ -188,7 +214,8 @@ class DowntimeEstimator:
         rest = max(0.0, pages - first) * self.encode_per_page / self.threads
         pipeline = first * self.encode_per_page + max(0.0, rest - send)
         image_rate = rate * self.page_size / (per_page * self.calibration) if per_page > 0 and rate > 0 else 0.0
-        return Estimate(switchover + send + pipeline, wire, rate, switchover, pipeline, image_rate)
+        parts = {**self.cost.parts(scan_time), "send": send, "pipeline": pipeline}
+        return Estimate(switchover + send + pipeline, wire, rate, switchover, pipeline, image_rate, parts)
 
     @property
     def predicted_per_page(self) -> float | None:

@@ -19,7 +19,16 @@ from ..net.tls import wrap_client
 from ..net.transport import Channel, connect
 from ..stats import Stats
 from ..wire.conversation import Role
-from ..wire.frames import FEATURE_QEMU_HANDOFF, FEATURE_RESUME, Abort, Hello, Keepalive, ResumeState, Welcome
+from ..wire.frames import (
+    FEATURE_PASS_LANDED,
+    FEATURE_QEMU_HANDOFF,
+    FEATURE_RESUME,
+    Abort,
+    Hello,
+    Keepalive,
+    ResumeState,
+    Welcome,
+)
 from ..wire.resume import ResumeCollector
 from .options import SendOptions
 from .receiver_copy import ReceiverCopy
@@ -115,8 +124,12 @@ class Handshake:
         return Channel(sock, Role.SENDER, opts.io_timeout)
 
     @staticmethod
-    def offered(handoff: bool, resuming: bool) -> int:
-        return (FEATURE_QEMU_HANDOFF if handoff else 0) | (FEATURE_RESUME if resuming else 0)
+    def offered(handoff: bool, resuming: bool, live: bool = False) -> int:
+        return (
+            (FEATURE_QEMU_HANDOFF if handoff else 0)
+            | (FEATURE_RESUME if resuming else 0)
+            | (FEATURE_PASS_LANDED if live else 0)
+        )
 
     def await_welcome(self, channel: Channel, offered: int) -> Welcome:
         while True:

@@ -46,6 +46,8 @@ class PassRecord:
     expected_downtime: float | None  # seconds, estimated after that scan
     throttle: int  # auto-converge percentage in force during the pass
     paused: bool = False  # the final pass, sent with the guest paused
+    expected_parts: dict[str, float] | None = None  # ms per term of expected_downtime (downtime.py)
+    landing_wait: float = 0.0  # seconds from the pass's end until the receiver reported it in DEST (live)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,8 @@ class PassRecord:
             "expected-downtime": None if self.expected_downtime is None else round(self.expected_downtime * 1000, 3),
             "cpu-throttle-percentage": self.throttle,
             "paused": self.paused,
+            "expected-downtime-parts": self.expected_parts,
+            "landing-wait": round(self.landing_wait * 1000, 3),
         }
 
 
@@ -183,11 +187,12 @@ class Precopy:
                 self.notice(f"did not converge after {detail}: switching over anyway (--on-no-converge switchover)")
                 decision = Decision.SWITCHOVER
             if decision is Decision.SWITCHOVER:
-                return self._switchover(dirty_rate, expected)
+                return self._switchover(dirty_rate, estimate)
             self._throttle_step(dirty_rate, achieved, scan_start)
             record = self.send_pass(len(self.result.passes) + 1, dirty, False)
             record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
             record.throttle = self.throttle.percentage if self.throttle else 0
+            record.expected_parts = estimate.parts_ms()
             self._record(record, estimate)
 
     def _throttle_step(self, dirty_rate: float, achieved: float, now: float) -> None:
@@ -199,7 +204,7 @@ class Precopy:
                 self.stats.throttle = self.throttle.step_up()
             self._last_step = now
 
-    def _switchover(self, dirty_rate: float, expected: float) -> LiveResult:
+    def _switchover(self, dirty_rate: float, estimate: Estimate) -> LiveResult:
         with self._throttle_lock:
             self._switching = True  # a late `ctl set auto-converge on` must not throttle a paused guest
             self.auto_converge = False
@@ -219,7 +224,8 @@ class Precopy:
             "scan": round((scanned - paused) * 1000, 3),
             "send": round((self.clock() - scanned) * 1000, 3),
         }
-        record.dirty_pages, record.dirty_rate, record.expected_downtime = int(dirty.size), dirty_rate, expected
+        record.dirty_pages, record.dirty_rate = int(dirty.size), dirty_rate
+        record.expected_downtime, record.expected_parts = estimate.seconds, estimate.parts_ms()
         record.paused = True
         self._record(record, None)
         return self.result

@@ -37,7 +37,7 @@ from ..stats import Stats
 from ..units import format_rate
 from ..wire import codec as codecs
 from ..wire.digest import end_commitment
-from ..wire.frames import FEATURE_RESUME, End, Hello
+from ..wire.frames import FEATURE_PASS_LANDED, FEATURE_RESUME, End, Hello
 from .adaptive import AutoPolicy
 from .copy_modes import Copy
 from .failure_rules import ResumableFailure, as_outcome, conclude, settle_guest
@@ -137,7 +137,7 @@ class Sender:
             )
             copy = Copy(
                 opts, source, pipeline, channels, self.bucket, stats, self.failure, self.auto, self.guest,
-                self.reporter, self.threads,
+                self.reporter, self.threads, self.verdict.await_landed,
             )  # fmt: skip
         self.control.precopy = lambda: copy.precopy
         try:
@@ -240,11 +240,12 @@ class Sender:
         return handshake.connect(hello), state.batch_pages
 
     def _offered(self) -> int:
-        return Handshake.offered(self.handoff is not None, self.resuming)
+        return Handshake.offered(self.handoff is not None, self.resuming, self.opts.live)
 
     def _start(self, handshake: Handshake, channels: list[Channel], sent: ReceiverCopy) -> None:
         """WELCOME on every channel (and, resuming, what the receiver holds): the session has started."""
         welcomes = [handshake.await_welcome(each, self._offered()) for each in channels]
+        self.verdict.landing_reported = bool(welcomes[0].features & FEATURE_PASS_LANDED)
         if self.resuming and welcomes[0].features & FEATURE_RESUME:
             handshake.await_resume_state(channels[0], sent)
             self.reporter.verbose("resuming: the receiver reported what it holds")

@@ -6,6 +6,7 @@ QEMU mode, hands the VM over.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from ..errors import IntegrityError, NetworkError, OutcomeUnknown, ProtocolError
 from ..failure import Failure, Stopped
 from ..guest.qemu import SourceHandoff
 from ..net.transport import Channel
-from ..wire.frames import HANDOFF_RUNNING, RESULT_VERIFIED, Abort, Handoff, HandoffDone, Result
+from ..wire.frames import HANDOFF_RUNNING, RESULT_VERIFIED, Abort, Handoff, HandoffDone, PassLanded, Result
 from .guest_hold import GuestHold
 from .lifecycle import Lifecycle, Phase
 
@@ -33,6 +34,9 @@ class Verdict:
         self.handoff_uri: str | None = None
         self.handoff_done: HandoffDone | None = None
         self.handoff_event = threading.Event()
+        self.landing_reported = False  # the receiver accepted FEATURE_PASS_LANDED
+        self.landed = 0  # the latest pass the receiver reported in DEST
+        self._landed_cond = threading.Condition()
 
     def read(self, channel: Channel) -> None:
         """The control thread of ``channel``: read the receiver's frames until its RESULT; an ABORT or a lost
@@ -53,7 +57,15 @@ class Verdict:
                 raise
             if isinstance(frame, Abort):
                 raise peer_abort(frame.code, frame.message, frame.resumable)
-            if isinstance(frame, Handoff):
+            if isinstance(frame, PassLanded):
+                with self._landed_cond:
+                    if not self.landing_reported:
+                        raise ProtocolError("PASS_LANDED frame from a receiver that was not asked for it")
+                    if frame.number != self.landed + 1:
+                        raise ProtocolError(f"PASS_LANDED {frame.number} after PASS_LANDED {self.landed}")
+                    self.landed = frame.number
+                    self._landed_cond.notify_all()
+            elif isinstance(frame, Handoff):
                 self.handoff_uri = frame.uri
             elif isinstance(frame, HandoffDone):
                 self.handoff_done = frame
@@ -64,6 +76,18 @@ class Verdict:
                 self.result_event.set()
                 if self.handoff is None or channel is not self.channels[0]:
                     return
+
+    def await_landed(self, number: int) -> float:
+        """Wait until the receiver reports pass ``number`` in DEST (nothing to wait for from a receiver that does not
+        report it); returns the seconds waited. A failure (a lost link, --progress-timeout) ends the wait."""
+        if not self.landing_reported:
+            return 0.0
+        started = time.monotonic()
+        with self._landed_cond:
+            while self.landed < number:
+                self.failure.raise_if_set()
+                self._landed_cond.wait(0.1)
+        return time.monotonic() - started
 
     def await_result(self, digest: bytes) -> None:
         """END is out: wait for RESULT. A lost link while the guest is paused leaves the outcome unknown."""

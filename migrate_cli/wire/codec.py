@@ -44,6 +44,9 @@ class Codec:
     # True when the compressor itself passes over incompressible input quickly (zstd, ~4 GB/s): the sender then
     # does not look for such pages first (entropy.py).
     skips_incompressible: bool = False
+    # Bytes of earlier input a compressor at a level searches for matches (0: none). What a sample of pages must
+    # span to compress as a whole batch does (sender/downtime.py).
+    window: Callable[[int], int] = lambda _level: 0
 
 
 # --- zlib: ISA-L where it is faster, zlib-ng elsewhere -------------------------------------------------------------
@@ -168,8 +171,13 @@ def register(codec: Codec) -> None:
 
 
 register(Codec("none", Encoding.RAW, range(0, 1), 0, _RawCompressor, _RawDecompressor, True))
-register(Codec("zlib", Encoding.ZLIB, range(1, 10), 1, _ZlibCompressor, _ZlibDecompressor))
-register(Codec("zstd", Encoding.ZSTD, range(1, 20), 1, _ZstdCompressor, _ZstdDecompressor, True))
+register(Codec("zlib", Encoding.ZLIB, range(1, 10), 1, _ZlibCompressor, _ZlibDecompressor, window=lambda _l: 1 << 15))
+register(
+    Codec(
+        "zstd", Encoding.ZSTD, range(1, 20), 1, _ZstdCompressor, _ZstdDecompressor, True,
+        window=lambda level: 1 << zstandard.ZstdCompressionParameters.from_level(level).window_log,
+    )
+)
 
 DEFAULT_CODEC = "zlib"
 

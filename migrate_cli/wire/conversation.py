@@ -39,6 +39,7 @@ TRANSITIONS: dict[Role, dict[State, dict[FrameType, State]]] = {
         State.STREAMING: {
             FrameType.RESUME_STATE: State.STREAMING,
             FrameType.HANDOFF: State.STREAMING,
+            FrameType.PASS_LANDED: State.STREAMING,
             FrameType.RESULT: State.DONE,
         },
         State.DONE: {FrameType.HANDOFF_DONE: State.DONE},

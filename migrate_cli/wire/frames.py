@@ -40,6 +40,7 @@ class FrameType(IntEnum):
     PASS_END = 0x11
     PAGE_LIST = 0x12
     RESUME_STATE = 0x13
+    PASS_LANDED = 0x14
     END = 0x20
     RESULT = 0x21
     HANDOFF = 0x22
@@ -63,6 +64,7 @@ RESUME_CHUNK_PAGES = 131072  # fingerprints per RESUME_STATE frame: 1 MiB before
 
 FEATURE_QEMU_HANDOFF = 1  # HELLO feature: after RESULT, hand the VM over with QEMU's own migration (qemu.py)
 FEATURE_RESUME = 2  # HELLO feature: this continues an interrupted session (same session id); see resume.py
+FEATURE_PASS_LANDED = 4  # HELLO feature: tell me when each pass is in DEST (PASS_LANDED); a live sender asks
 
 FLAG_RESUMABLE = 0x01  # ABORT header flag: the sender of the ABORT keeps the session for a resume
 
@@ -180,6 +182,17 @@ class PassEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class PassLanded:
+    """Receiver -> sender (once FEATURE_PASS_LANDED is accepted): every batch of pass ``number`` is in DEST.
+
+    A live sender waits for it before its next dirty scan, so that at the switchover nothing of an earlier pass is
+    still queued at the receiver: the downtime is then the last pass's alone (sender/precopy.py).
+    """
+
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """Sender -> receiver: every page is sent; ``commitment`` is ``digest.end_commitment`` of what DEST must hash to.
 
@@ -240,7 +253,10 @@ class HandoffDone:
 HANDOFF_RUNNING = 0
 HANDOFF_FAILED = 1
 
-Frame = Hello | Welcome | Keepalive | Pages | PassEnd | End | Result | Abort | Handoff | HandoffDone | ResumeState
+Frame = (
+    Hello | Welcome | Keepalive | Pages | PassEnd | PassLanded | End | Result | Abort | Handoff | HandoffDone
+    | ResumeState
+)
 
 RESULT_VERIFIED = 0
 RESULT_DIGEST_MISMATCH = 1

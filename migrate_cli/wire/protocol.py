@@ -47,6 +47,7 @@ from .frames import (
     Keepalive,
     Pages,
     PassEnd,
+    PassLanded,
     Result,
     ResumeState,
     Scattered,
@@ -61,6 +62,7 @@ _WELCOME = struct.Struct("!HI")
 _PAGES = struct.Struct("!QIBBH")
 _PAGE_LIST = struct.Struct("!IBBH")
 _PASS_END = struct.Struct("!II")
+_PASS_LANDED = struct.Struct("!I")
 _END = struct.Struct("!QQ16s")
 _RESULT = struct.Struct("!B3x16s")
 _ABORT = struct.Struct("!H")
@@ -74,6 +76,7 @@ MAX_LENGTH: dict[FrameType, int] = {
     FrameType.WELCOME: 1024,
     FrameType.KEEPALIVE: 0,
     FrameType.PASS_END: _PASS_END.size,
+    FrameType.PASS_LANDED: _PASS_LANDED.size,
     FrameType.END: _END.size,
     FrameType.RESULT: _RESULT.size,
     FrameType.ABORT: _ABORT.size + MAX_ABORT_MESSAGE,
@@ -146,6 +149,9 @@ def encode_parts(frame: Frame) -> list[bytes | bytearray | memoryview]:
         case PassEnd():
             parts = [_PASS_END.pack(frame.number, frame.batches)]
             frame_type = FrameType.PASS_END
+        case PassLanded():
+            parts = [_PASS_LANDED.pack(frame.number)]
+            frame_type = FrameType.PASS_LANDED
         case End():
             parts = [_END.pack(frame.total_pages, frame.batches, frame.commitment)]
             frame_type = FrameType.END
@@ -336,6 +342,12 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> F
         _need(kind, payload, _PASS_END.size)
         number, batches = _PASS_END.unpack(payload)
         return PassEnd(number=number, batches=batches)
+    if kind is FrameType.PASS_LANDED:
+        _need(kind, payload, _PASS_LANDED.size)
+        (number,) = _PASS_LANDED.unpack(payload)
+        if number == 0:
+            raise ProtocolError("PASS_LANDED frame names pass 0: passes are numbered from 1")
+        return PassLanded(number=number)
     if kind is FrameType.END:
         _need(kind, payload, _END.size)
         total_pages, batches, commitment = _END.unpack(payload)
