@@ -317,6 +317,7 @@ def seeds() -> dict[str, bytes]:
             batch([page(2), page(3)], 5, "none"), fingerprints=bytes(8) + batch([page(3)], 6, "none").fingerprints
         ),
         "pass-end": wire.PassEnd(1, 4),
+        "pass-landed": wire.PassLanded(1),
         "end": wire.End(SESSION_PAGES, 5, digest(final)),
         "result-ok": wire.Result(0, digest(final)),
         "result-mismatch": wire.Result(1, bytes(16)),
@@ -339,6 +340,8 @@ def seeds() -> dict[str, bytes]:
     out["stream-sender"] = b"".join(
         encode(f) for f in (wire.Welcome(), wire.Keepalive(), wire.Keepalive(), wire.Result(0, digest(final)))
     )
+    landing = (wire.Welcome(features=4), wire.PassLanded(1), wire.Keepalive(), wire.PassLanded(2))
+    out["stream-sender-live"] = b"".join(encode(f) for f in (*landing, wire.Result(0, digest(final))))
     handing_off = (
         wire.Welcome(),
         wire.Handoff("tcp:[::1]:4446"),
