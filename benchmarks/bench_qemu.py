@@ -23,7 +23,8 @@ The header of each image's table gives its zero share and zlib level-1 ratio. Ca
   ``--cases`` also ``qemu compress`` (capability ``compress``, 2 threads, level 1; QEMU 9.1 removed it: skipped
   with a notice then) and ``qemu plain`` (one stream, no capabilities).
 * vmmig: ``vmmig recv --listen 127.0.0.1:0 --decompress-threads 2`` into a fresh /dev/shm file and ``vmmig send
-  IMAGE ADDR --compress none|zlib|zstd|auto --level 1 --compress-threads 2``.
+  IMAGE ADDR --compress none|zlib|zstd|auto --level 1 --compress-threads 2 --channels 2`` (QEMU's cases use 2
+  multifd channels too).
 * design floor: ``floor none``, ``floor zlib``, ``floor zstd`` are not migrations. ``floor.py`` measures, on the same
   image in the same round, the CPU cost of each step of the protocol-3 design (zero scan, in-place xxh3
   fingerprints, a gather copy and level-1 compression for compressed batches only, loopback TCP on 2 connections,
@@ -123,6 +124,7 @@ FLOOR_CASES: dict[str, tuple[str, int]] = {
     for codec in floor.CODECS
 }
 VMMIG_THREADS = 2
+VMMIG_CHANNELS = 2  # as QEMU's multifd-channels: 2 threads and 2 connections a side, as the issue measures
 VMMIG_LEVEL = 1
 # Order of one round on one image (interleaved: each vmmig case next to its QEMU counterpart).
 ROUND: tuple[str, ...] = (
@@ -504,7 +506,10 @@ def run_vmmig_case(name: str, image: Path, size: int, workdir: Path) -> Run:
             before, ip_before = harness.cpu_clock(), harness.ip_out_octets()
             address = pair.start_recv("--decompress-threads", str(VMMIG_THREADS), str(dest), timeout=START_TIMEOUT)
             level = [] if codec == "none" else ["--level", str(VMMIG_LEVEL)]
-            pair.start_send(str(image), address, "--compress", codec, *level, "--compress-threads", str(VMMIG_THREADS))
+            pair.start_send(
+                str(image), address, "--compress", codec, *level, "--compress-threads", str(VMMIG_THREADS),
+                "--channels", str(VMMIG_CHANNELS),
+            )  # fmt: skip
             wall = pair.wait(CASE_TIMEOUT)
             ip_bytes = harness.ip_out_octets() - ip_before
             others = harness.other_cpu(before, pair.cpu_s)

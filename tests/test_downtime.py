@@ -118,18 +118,29 @@ def test_the_switchover_cost_adds_pause_scan_verdict_and_in_qemu_mode_the_device
     assert est.estimate(np.empty(0, dtype=np.int64), 0, 0.04).seconds == pytest.approx(qemu.total(0.04))
 
 
-def test_a_last_pass_inside_the_burst_still_costs_its_pipeline_the_first_batch_encoded_before_the_wire() -> None:
-    """Compressible pages under a cap whose burst holds them all: the wire costs nothing, the encoding does."""
+def test_a_last_pass_inside_the_burst_still_costs_its_pipeline_first_batch_encoded_last_batch_decoded() -> None:
+    """Compressible pages under a cap whose burst holds them all: the wire costs nothing, the encoding at the sender
+    does, and so does the receiver's decompression of the last batch (it starts only once that batch arrived)."""
     est = DowntimeEstimator(image(), codecs.by_name("zlib"), 1, TokenBucket(50 * MB), SwitchoverCost(), batch_pages=256)
     est.note_pass(PassCost(pages=PAGES, wire_bytes=PAGES * PS // 4, duration=0.5))
     small = est.estimate(np.arange(0, 200), 0, 0.0)
     assert small.wire_bytes < est.bucket.burst and small.seconds == pytest.approx(small.switchover + small.pipeline)
-    per_page = est.encode_per_page
-    assert per_page > 0
-    assert small.pipeline == pytest.approx(200 * per_page), "one batch of 200, encoded before the wire"
+    encode, decode = est.encode_per_page, est.decode_per_page
+    assert encode > 0 and decode > 0
+    assert small.pipeline == pytest.approx(200 * (encode + decode)), "one batch of 200: encoded, sent, decoded"
     large = est.estimate(np.arange(0, 1000), 0, 0.0)
-    # 256 pages encoded before the wire; the other 744 by one worker (threads=1), the wire costing nothing.
-    assert large.pipeline == pytest.approx(256 * est.encode_per_page + 744 * est.encode_per_page, rel=0.01)
+    encode, decode = est.encode_per_page, est.decode_per_page
+    # 256 pages encoded before the wire; the other 744 by one worker (threads=1), the wire costing nothing; the
+    # last batch (1000 = 3 x 256 + 232) decoded at the receiver after it arrived.
+    assert large.pipeline == pytest.approx(256 * encode + 744 * encode + 232 * decode, rel=0.01)
+
+
+def test_pages_the_pipeline_would_send_raw_cost_no_compression_and_no_decompression() -> None:
+    """Random pages: zlib's 4-page check sends them raw, so the estimate must not price deflate and inflate."""
+    est = DowntimeEstimator(image(), codecs.by_name("zlib"), 1, TokenBucket(50 * MB), SwitchoverCost(), batch_pages=256)
+    est.note_pass(PassCost(pages=PAGES, wire_bytes=PAGES * PS, duration=0.5))
+    est.estimate(np.arange(1024, 1200), 0, 0.0)
+    assert est.decode_per_page == 0.0
 
 
 def test_nothing_measured_yet_means_no_rate_and_an_infinite_estimate() -> None:

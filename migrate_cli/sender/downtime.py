@@ -17,7 +17,9 @@
 - **The pipeline.** Under the cap's burst the last pass is not wire-bound: its first batch is gathered,
   fingerprinted and compressed before a byte goes out, and the workers then share the rest. The per-page cost is
   measured on the sample as it is encoded (the same steps, one thread): the least of the latest four samples,
-  since a sample's thread is often descheduled on a busy host.
+  since a sample's thread is often descheduled on a busy host. The receiver decompresses the last batch only once
+  it has arrived: the sample is decompressed too, with the codec's decompressor, and the last batch's share of
+  that is added. Pages the pipeline would send raw (zlib: a batch that does not shrink by 5%) cost neither.
 - **Switchover cost.** What the pause itself costs besides sending: pausing (SIGSTOP and its confirmation, QMP
   ``stop``, or the hooks), the post-pause scan (the latest scan's time), the receiver's verdict (the last frames'
   round trip, its flush, digest and rename) and, in QEMU mode, the device-state handoff (downtime there runs from
@@ -36,7 +38,7 @@ from ..ratelimit import TokenBucket
 from ..wire import codec as codecs
 from ..wire.digest import fingerprint_pages
 from ..wire.frames import FINGERPRINT_SIZE, Encoding
-from .adaptive import AutoPolicy
+from .adaptive import MARGIN, AutoPolicy
 
 # A sample of the dirty set is encoded per estimate: at least SAMPLE_BYTES, and 4x the codec's window (zstd level 1
 # searches 512 KiB back) so that a repeat the pipeline's batch would find is found in the sample too (a guest that
@@ -119,6 +121,10 @@ class DowntimeEstimator:
         self.page_size = pages2d.shape[1]
         self.raw = codec.wire_id == Encoding.RAW
         self.compressor = None if self.raw else codec.compressor(level)
+        self.decompressor = None if self.raw else codec.decompressor()
+        # The pipeline's rule (pipeline.py _compress): zlib sends raw a batch that does not shrink by more than
+        # MARGIN; zstd (which skips incompressible input itself) whatever does not shrink.
+        self.min_ratio = 1.0 if codec.skips_incompressible else 1 + MARGIN
         sample_bytes = min(batch_pages * self.page_size, max(SAMPLE_BYTES, SAMPLE_WINDOWS * codec.window(level)))
         self.sample_pages = max(MIN_SAMPLE_PAGES, sample_bytes // self.page_size)
         self.bucket = bucket
@@ -128,6 +134,7 @@ class DowntimeEstimator:
         self.calibration = 1.0
         self.batch_pages, self.threads = batch_pages, max(1, threads)
         self._costs: deque[float] = deque(maxlen=COST_SAMPLES)
+        self._decode_costs: deque[float] = deque(maxlen=COST_SAMPLES)
         self._rate = 0.0
         self._predicted: float | None = None  # the latest estimate's wire bytes per page, for calibration
 
@@ -166,10 +173,15 @@ class DowntimeEstimator:
         if normal.size and not self._sent_raw(normal):
             assert self.compressor is not None
             started = time.perf_counter()
-            packed = len(self.compressor.compress(normal.reshape(-1)))
+            compressed = self.compressor.compress(normal.reshape(-1))
             deflating = time.perf_counter() - started
-            if packed < payload:
+            packed = len(compressed)
+            if packed * self.min_ratio < payload:
                 payload, spent = packed, spent + deflating
+                assert self.decompressor is not None
+                started = time.perf_counter()
+                self.decompressor.decompress(compressed, normal.size)  # what the receiver's worker will do
+                self._decode_costs.append((time.perf_counter() - started) / take.size)
             else:  # the pipeline tries 4 pages, sees they do not shrink and sends the batch raw (pipeline.py)
                 spent += deflating * min(4, normal.shape[0]) / normal.shape[0]
         cost = spent / take.size
@@ -181,6 +193,11 @@ class DowntimeEstimator:
     def encode_per_page(self) -> float:
         """Seconds to gather, fingerprint and encode one page on one thread (0 before the first sample)."""
         return min(self._costs, default=0.0)
+
+    @property
+    def decode_per_page(self) -> float:
+        """Seconds the receiver takes to decompress one page of the sample (0: raw), timed here on its codec."""
+        return min(self._decode_costs, default=0.0)
 
     def _sent_raw(self, normal: np.ndarray) -> bool:
         """Whether the pipeline sends these pages raw: always without a codec, and with auto on a link faster than
@@ -212,7 +229,9 @@ class DowntimeEstimator:
         # 44 of 48 benchmark runs by 42% on average: it overlaps with the verdict's prior.)
         first = min(pages, self.batch_pages)
         rest = max(0.0, pages - first) * self.encode_per_page / self.threads
-        pipeline = first * self.encode_per_page + max(0.0, rest - send)
+        # The receiver decompresses the last batch after it arrives: that part cannot overlap with the sending.
+        last = pages - (np.ceil(pages / self.batch_pages) - 1) * self.batch_pages if pages else 0.0
+        pipeline = first * self.encode_per_page + max(0.0, rest - send) + last * self.decode_per_page
         image_rate = rate * self.page_size / (per_page * self.calibration) if per_page > 0 and rate > 0 else 0.0
         parts = {**self.cost.parts(scan_time), "send": send, "pipeline": pipeline}
         return Estimate(switchover + send + pipeline, wire, rate, switchover, pipeline, image_rate, parts)
