@@ -3,6 +3,8 @@ achieves, plus what the switchover costs besides sending."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -174,3 +176,13 @@ def test_the_estimate_names_its_parts_and_they_add_up() -> None:
     assert set(estimate.parts) == {"pause", "scan", "verdict", "handoff", "send", "pipeline"}
     assert sum(estimate.parts.values()) == pytest.approx(estimate.seconds)
     assert estimate.parts["handoff"] == QEMU_HANDOFF and estimate.parts["scan"] == 0.02
+
+
+def test_an_estimate_is_plain_floats_that_a_report_can_carry() -> None:
+    """numpy scalars in an estimate once made `converged` a numpy bool, which JSON refused after a migration."""
+    est = estimator("zstd", cap=50 * MB)
+    est.note_pass(PassCost(pages=PAGES, wire_bytes=PAGES * PS, duration=0.5))
+    estimate = est.estimate(np.arange(0, 1500), pages_until_pause=3.5, scan_time=0.01)
+    values = [estimate.seconds, estimate.wire_bytes, estimate.wire_rate, estimate.pipeline, *estimate.parts.values()]
+    assert all(type(value) is float for value in values)
+    json.dumps({"converged": estimate.seconds <= 0.3, "parts": estimate.parts_ms()})

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -56,8 +57,8 @@ COST_SAMPLES = 4
 
 # Priors (seconds), measured here: docs/LIVE.md "How the estimate is made".
 VERDICT = 0.013  # END -> RESULT: the receiver finishing the last pass, its digest and rename, one round trip
-PAUSE_PRIOR = {"pid": 0.003, "qmp": 0.01, "command": 0.02}
-QEMU_HANDOFF = 0.05  # `migrate` of the device state (x-ignore-shared), its load and `cont` on the destination
+PAUSE_PRIOR = {"pid": 0.003, "qmp": 0.002, "libvirt": 0.011, "command": 0.02}
+QEMU_HANDOFF = 0.02  # `migrate` of the device state (x-ignore-shared), its load and `cont`, beyond the verdict
 
 
 @dataclass(frozen=True)
@@ -230,11 +231,13 @@ class DowntimeEstimator:
         first = min(pages, self.batch_pages)
         rest = max(0.0, pages - first) * self.encode_per_page / self.threads
         # The receiver decompresses the last batch after it arrives: that part cannot overlap with the sending.
-        last = pages - (np.ceil(pages / self.batch_pages) - 1) * self.batch_pages if pages else 0.0
+        last = pages - (math.ceil(pages / self.batch_pages) - 1) * self.batch_pages if pages else 0.0
         pipeline = first * self.encode_per_page + max(0.0, rest - send) + last * self.decode_per_page
         image_rate = rate * self.page_size / (per_page * self.calibration) if per_page > 0 and rate > 0 else 0.0
         parts = {**self.cost.parts(scan_time), "send": send, "pipeline": pipeline}
-        return Estimate(switchover + send + pipeline, wire, rate, switchover, pipeline, image_rate, parts)
+        parts = {name: float(value) for name, value in parts.items()}  # plain floats: reports are JSON
+        seconds = float(switchover + send + pipeline)
+        return Estimate(seconds, float(wire), float(rate), float(switchover), float(pipeline), float(image_rate), parts)
 
     @property
     def predicted_per_page(self) -> float | None:
