@@ -19,7 +19,8 @@
   measured on the sample as it is encoded (the same steps, one thread): the least of the latest four samples,
   since a sample's thread is often descheduled on a busy host. The receiver decompresses the last batch only once
   it has arrived: the sample is decompressed too, with the codec's decompressor, and the last batch's share of
-  that is added. Pages the pipeline would send raw (zlib: a batch that does not shrink by 5%) cost neither.
+  that is added. Pages the pipeline would send raw (zlib: 4 pages of the batch compressed on their own shrink
+  by less than 5%) cost neither.
 - **Switchover cost.** What the pause itself costs besides sending: pausing (SIGSTOP and its confirmation, QMP
   ``stop``, or the hooks), the post-pause scan (the latest scan's time), the receiver's verdict (the last frames'
   round trip, its flush, digest and rename) and, in QEMU mode, the device-state handoff (downtime there runs from
@@ -40,6 +41,7 @@ from ..wire import codec as codecs
 from ..wire.digest import fingerprint_pages
 from ..wire.frames import FINGERPRINT_SIZE, Encoding
 from .adaptive import MARGIN, AutoPolicy
+from .pipeline import sample_ratio
 
 # A sample of the dirty set is encoded per estimate: at least SAMPLE_BYTES, and 4x the codec's window (zstd level 1
 # searches 512 KiB back) so that a repeat the pipeline's batch would find is found in the sample too (a guest that
@@ -123,9 +125,8 @@ class DowntimeEstimator:
         self.raw = codec.wire_id == Encoding.RAW
         self.compressor = None if self.raw else codec.compressor(level)
         self.decompressor = None if self.raw else codec.decompressor()
-        # The pipeline's rule (pipeline.py _compress): zlib sends raw a batch that does not shrink by more than
-        # MARGIN; zstd (which skips incompressible input itself) whatever does not shrink.
-        self.min_ratio = 1.0 if codec.skips_incompressible else 1 + MARGIN
+        # The 4-page check before a batch is compressed (pipeline.py _compress): zlib's, and auto's with any codec.
+        self.checks_first = not codec.skips_incompressible or auto is not None
         sample_bytes = min(batch_pages * self.page_size, max(SAMPLE_BYTES, SAMPLE_WINDOWS * codec.window(level)))
         self.sample_pages = max(MIN_SAMPLE_PAGES, sample_bytes // self.page_size)
         self.bucket = bucket
@@ -172,19 +173,23 @@ class DowntimeEstimator:
             fingerprint_pages(normal.reshape(-1), self.page_size, np.empty(normal.shape[0], dtype=np.uint64))
         spent = time.perf_counter() - started
         if normal.size and not self._sent_raw(normal):
-            assert self.compressor is not None
+            assert self.compressor is not None and self.decompressor is not None
             started = time.perf_counter()
-            compressed = self.compressor.compress(normal.reshape(-1))
-            deflating = time.perf_counter() - started
-            packed = len(compressed)
-            if packed * self.min_ratio < payload:
-                payload, spent = packed, spent + deflating
-                assert self.decompressor is not None
-                started = time.perf_counter()
-                self.decompressor.decompress(compressed, normal.size)  # what the receiver's worker will do
-                self._decode_costs.append((time.perf_counter() - started) / take.size)
-            else:  # the pipeline tries 4 pages, sees they do not shrink and sends the batch raw (pipeline.py)
-                spent += deflating * min(4, normal.shape[0]) / normal.shape[0]
+            # The pipeline's rule (pipeline.py _compress): zlib compresses 4 pages of a batch on their own first and
+            # sends the batch raw when they do not shrink by MARGIN; zstd sends raw what does not shrink.
+            checked = self.checks_first and sample_ratio(self.compressor, normal.reshape(-1), self.page_size)
+            if checked and checked <= 1 + MARGIN:
+                spent += time.perf_counter() - started
+            else:
+                compressed = self.compressor.compress(normal.reshape(-1))
+                deflating = time.perf_counter() - started
+                if len(compressed) < payload:
+                    payload, spent = len(compressed), spent + deflating
+                    started = time.perf_counter()
+                    self.decompressor.decompress(compressed, normal.size)  # what the receiver's worker will do
+                    self._decode_costs.append((time.perf_counter() - started) / take.size)
+                else:  # compressed in vain: the pipeline, too, then sends the batch raw
+                    spent += deflating
         cost = spent / take.size
         self._costs.append(cost)
         wire = payload + int(np.count_nonzero(nonzero)) * FINGERPRINT_SIZE + take.size * INDEX_SIZE

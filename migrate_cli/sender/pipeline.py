@@ -318,23 +318,24 @@ class SendPipeline:
         (zstd makes this check itself, at ~4 GB/s). A wrong guess costs ratio, never correctness.
         """
         if self.auto is None:
-            if self.codec.wire_id == Encoding.ZLIB and self._sample_ratio(compressor, flat, ps) <= 1 + MARGIN:
+            if self.codec.wire_id == Encoding.ZLIB and sample_ratio(compressor, flat, ps) <= 1 + MARGIN:
                 return None
             return compressor.compress(flat)
-        if not self.auto.worth_compressing(self._sample_ratio(compressor, flat, ps)):
+        if not self.auto.worth_compressing(sample_ratio(compressor, flat, ps)):
             return None
         watch = Stopwatch()
         packed = compressor.compress(flat)
         self.auto.note_compression(flat.size, watch.elapsed())
         return packed
 
-    @staticmethod
-    def _sample_ratio(compressor: Compressor, flat: np.ndarray, ps: int) -> float:
-        """Compression ratio of up to 4 pages spread over the batch; they go through the worker's own compressor:
-        Z_FULL_FLUSH leaves no state behind."""
-        pages = flat.size // ps
-        samples = [flat[i * ps : (i + 1) * ps] for i in sorted({0, pages // 4, pages // 2, 3 * pages // 4})]
-        return sum(s.size for s in samples) / max(1, sum(len(compressor.compress(s)) for s in samples))
+
+def sample_ratio(compressor: Compressor, flat: np.ndarray, ps: int) -> float:
+    """Compression ratio of up to 4 pages spread over the batch, each compressed on its own: how the pipeline decides
+    that a zlib batch goes raw (SendPipeline._compress; the downtime estimate applies the same rule). They go through
+    the worker's own compressor: Z_FULL_FLUSH leaves no state behind."""
+    pages = flat.size // ps
+    samples = [flat[i * ps : (i + 1) * ps] for i in sorted({0, pages // 4, pages // 2, 3 * pages // 4})]
+    return sum(s.size for s in samples) / max(1, sum(len(compressor.compress(s)) for s in samples))
 
 
 def _wire(fingerprints: np.ndarray) -> bytes:
