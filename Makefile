@@ -46,6 +46,8 @@ bench: $(STAMP)  ## benchmarks (not part of make test): throughput/RSS vs socat 
 	$(BIN)/python benchmarks/bench_gil.py
 	$(BIN)/python benchmarks/bench_ssh.py
 	$(BIN)/python benchmarks/bench_snapshot.py --with-qemu
+	$(BIN)/python benchmarks/bench_snapshot_damage.py
+	$(BIN)/python benchmarks/bench_libvirt.py
 
 bench-quick: $(STAMP)  ## a smoke run of every benchmark
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy  # bench_gil.py samples with it
