@@ -61,6 +61,13 @@ def test_a_converged_live_migration_keeps_its_downtime_limit_under_a_binding_cap
     assert report["expected-downtime"] <= LIMIT_MS, "the switchover was decided on an estimate that fits the limit"
     assert report["downtime"] <= LIMIT_MS * 1.1, f"promised {LIMIT_MS} ms, took {report['downtime']} ms"
     assert dest.read_bytes() == image.read_bytes()
+    # The estimate names its terms, and they add up to it; every pass before the pause waited for the receiver to
+    # report it landed (PASS_LANDED: its wait is reported), the paused one did not.
+    *running, paused = report["passes"]
+    parts = paused["expected-downtime-parts"]
+    assert set(parts) == {"pause", "scan", "verdict", "handoff", "send", "pipeline"}
+    assert sum(parts.values()) == pytest.approx(report["expected-downtime"], abs=0.01)
+    assert paused["landing-wait"] == 0 and all(p["landing-wait"] >= 0 for p in running) and running
 
 
 def outrun_migration(procs: Processes, guests: list[Guest], tmp_path: Path, *send_args: str) -> tuple:
