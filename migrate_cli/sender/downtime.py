@@ -207,7 +207,7 @@ class DowntimeEstimator:
 
     def _sent_raw(self, normal: np.ndarray) -> bool:
         """Whether the pipeline sends these pages raw: always without a codec, and with auto on a link faster than
-        the compressors (the compressed-or-raw choice by ratio is the min() above)."""
+        the compressors (for the others, wire_per_page applies the pipeline's own raw rule)."""
         return self.raw or (self.auto is not None and self.auto.link_faster(count=False))
 
     # --- the estimate ---------------------------------------------------------------------------------------------
@@ -231,11 +231,11 @@ class DowntimeEstimator:
         if wire == 0:
             send = 0.0
         # The first batch is encoded before anything goes out; then the workers share the rest, and the slower of
-        # them and the wire sets the pace. (Adding the receiver's landing of the last batch as well over-predicted
-        # 44 of 48 benchmark runs by 42% on average: it overlaps with the verdict's prior.)
+        # them and the wire sets the pace.
         first = min(pages, self.batch_pages)
         rest = max(0.0, pages - first) * self.encode_per_page / self.threads
-        # The receiver decompresses the last batch after it arrives: that part cannot overlap with the sending.
+        # The receiver decompresses the last batch after it arrives: that part cannot overlap with the sending. (Its
+        # other landing steps, raw splice and check, are in the verdict's prior, measured with them.)
         last = pages - (math.ceil(pages / self.batch_pages) - 1) * self.batch_pages if pages else 0.0
         pipeline = first * self.encode_per_page + max(0.0, rest - send) + last * self.decode_per_page
         image_rate = rate * self.page_size / (per_page * self.calibration) if per_page > 0 and rate > 0 else 0.0
