@@ -32,8 +32,10 @@ STALLED = 17
 
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
-    """32 MiB of random pages: at 8 MB/s, far more than loopback's socket buffers hold when the receiver stops."""
-    return make_image(tmp_path / "vm.ram", 32 * MiB, profile="random", seed=5)
+    """96 MiB of random pages: at 8 MB/s, far more than loopback's socket buffers hold when the receiver stops
+    (loopback autotuning may grow a receive buffer to net.ipv4.tcp_rmem's maximum, 32 MiB on Debian: 32 MiB of
+    pages could all be buffered before a late stop, and the sender would never stall)."""
+    return make_image(tmp_path / "vm.ram", 96 * MiB, profile="random", seed=5)
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ def stopped_receiver_run(procs: Processes, source: Path, dest: Path, *send_args:
     while not Path(f"{dest}.partial.state").exists():  # the receiver accepted the session (before WELCOME)
         assert time.monotonic() < deadline and send.popen.poll() is None, "the session never started"
         time.sleep(0.05)
-    time.sleep(1.0)  # pages flow (about 8 MB of the 32 sent a second), then the receiver stops reading
+    time.sleep(1.0)  # pages flow (about 8 MB of the 96 sent a second), then the receiver stops reading
     os.kill(recv.popen.pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
