@@ -60,7 +60,12 @@ SENDER_STREAM = [
     End(100, 3, b"d" * 16),
 ]
 RECEIVER_STREAM = [
-    Keepalive(), Welcome(features=4), Keepalive(), PassLanded(1), PassLanded(2), wire.Result(0, b"x" * 16)
+    Keepalive(),
+    Welcome(features=4),
+    Keepalive(),
+    PassLanded(1),
+    PassLanded(2),
+    wire.Result(0, b"x" * 16),
 ]
 
 

@@ -148,6 +148,7 @@ class Attempt:
                 "receiving pages"
             )
             stats.restart_clock()
+
             def pass_done(number: int, batches: int) -> None:
                 reporter.pass_done(number, batches)
                 if landed:
@@ -167,6 +168,7 @@ class Attempt:
             if session.handoff is not None:
                 lifecycle.move(Phase.HANDING_OVER)
                 finish_handoff(session.handoff, channel, opts.on_failure, reporter.verbose)
+            dest.close()  # unmapping DEST after the verdict (and the handoff): the sender's guest waits for neither
             stats.finish()
             reporter.show_phase(Phase.DONE)  # the display's last word; DONE itself once the state file is gone
         return digest

@@ -326,10 +326,12 @@ class DestinationImage:
     def publish(self, force: bool = False) -> None:
         """Rename DEST.partial to DEST (after verification) and make the rename durable.
 
-        Without ``force`` a DEST that appeared during the migration is not replaced: link(2) fails on it.
+        Without ``force`` a DEST that appeared during the migration is not replaced: link(2) fails on it. The file
+        stays open and mapped: the caller closes it once the verdict is out, since unmapping is not free (14 ms for
+        a written 256 MiB tmpfs image here, linear in size) and would otherwise count as downtime.
         """
         self.finish_allocation()
-        self.close()
+        self._stop_allocation()
         try:
             if force:
                 os.rename(self.partial, self.dest)
@@ -412,7 +414,7 @@ class InPlaceDestination(DestinationImage):
         return super().landing_runs(frame)
 
     def publish(self, force: bool = False) -> None:
-        self.close()  # written in place: nothing to rename
+        """Written in place: nothing to rename (the caller closes it after the verdict, as for DEST.partial)."""
 
     def discard(self, keep_partial: bool = False) -> None:
         self.close()  # never delete someone else's file

@@ -57,3 +57,6 @@ class DiscardSink:
 
     def discard(self, keep_partial: bool = False) -> None:
         pass
+
+    def close(self) -> None:
+        pass

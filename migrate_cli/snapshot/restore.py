@@ -103,6 +103,7 @@ def restore(opts: RestoreOptions) -> RestoreReport:
                 frames, passes = _apply(each, dest, each_codec, opts.threads)
             dest.flush()
             dest.publish(opts.force)
+            dest.close()
         except BaseException as exc:
             dest.discard()
             if isinstance(dest, InPlaceDestination) and dest.modified and isinstance(exc, MigrateError):

@@ -174,7 +174,13 @@ register(Codec("none", Encoding.RAW, range(0, 1), 0, _RawCompressor, _RawDecompr
 register(Codec("zlib", Encoding.ZLIB, range(1, 10), 1, _ZlibCompressor, _ZlibDecompressor, window=lambda _l: 1 << 15))
 register(
     Codec(
-        "zstd", Encoding.ZSTD, range(1, 20), 1, _ZstdCompressor, _ZstdDecompressor, True,
+        "zstd",
+        Encoding.ZSTD,
+        range(1, 20),
+        1,
+        _ZstdCompressor,
+        _ZstdDecompressor,
+        True,
         window=lambda level: 1 << zstandard.ZstdCompressionParameters.from_level(level).window_log,
     )
 )

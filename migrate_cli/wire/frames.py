@@ -254,7 +254,17 @@ HANDOFF_RUNNING = 0
 HANDOFF_FAILED = 1
 
 Frame = (
-    Hello | Welcome | Keepalive | Pages | PassEnd | PassLanded | End | Result | Abort | Handoff | HandoffDone
+    Hello
+    | Welcome
+    | Keepalive
+    | Pages
+    | PassEnd
+    | PassLanded
+    | End
+    | Result
+    | Abort
+    | Handoff
+    | HandoffDone
     | ResumeState
 )
 
