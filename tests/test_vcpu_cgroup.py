@@ -294,6 +294,44 @@ def test_without_the_rights_to_make_a_cgroup_the_error_says_so(vcpus: list[int],
     assert "cgroup" in out and out.rstrip().endswith("permission denied"), out
 
 
+def cgroup2_without_cpu() -> CpuHierarchy | str:
+    """A writable cgroup v2 mount whose controllers do not include cpu (cpu bound to v1, as on this project's
+    machines), or why there is none."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        if tail.split()[:1] == ["cgroup2"]:
+            root, mount = fields.split()[3], Path(fields.split()[4])
+            controllers = (mount / "cgroup.controllers").read_text().split()
+            if "cpu" not in controllers and os.access(mount, os.W_OK) and (mount / "cgroup.subtree_control").exists():
+                return CpuHierarchy(2, mount, root)
+    return "no writable cgroup v2 mount without the cpu controller"
+
+
+V2_WITHOUT_CPU = cgroup2_without_cpu()
+
+
+@pytest.mark.skipif(isinstance(V2_WITHOUT_CPU, str), reason=str(V2_WITHOUT_CPU))
+def test_a_cgroup_v2_hierarchy_without_cpu_is_a_pause_error_naming_it_and_is_left_as_found(vcpus: list[int]) -> None:
+    """The v2 steps run against the kernel (the group made, made threaded) until cpu is enabled for it, which a v2
+    hierarchy without the cpu controller refuses with ENOENT on a file that exists: exit 14 naming the controller,
+    not "no such file"; the group removed, the threads and the parent's controllers as they were."""
+    assert isinstance(V2_WITHOUT_CPU, CpuHierarchy)
+    hierarchy = V2_WITHOUT_CPU
+    homes = {tid: thread_cgroup(tid, 2) for tid in vcpus}
+    parent = hierarchy.directory(os.path.commonpath(list(homes.values())))
+    subtree = (parent / "cgroup.subtree_control").read_text()
+    with pytest.raises(PauseError) as raised:
+        VcpuCgroupThrottle(vcpus, hierarchy, owner=os.getpid())
+    assert raised.value.exit_code == ExitCode.PAUSE
+    assert str(raised.value) == (
+        f"--auto-converge: cannot enable cpu in cgroup {parent} (cgroup.subtree_control): no such controller in "
+        "this cgroup v2 hierarchy (is cpu bound to a v1 hierarchy?)"
+    )
+    assert not (parent / f"vmmig-{os.getpid()}").exists()
+    assert {tid: thread_cgroup(tid, 2) for tid in vcpus} == homes
+    assert (parent / "cgroup.subtree_control").read_text() == subtree
+
+
 def test_the_cpu_hierarchy_is_found_in_mountinfo(tmp_path: Path) -> None:
     unified = tmp_path / "unified"
     unified.mkdir()

@@ -222,6 +222,11 @@ class VcpuCgroupThrottle:
         try:
             _write(path, value)
         except FileNotFoundError:
+            if path.exists():  # the kernel's ENOENT for a controller it does not have here (cgroup.subtree_control)
+                raise PauseError(
+                    f"--auto-converge: cannot {what} cgroup {path.parent} ({path.name}): no such controller in "
+                    f"this cgroup v{self.hierarchy.version} hierarchy (is cpu bound to a v1 hierarchy?)"
+                ) from None
             raise PauseError(
                 f"--auto-converge: {self.hierarchy.mountpoint} is not a cgroup v{self.hierarchy.version} cpu "
                 f"hierarchy (no {path.name} in {path.parent})"
