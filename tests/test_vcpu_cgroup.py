@@ -320,6 +320,8 @@ def test_a_cgroup_v2_hierarchy_without_cpu_is_a_pause_error_naming_it_and_is_lef
     homes = {tid: thread_cgroup(tid, 2) for tid in vcpus}
     parent = hierarchy.directory(os.path.commonpath(list(homes.values())))
     subtree = (parent / "cgroup.subtree_control").read_text()
+    if subtree.split():  # a parent with domain controllers on refuses a threaded child before cpu is asked for
+        pytest.skip(f"{parent} has controllers enabled for its children ({subtree.strip()})")
     with pytest.raises(PauseError) as raised:
         VcpuCgroupThrottle(vcpus, hierarchy, owner=os.getpid())
     assert raised.value.exit_code == ExitCode.PAUSE
