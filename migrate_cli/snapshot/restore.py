@@ -103,12 +103,12 @@ def restore(opts: RestoreOptions) -> RestoreReport:
                 frames, passes = _apply(each, dest, each_codec, opts.threads)
             dest.flush()
             dest.publish(opts.force)
-            dest.close()
         except BaseException as exc:
             dest.discard()
             if isinstance(dest, InPlaceDestination) and dest.modified and isinstance(exc, MigrateError):
                 raise DestinationModified(dest.dest, exc) from None
             raise
+        dest.close()  # published: the file is DEST's now, and the mapping is done with
         steps = None
         if qemu is not None:  # the RAM is in place and verified: the device state goes after it
             from ..guest.device_state import load_device_state
