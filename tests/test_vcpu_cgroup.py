@@ -301,7 +301,10 @@ def cgroup2_without_cpu() -> CpuHierarchy | str:
         fields, _, tail = line.partition(" - ")
         if tail.split()[:1] == ["cgroup2"]:
             root, mount = fields.split()[3], Path(fields.split()[4])
-            controllers = (mount / "cgroup.controllers").read_text().split()
+            try:
+                controllers = (mount / "cgroup.controllers").read_text().split()
+            except OSError:
+                continue
             if "cpu" not in controllers and os.access(mount, os.W_OK) and (mount / "cgroup.subtree_control").exists():
                 return CpuHierarchy(2, mount, root)
     return "no writable cgroup v2 mount without the cpu controller"
