@@ -331,7 +331,6 @@ class DestinationImage:
         a written 256 MiB tmpfs image here, 45 ms per GiB) and would otherwise count as downtime.
         """
         self.finish_allocation()
-        self._stop_allocation()
         try:
             if force:
                 os.rename(self.partial, self.dest)

@@ -177,8 +177,7 @@ class DowntimeEstimator:
             started = time.perf_counter()
             # The pipeline's rule (pipeline.py _compress): zlib compresses 4 pages of a batch on their own first and
             # sends the batch raw when they do not shrink by MARGIN; zstd sends raw what does not shrink.
-            checked = self.checks_first and sample_ratio(self.compressor, normal.reshape(-1), self.page_size)
-            if checked and checked <= 1 + MARGIN:
+            if self.checks_first and sample_ratio(self.compressor, normal.reshape(-1), self.page_size) <= 1 + MARGIN:
                 spent += time.perf_counter() - started
             else:
                 compressed = self.compressor.compress(normal.reshape(-1))
